@@ -1,0 +1,92 @@
+//! `[adapter]` config: the upstream providers and their credentials.
+
+use std::collections::BTreeMap;
+
+use relay_core::Secret;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdapterConfig {
+    pub providers: Vec<ProviderConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    /// OpenAI or any OpenAI-compatible API (DeepSeek, Qwen compatible mode, Mistral, Groq, vLLM, Ollama).
+    Openai,
+    /// Built-in deterministic provider; no network, no key. Answers "You said: <last user message>".
+    Demo,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// Name deployments refer to.
+    pub name: String,
+    pub kind: ProviderKind,
+    /// API root including the version, e.g. `https://api.openai.com/v1`.
+    #[serde(default)]
+    pub base_url: Option<String>,
+    #[serde(default)]
+    pub api_key: Option<Secret>,
+    /// Extra headers sent on every upstream request (e.g. `OpenAI-Organization`).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Connect timeout.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+    /// Longest silence allowed while waiting for upstream bytes (first byte included).
+    #[serde(default = "default_read_timeout")]
+    pub read_timeout_secs: u64,
+    /// Demo provider only: pause between streamed words.
+    #[serde(default)]
+    pub chunk_delay_ms: u64,
+}
+
+fn default_connect_timeout() -> u64 {
+    5_000
+}
+
+fn default_read_timeout() -> u64 {
+    300
+}
+
+impl AdapterConfig {
+    pub fn validate(&self, errors: &mut Vec<String>) {
+        let mut seen = std::collections::HashSet::new();
+        for (i, p) in self.providers.iter().enumerate() {
+            let at = format!("adapter.providers[{i}] ({})", p.name);
+            if p.name.is_empty() {
+                errors.push(format!("{at}: name must not be empty"));
+            }
+            if !seen.insert(&p.name) {
+                errors.push(format!("{at}: duplicate provider name"));
+            }
+            match p.kind {
+                ProviderKind::Openai => match &p.base_url {
+                    None => errors.push(format!("{at}: base_url is required for kind = \"openai\"")),
+                    Some(u) if !(u.starts_with("http://") || u.starts_with("https://")) => {
+                        errors.push(format!("{at}: base_url must start with http:// or https://"))
+                    }
+                    Some(_) => {}
+                },
+                ProviderKind::Demo => {
+                    if p.base_url.is_some() || p.api_key.is_some() {
+                        errors.push(format!("{at}: the demo provider takes no base_url or api_key"));
+                    }
+                }
+            }
+            for name in p.headers.keys() {
+                if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                    errors.push(format!("{at}: invalid header name `{name}`"));
+                }
+            }
+        }
+    }
+
+    pub fn provider_names(&self) -> impl Iterator<Item = &str> {
+        self.providers.iter().map(|p| p.name.as_str())
+    }
+}

@@ -1,0 +1,58 @@
+//! Service contracts. Each service crate implements its trait locally; `relay-proto` implements the same trait
+//! as a gRPC client, so a caller cannot tell (and does not care) whether the service runs in its process.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::Stream;
+
+use crate::RelayError;
+use crate::pb::routing::v1 as routing;
+use crate::pb::{adapter::v1 as adapter, auth::v1 as auth, billing::v1 as billing, events::v1 as events};
+
+pub type Result<T> = std::result::Result<T, RelayError>;
+
+/// The events of one upstream call. Dropping the stream cancels the upstream request.
+pub type ChatEventStream = Pin<Box<dyn Stream<Item = adapter::ChatEvent> + Send>>;
+
+#[async_trait::async_trait]
+pub trait Authenticator: Send + Sync + 'static {
+    async fn authenticate(&self, req: auth::AuthenticateRequest) -> Result<auth::AuthenticateResponse>;
+}
+
+#[async_trait::async_trait]
+pub trait Router: Send + Sync + 'static {
+    async fn route(&self, req: routing::RouteRequest) -> Result<routing::RouteResponse>;
+    async fn list_models(&self) -> Result<routing::ListModelsResponse>;
+}
+
+#[async_trait::async_trait]
+pub trait Adapter: Send + Sync + 'static {
+    /// Errors returned here happened before any byte of the answer (the edge may fail over on them);
+    /// later ones arrive as `Error` events.
+    async fn chat(&self, req: adapter::ChatRequest) -> Result<ChatEventStream>;
+    async fn embed(&self, req: adapter::EmbedRequest) -> Result<adapter::EmbedResponse>;
+}
+
+#[async_trait::async_trait]
+pub trait Billing: Send + Sync + 'static {
+    async fn get_usage(&self, req: billing::GetUsageRequest) -> Result<events::UsageEvent>;
+    async fn usage_summary(&self, req: billing::UsageSummaryRequest)
+    -> Result<billing::UsageSummaryResponse>;
+}
+
+/// Where usage events go: NATS JetStream in production, an in-process channel when embedded.
+#[async_trait::async_trait]
+pub trait UsageSink: Send + Sync + 'static {
+    /// Returns once the event is durably accepted (JetStream ack) or queued in process.
+    async fn publish(&self, event: events::UsageEvent) -> Result<()>;
+}
+
+/// The set of services one edge talks to, however they are deployed.
+#[derive(Clone)]
+pub struct Services {
+    pub auth: Arc<dyn Authenticator>,
+    pub router: Arc<dyn Router>,
+    pub adapter: Arc<dyn Adapter>,
+    pub usage: Arc<dyn UsageSink>,
+}

@@ -1,0 +1,78 @@
+//! relay-edge: the HTTP API clients talk to (OpenAI-shaped today; Anthropic and Responses build on it).
+//!
+//! Authenticates from a local cache, routes from a local cache, calls the adapter and forwards its bytes
+//! as they arrive, fails over before the first byte, and emits one usage event per authenticated request.
+//! Every failure is answered in the client protocol's error shape. What does not belong here: protocol
+//! conversion (adapter), key storage (auth), route selection (routing), recording usage (billing).
+
+mod cache;
+mod chat;
+mod error;
+mod principal;
+mod request;
+mod routes;
+mod usage;
+
+use std::sync::Arc;
+
+use relay_core::contracts::Services;
+use serde::Deserialize;
+use tokio_util::task::TaskTracker;
+
+pub use routes::router;
+
+/// `[edge]` config section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EdgeConfig {
+    /// Largest request body accepted; larger ones get 413 and are never forwarded.
+    pub max_body_bytes: usize,
+    /// Most authenticated keys kept in the local cache.
+    pub auth_cache_entries: usize,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 32 << 20,
+            auth_cache_entries: 100_000,
+        }
+    }
+}
+
+/// Everything a handler needs; cheap to clone.
+#[derive(Clone)]
+pub struct Edge {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: EdgeConfig,
+    services: Services,
+    principals: principal::PrincipalCache,
+    routes: cache::TtlCache<String, Arc<relay_core::pb::routing::v1::RouteResponse>>,
+    /// Usage publications still in flight; shutdown waits for them.
+    background: TaskTracker,
+}
+
+impl Edge {
+    pub fn new(cfg: EdgeConfig, services: Services) -> Self {
+        let principals = principal::PrincipalCache::new(cfg.auth_cache_entries);
+        Self {
+            inner: Arc::new(Inner {
+                cfg,
+                services,
+                principals,
+                routes: cache::TtlCache::new(10_000),
+                background: TaskTracker::new(),
+            }),
+        }
+    }
+
+    /// Waits until every usage event produced so far has been handed to the bus.
+    pub async fn flush(&self) {
+        self.inner.background.close();
+        self.inner.background.wait().await;
+        self.inner.background.reopen();
+    }
+}

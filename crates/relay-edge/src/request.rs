@@ -1,0 +1,65 @@
+//! Per-request context: the request id (the client's `x-request-id` if usable, else a UUIDv7), the root
+//! span joined to the caller's trace, RED metrics by matched route, and `x-request-id` on every response.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request};
+use axum::http::HeaderValue;
+use axum::middleware::Next;
+use axum::response::Response;
+use tracing::Instrument;
+
+#[derive(Clone, Debug)]
+pub struct RequestCtx {
+    pub request_id: String,
+    pub started: Instant,
+    pub started_unix_ms: i64,
+    /// W3C context of the root span, carried into the usage event.
+    pub trace_context: HashMap<String, String>,
+}
+
+pub async fn middleware(mut req: Request, next: Next) -> Response {
+    let client_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok());
+    let request_id = relay_core::ids::request_id_from_client(client_id);
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let span = tracing::info_span!(
+        "http.request",
+        otel.kind = "server",
+        http.request.method = %req.method(),
+        http.route = %route,
+        request_id = %request_id,
+        http.response.status_code = tracing::field::Empty,
+    );
+    relay_telemetry::set_parent(&span, relay_telemetry::context_from_headers(req.headers()));
+    let trace_context = span.in_scope(relay_telemetry::current_context_map);
+    let started = Instant::now();
+    let started_unix_ms = chrono_like_now_ms();
+    req.extensions_mut().insert(RequestCtx {
+        request_id: request_id.clone(),
+        started,
+        started_unix_ms,
+        trace_context,
+    });
+    let mut resp = next.run(req).instrument(span.clone()).await;
+    let status = resp.status().as_u16();
+    span.record("http.response.status_code", status);
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    metrics::counter!("relay_edge_requests_total", "route" => route.clone(), "status" => status.to_string())
+        .increment(1);
+    metrics::histogram!("relay_edge_request_duration_seconds", "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    resp
+}
+
+fn chrono_like_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

@@ -1,0 +1,151 @@
+//! The HTTP surface: routes, models, embeddings, and OpenAI-shaped answers for everything else.
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Extension, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use relay_core::pb::adapter::v1::EmbedRequest;
+use relay_core::pb::auth::v1::Principal;
+use relay_core::pb::common::v1::Protocol;
+use relay_core::{ErrorCode, RelayError};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::Edge;
+use crate::chat::{chat_completions, read_body, route, with_failover};
+use crate::error::OpenAiError;
+use crate::request::{self, RequestCtx};
+use crate::usage::UsageRecord;
+
+pub fn router(edge: Edge) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{*id}", get(get_model))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn(request::middleware))
+        .with_state(edge)
+}
+
+async fn not_found() -> Response {
+    OpenAiError(RelayError::new(ErrorCode::NotFound, "Unknown endpoint.")).into_response()
+}
+
+async fn principal(edge: &Edge, headers: &HeaderMap) -> Result<std::sync::Arc<Principal>, RelayError> {
+    edge.inner
+        .principals
+        .authenticate(edge.inner.services.auth.as_ref(), headers)
+        .await
+}
+
+fn model_json(m: &relay_core::pb::routing::v1::ModelInfo) -> serde_json::Value {
+    json!({"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by})
+}
+
+async fn visible_models(
+    edge: &Edge,
+    p: &Principal,
+) -> Result<Vec<relay_core::pb::routing::v1::ModelInfo>, RelayError> {
+    let all = edge.inner.services.router.list_models().await?.models;
+    Ok(all
+        .into_iter()
+        .filter(|m| relay_core::model_allowed(&p.allowed_models, &m.id))
+        .collect())
+}
+
+async fn list_models(State(edge): State<Edge>, headers: HeaderMap) -> Result<Response, OpenAiError> {
+    let p = principal(&edge, &headers).await?;
+    let data: Vec<_> = visible_models(&edge, &p).await?.iter().map(model_json).collect();
+    Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
+}
+
+async fn get_model(
+    State(edge): State<Edge>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, OpenAiError> {
+    let p = principal(&edge, &headers).await?;
+    let models = visible_models(&edge, &p).await?;
+    let m = models.iter().find(|m| m.id == id).ok_or_else(|| {
+        RelayError::new(
+            ErrorCode::ModelNotFound,
+            format!("The model `{id}` does not exist."),
+        )
+        .with_param("model")
+    })?;
+    Ok(axum::Json(model_json(m)).into_response())
+}
+
+#[derive(Deserialize)]
+struct EmbedEnvelope {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    input: Option<serde_json::Value>,
+    #[serde(default)]
+    user: Option<String>,
+}
+
+async fn embeddings(
+    State(edge): State<Edge>,
+    Extension(ctx): Extension<RequestCtx>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, OpenAiError> {
+    let p = principal(&edge, &headers).await?;
+    let mut rec = UsageRecord::new(&edge, &ctx, &p, Protocol::OpenaiEmbeddings);
+    match embed(&edge, &ctx, &p, body, &mut rec).await {
+        Ok(resp) => {
+            rec.usage(resp.usage.unwrap_or_default());
+            rec.first_byte();
+            rec.succeed();
+            let mut r = (StatusCode::OK, resp.body).into_response();
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            Ok(r)
+        }
+        Err(e) => {
+            rec.fail(&e, e.http_status());
+            Err(OpenAiError(e))
+        }
+    }
+}
+
+async fn embed(
+    edge: &Edge,
+    ctx: &RequestCtx,
+    p: &Principal,
+    body: Body,
+    rec: &mut UsageRecord,
+) -> Result<relay_core::pb::adapter::v1::EmbedResponse, RelayError> {
+    let bytes = read_body(body, edge.inner.cfg.max_body_bytes).await?;
+    let env: EmbedEnvelope = serde_json::from_slice(&bytes).map_err(|e| {
+        RelayError::invalid_request(format!("We could not parse the JSON body of your request: {e}"))
+    })?;
+    let model = env.model.filter(|m| !m.is_empty()).ok_or_else(|| {
+        RelayError::invalid_request("you must provide a model parameter").with_param("model")
+    })?;
+    if env.input.is_none() {
+        return Err(RelayError::invalid_request("you must provide an input parameter").with_param("input"));
+    }
+    rec.request(&model, false, env.user.as_deref().unwrap_or(""));
+    if !relay_core::model_allowed(&p.allowed_models, &model) {
+        return Err(RelayError::new(
+            ErrorCode::PermissionDenied,
+            format!("This key may not use model `{model}`."),
+        ));
+    }
+    let route = route(edge, &model, false).await?;
+    with_failover(&route.candidates, rec, |dep| {
+        let req = EmbedRequest {
+            request_id: ctx.request_id.clone(),
+            body: bytes.to_vec(),
+            deployment: Some(dep.clone()),
+        };
+        edge.inner.services.adapter.embed(req)
+    })
+    .await
+}

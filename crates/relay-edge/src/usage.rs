@@ -1,0 +1,126 @@
+//! One usage event per authenticated request, whatever happens: success, error, or a client that left.
+//! The event is published after the response, off the request path; publication retries with backoff.
+
+use std::time::{Duration, Instant};
+
+use relay_core::pb::auth::v1::Principal;
+use relay_core::pb::common::v1::{Protocol, TokenUsage};
+use relay_core::pb::events::v1::{Outcome, UsageEvent};
+use relay_core::pb::routing::v1::Deployment;
+use relay_core::{ErrorCode, RelayError, USAGE_EVENT_SCHEMA_VERSION};
+
+use crate::Edge;
+use crate::request::RequestCtx;
+
+/// Publication attempts before an event is reported lost.
+const PUBLISH_ATTEMPTS: u32 = 10;
+
+pub struct UsageRecord {
+    edge: Edge,
+    event: UsageEvent,
+    started: Instant,
+    finished: bool,
+}
+
+impl UsageRecord {
+    pub fn new(edge: &Edge, ctx: &RequestCtx, principal: &Principal, protocol: Protocol) -> Self {
+        let event = UsageEvent {
+            schema_version: USAGE_EVENT_SCHEMA_VERSION,
+            request_id: ctx.request_id.clone(),
+            key_id: principal.key_id.clone(),
+            team_id: principal.team_id.clone(),
+            org_id: principal.org_id.clone(),
+            protocol: protocol as i32,
+            started_at_unix_ms: ctx.started_unix_ms,
+            trace_context: ctx.trace_context.clone(),
+            ..Default::default()
+        };
+        Self {
+            edge: edge.clone(),
+            event,
+            started: ctx.started,
+            finished: false,
+        }
+    }
+
+    pub fn request(&mut self, model: &str, stream: bool, end_user: &str) {
+        self.event.model = model.to_owned();
+        self.event.stream = stream;
+        self.event.end_user = end_user.to_owned();
+    }
+
+    pub fn attempt(&mut self, d: &Deployment) {
+        self.event.attempts += 1;
+        self.event.deployment_id = d.id.clone();
+        self.event.provider = d.provider.clone();
+        self.event.upstream_model = d.upstream_model.clone();
+    }
+
+    pub fn first_byte(&mut self) {
+        if self.event.time_to_first_byte_ms == 0 {
+            self.event.time_to_first_byte_ms = elapsed_ms(self.started).max(1);
+        }
+    }
+
+    pub fn usage(&mut self, u: TokenUsage) {
+        self.event.usage = Some(u);
+    }
+
+    pub fn succeed(mut self) {
+        self.finish(Outcome::Success, None, 200);
+    }
+
+    pub fn fail(mut self, e: &RelayError, http_status: u16) {
+        self.finish(Outcome::Error, Some(e), http_status);
+    }
+
+    fn finish(&mut self, outcome: Outcome, e: Option<&RelayError>, http_status: u16) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        self.event.outcome = outcome as i32;
+        self.event.error_code = e.map_or(0, |e| e.code.to_pb() as i32);
+        self.event.http_status = u32::from(http_status);
+        self.event.duration_ms = elapsed_ms(self.started);
+        let event = std::mem::take(&mut self.event);
+        let sink = self.edge.inner.services.usage.clone();
+        self.edge
+            .inner
+            .background
+            .spawn(async move { publish(sink.as_ref(), event).await });
+    }
+}
+
+impl Drop for UsageRecord {
+    /// Dropped unfinished = the client went away (the response future or body stream was dropped).
+    fn drop(&mut self) {
+        if !self.finished {
+            let e = RelayError::new(ErrorCode::Cancelled, "client disconnected");
+            self.finish(Outcome::Cancelled, Some(&e), 499);
+        }
+    }
+}
+
+fn elapsed_ms(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+async fn publish(sink: &dyn relay_core::contracts::UsageSink, event: UsageEvent) {
+    let mut delay = Duration::from_millis(100);
+    for attempt in 1..=PUBLISH_ATTEMPTS {
+        match sink.publish(event.clone()).await {
+            Ok(()) => {
+                metrics::counter!("relay_edge_usage_published_total").increment(1);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(request_id = %event.request_id, attempt, error = %e, "usage event publish failed");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    metrics::counter!("relay_edge_usage_lost_total").increment(1);
+    tracing::error!(request_id = %event.request_id, "usage event lost after {PUBLISH_ATTEMPTS} attempts");
+}

@@ -1,0 +1,111 @@
+//! tonic servers that expose any local implementation of a contract.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::{Stream, StreamExt};
+use relay_core::contracts::{Adapter, Authenticator, Billing, Router};
+use relay_core::pb::{adapter::v1 as adapter, auth::v1 as auth, billing::v1 as billing};
+use relay_core::pb::{events::v1 as events, routing::v1 as routing};
+use tonic::{Request, Response, Status};
+
+use crate::generated;
+use crate::status::to_status;
+
+type GrpcResult<T> = Result<Response<T>, Status>;
+
+fn reply<T>(r: relay_core::contracts::Result<T>) -> GrpcResult<T> {
+    r.map(Response::new).map_err(|e| to_status(&e))
+}
+
+// === impl AuthServer ===
+
+pub struct AuthServer(pub Arc<dyn Authenticator>);
+
+#[tonic::async_trait]
+impl generated::auth::auth_service_server::AuthService for AuthServer {
+    async fn authenticate(
+        &self,
+        req: Request<auth::AuthenticateRequest>,
+    ) -> GrpcResult<auth::AuthenticateResponse> {
+        reply(self.0.authenticate(req.into_inner()).await)
+    }
+}
+
+pub fn auth(
+    svc: Arc<dyn Authenticator>,
+) -> generated::auth::auth_service_server::AuthServiceServer<AuthServer> {
+    generated::auth::auth_service_server::AuthServiceServer::new(AuthServer(svc))
+}
+
+// === impl RoutingServer ===
+
+pub struct RoutingServer(pub Arc<dyn Router>);
+
+#[tonic::async_trait]
+impl generated::routing::routing_service_server::RoutingService for RoutingServer {
+    async fn route(&self, req: Request<routing::RouteRequest>) -> GrpcResult<routing::RouteResponse> {
+        reply(self.0.route(req.into_inner()).await)
+    }
+    async fn list_models(
+        &self,
+        _: Request<routing::ListModelsRequest>,
+    ) -> GrpcResult<routing::ListModelsResponse> {
+        reply(self.0.list_models().await)
+    }
+}
+
+pub fn routing(
+    svc: Arc<dyn Router>,
+) -> generated::routing::routing_service_server::RoutingServiceServer<RoutingServer> {
+    generated::routing::routing_service_server::RoutingServiceServer::new(RoutingServer(svc))
+}
+
+// === impl AdapterServer ===
+
+pub struct AdapterServer(pub Arc<dyn Adapter>);
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<adapter::ChatEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl generated::adapter::adapter_service_server::AdapterService for AdapterServer {
+    type ChatStream = EventStream;
+
+    async fn chat(&self, req: Request<adapter::ChatRequest>) -> GrpcResult<Self::ChatStream> {
+        let events = self.0.chat(req.into_inner()).await.map_err(|e| to_status(&e))?;
+        // When the client cancels, tonic drops this stream, which drops the upstream call.
+        Ok(Response::new(Box::pin(events.map(Ok)) as EventStream))
+    }
+    async fn embed(&self, req: Request<adapter::EmbedRequest>) -> GrpcResult<adapter::EmbedResponse> {
+        reply(self.0.embed(req.into_inner()).await)
+    }
+}
+
+pub fn adapter(
+    svc: Arc<dyn Adapter>,
+) -> generated::adapter::adapter_service_server::AdapterServiceServer<AdapterServer> {
+    generated::adapter::adapter_service_server::AdapterServiceServer::new(AdapterServer(svc))
+}
+
+// === impl BillingServer ===
+
+pub struct BillingServer(pub Arc<dyn Billing>);
+
+#[tonic::async_trait]
+impl generated::billing::billing_service_server::BillingService for BillingServer {
+    async fn get_usage(&self, req: Request<billing::GetUsageRequest>) -> GrpcResult<events::UsageEvent> {
+        reply(self.0.get_usage(req.into_inner()).await)
+    }
+    async fn usage_summary(
+        &self,
+        req: Request<billing::UsageSummaryRequest>,
+    ) -> GrpcResult<billing::UsageSummaryResponse> {
+        reply(self.0.usage_summary(req.into_inner()).await)
+    }
+}
+
+pub fn billing(
+    svc: Arc<dyn Billing>,
+) -> generated::billing::billing_service_server::BillingServiceServer<BillingServer> {
+    generated::billing::billing_service_server::BillingServiceServer::new(BillingServer(svc))
+}

@@ -1,0 +1,253 @@
+//! relay-routing: which deployments may serve a model, best first.
+//!
+//! A public model name maps to an ordered list of deployments (provider + upstream model name). The edge
+//! tries them in order and moves on only on a retryable failure before the first byte. Strategies (cost,
+//! latency, health, weights) plug in here; credentials and protocols do not (they belong to the adapter).
+
+use std::collections::HashMap;
+
+use relay_core::contracts::{Result, Router};
+use relay_core::pb::routing::v1::{
+    Deployment, ListModelsResponse, ModelInfo, ModelKind, RouteRequest, RouteResponse,
+};
+use relay_core::{ErrorCode, RelayError};
+use serde::Deserialize;
+
+/// `[routing]` config section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// How long an edge may reuse a routing answer.
+    pub cache_ttl_ms: u32,
+    pub models: Vec<ModelConfig>,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            cache_ttl_ms: 1000,
+            models: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The name clients send as `model`.
+    pub name: String,
+    #[serde(default = "chat")]
+    pub kind: Kind,
+    #[serde(default = "owner")]
+    pub owned_by: String,
+    /// Tried in this order.
+    pub deployments: Vec<DeploymentConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Chat,
+    Embedding,
+}
+
+fn chat() -> Kind {
+    Kind::Chat
+}
+
+fn owner() -> String {
+    "relay".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentConfig {
+    /// A provider name from `[[adapter.providers]]`.
+    pub provider: String,
+    /// The model name the provider knows.
+    pub model: String,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl RoutingConfig {
+    /// `providers`: names the adapter config defines (checked when both are in one config file).
+    pub fn validate(&self, providers: Option<&[&str]>, errors: &mut Vec<String>) {
+        let mut names = std::collections::HashSet::new();
+        for (i, m) in self.models.iter().enumerate() {
+            let at = format!("routing.models[{i}] ({})", m.name);
+            if m.name.is_empty() || !names.insert(&m.name) {
+                errors.push(format!("{at}: name must be non-empty and unique"));
+            }
+            if m.deployments.is_empty() {
+                errors.push(format!("{at}: needs at least one deployment"));
+            }
+            for (j, d) in m.deployments.iter().enumerate() {
+                if let Some(known) = providers
+                    && !known.contains(&d.provider.as_str())
+                {
+                    errors.push(format!(
+                        "{at}.deployments[{j}]: unknown provider `{}`",
+                        d.provider
+                    ));
+                }
+            }
+        }
+    }
+}
+
+struct Model {
+    info: ModelInfo,
+    candidates: Vec<Deployment>,
+}
+
+pub struct RoutingService {
+    cache_ttl_ms: u32,
+    models: HashMap<String, Model>,
+    order: Vec<String>,
+}
+
+impl RoutingService {
+    pub fn new(cfg: &RoutingConfig) -> Self {
+        let created = 1_700_000_000;
+        let mut models = HashMap::new();
+        let mut order = Vec::new();
+        for m in &cfg.models {
+            let candidates = m
+                .deployments
+                .iter()
+                .map(|d| Deployment {
+                    id: format!("{}@{}", d.model, d.provider),
+                    provider: d.provider.clone(),
+                    upstream_model: d.model.clone(),
+                    weight: d.weight,
+                })
+                .collect();
+            let kind = match m.kind {
+                Kind::Chat => ModelKind::Chat,
+                Kind::Embedding => ModelKind::Embedding,
+            };
+            let info = ModelInfo {
+                id: m.name.clone(),
+                owned_by: m.owned_by.clone(),
+                created,
+                kind: kind as i32,
+            };
+            order.push(m.name.clone());
+            models.insert(m.name.clone(), Model { info, candidates });
+        }
+        Self {
+            cache_ttl_ms: cfg.cache_ttl_ms,
+            models,
+            order,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Router for RoutingService {
+    async fn route(&self, req: RouteRequest) -> Result<RouteResponse> {
+        let model = self.models.get(&req.model).ok_or_else(|| {
+            RelayError::new(
+                ErrorCode::ModelNotFound,
+                format!("The model `{}` does not exist.", req.model),
+            )
+            .with_param("model")
+        })?;
+        Ok(RouteResponse {
+            candidates: model.candidates.clone(),
+            cache_ttl_ms: self.cache_ttl_ms,
+        })
+    }
+
+    async fn list_models(&self) -> Result<ListModelsResponse> {
+        Ok(ListModelsResponse {
+            models: self
+                .order
+                .iter()
+                .filter_map(|n| self.models.get(n))
+                .map(|m| m.info.clone())
+                .collect(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> RoutingConfig {
+        let dep = |p: &str, m: &str| DeploymentConfig {
+            provider: p.into(),
+            model: m.into(),
+            weight: 1,
+        };
+        RoutingConfig {
+            cache_ttl_ms: 500,
+            models: vec![
+                ModelConfig {
+                    name: "b".into(),
+                    kind: Kind::Chat,
+                    owned_by: "relay".into(),
+                    deployments: vec![dep("p1", "x"), dep("p2", "y")],
+                },
+                ModelConfig {
+                    name: "a".into(),
+                    kind: Kind::Embedding,
+                    owned_by: "relay".into(),
+                    deployments: vec![dep("p1", "e")],
+                },
+            ],
+        }
+    }
+
+    #[tokio::test]
+    async fn routes_in_configured_order() {
+        let svc = RoutingService::new(&cfg());
+        let r = svc
+            .route(RouteRequest {
+                model: "b".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let ids: Vec<_> = r.candidates.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, ["x@p1", "y@p2"]);
+        assert_eq!(r.cache_ttl_ms, 500);
+        let models: Vec<_> = svc
+            .list_models()
+            .await
+            .unwrap()
+            .models
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        assert_eq!(models, ["b", "a"]);
+    }
+
+    #[tokio::test]
+    async fn unknown_model_is_model_not_found() {
+        let e = RoutingService::new(&cfg())
+            .route(RouteRequest {
+                model: "zz".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::ModelNotFound);
+        assert_eq!(e.param.as_deref(), Some("model"));
+    }
+
+    #[test]
+    fn validation_finds_unknown_providers_and_empty_models() {
+        let mut c = cfg();
+        c.models[1].deployments.clear();
+        let mut errs = vec![];
+        c.validate(Some(&["p1"]), &mut errs);
+        assert_eq!(errs.len(), 2, "{errs:?}");
+    }
+}

@@ -1,0 +1,10 @@
+//! relay-runtime: what every Relay process needs around its services.
+//!
+//! Config loading (one TOML file + `RELAY__SECTION__KEY` env overrides, every error reported at once), the
+//! shutdown signal, and the admin server (`/livez`, `/readyz`, `/metrics`). No service logic lives here.
+
+pub mod admin;
+pub mod config;
+pub mod shutdown;
+
+pub use config::{ConfigErrors, ConfigSource};

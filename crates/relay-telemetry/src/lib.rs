@@ -1,0 +1,205 @@
+//! relay-telemetry: logs, traces and metrics for every Relay process.
+//!
+//! Owns the tracing subscriber, the OpenTelemetry tracer provider (OTLP/gRPC export when an endpoint is
+//! configured), W3C trace-context propagation helpers for HTTP headers and string maps, and the process-wide
+//! Prometheus recorder. It does not know about services, requests or gRPC types (relay-proto wraps these
+//! helpers for tonic metadata).
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::{Context, global};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider};
+use serde::Deserialize;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
+
+/// `[telemetry]` config section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// OTLP/gRPC collector, e.g. `http://otel-collector:4317`. Unset: no trace export.
+    pub otlp_endpoint: Option<String>,
+    /// `text` (human) or `json` (one object per line).
+    pub log_format: LogFormat,
+    /// An `EnvFilter` directive, e.g. `info,relay_edge=debug`. `RUST_LOG` wins when set.
+    pub log_filter: String,
+    /// How long spans wait in the batch before export.
+    pub export_delay_ms: u64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            log_format: LogFormat::Text,
+            log_filter: "info".into(),
+            export_delay_ms: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Keeps the tracer provider alive; [`Telemetry::shutdown`] flushes pending spans.
+#[derive(Debug)]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Flushes and stops the exporter. Blocking: call it from `spawn_blocking` or after the runtime ends.
+    pub fn shutdown(&self) {
+        if let Some(p) = &self.provider {
+            let _ = p.force_flush();
+            let _ = p.shutdown();
+        }
+    }
+}
+
+/// Installs the global subscriber and propagator. Must run inside a Tokio runtime (the OTLP exporter needs it).
+pub fn init(cfg: &TelemetryConfig, service_name: &str) -> anyhow::Result<Telemetry> {
+    global::set_text_map_propagator(TraceContextPropagator::new());
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cfg.log_filter.clone());
+    let fmt = match cfg.log_format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .boxed(),
+    }
+    .with_filter(EnvFilter::try_new(filter)?);
+
+    let Some(endpoint) = &cfg.otlp_endpoint else {
+        tracing_subscriber::registry().with(fmt).try_init()?;
+        return Ok(Telemetry { provider: None });
+    };
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .with_timeout(Duration::from_secs(5))
+        .build()?;
+    let batch = BatchSpanProcessor::builder(exporter)
+        .with_batch_config(
+            BatchConfigBuilder::default()
+                .with_scheduled_delay(Duration::from_millis(cfg.export_delay_ms))
+                .build(),
+        )
+        .build();
+    let provider = SdkTracerProvider::builder()
+        .with_span_processor(batch)
+        .with_resource(
+            Resource::builder()
+                .with_service_name(service_name.to_owned())
+                .build(),
+        )
+        .build();
+    let tracer = provider.tracer("relay");
+    global::set_tracer_provider(provider.clone());
+    // The exporter's own gRPC client must not trace itself (each export would create more spans).
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(EnvFilter::try_new(
+            "info,h2=off,hyper=off,hyper_util=off,tonic=off,tower=off,reqwest=off",
+        )?);
+    tracing_subscriber::registry().with(fmt).with(otel).try_init()?;
+    Ok(Telemetry {
+        provider: Some(provider),
+    })
+}
+
+// === propagation ===
+
+/// Reads W3C trace context from HTTP headers (and so from gRPC metadata, which is HTTP/2 headers).
+pub struct HeaderExtractor<'a>(pub &'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// Writes W3C trace context into HTTP headers.
+pub struct HeaderInjector<'a>(pub &'a mut http::HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(val)) = (
+            http::HeaderName::from_bytes(key.as_bytes()),
+            http::HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(name, val);
+        }
+    }
+}
+
+/// The parent context carried by incoming headers.
+pub fn context_from_headers(headers: &http::HeaderMap) -> Context {
+    global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)))
+}
+
+/// Adds the current span's trace context to outgoing headers.
+pub fn inject_current_into_headers(headers: &mut http::HeaderMap) {
+    let cx = tracing::Span::current().context();
+    global::get_text_map_propagator(|p| p.inject_context(&cx, &mut HeaderInjector(headers)));
+}
+
+/// The current span's trace context as a string map (stored in usage events, NATS headers).
+pub fn current_context_map() -> HashMap<String, String> {
+    let cx = tracing::Span::current().context();
+    let mut map = HashMap::new();
+    global::get_text_map_propagator(|p| p.inject_context(&cx, &mut map));
+    map
+}
+
+/// The context carried by a string map written by [`current_context_map`].
+pub fn context_from_map(map: &HashMap<String, String>) -> Context {
+    global::get_text_map_propagator(|p| p.extract(map))
+}
+
+/// Makes `span` a child of the remote context `cx` (no-op when `cx` carries no trace).
+pub fn set_parent(span: &tracing::Span, cx: Context) {
+    let _ = span.set_parent(cx);
+}
+
+/// The trace id of the current span, as 32 hex digits (all zeros when not sampled or no exporter).
+pub fn current_trace_id() -> String {
+    use opentelemetry::trace::TraceContextExt as _;
+    tracing::Span::current()
+        .context()
+        .span()
+        .span_context()
+        .trace_id()
+        .to_string()
+}
+
+// === metrics ===
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn prometheus() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        // Fails only if another recorder was installed first; metrics then go there instead.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}

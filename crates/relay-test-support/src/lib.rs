@@ -1,0 +1,59 @@
+//! relay-test-support: what Relay's tests share.
+//!
+//! [`MockOpenAi`] is a deterministic OpenAI-compatible upstream on `127.0.0.1:0` that records every request;
+//! [`env_service`] reads NATS/Redis/Postgres URLs from the environment (skip, or fail with
+//! `REQUIRE_SERVICES=1`); [`fresh_postgres`] gives each test its own migrated database.
+//! Only ever a dev-dependency.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod mock_openai;
+
+pub use mock_openai::{MockOpenAi, Recorded, echo};
+
+/// The URL in env var `name`. Missing: `None` (the test skips) unless `REQUIRE_SERVICES=1`, then a panic.
+pub fn env_service(name: &str) -> Option<String> {
+    match std::env::var(name) {
+        Ok(v) if !v.is_empty() => Some(v),
+        _ => {
+            if std::env::var("REQUIRE_SERVICES").is_ok_and(|v| v == "1") {
+                panic!("{name} is not set and REQUIRE_SERVICES=1: start services with .ci/services.sh");
+            }
+            eprintln!("SKIP: {name} is not set");
+            None
+        }
+    }
+}
+
+/// A new, empty, migrated database on the server of `url`, unique to this call.
+pub async fn fresh_postgres(url: &str) -> relay_db::Db {
+    let url = fresh_postgres_url(url).await;
+    let db = relay_db::Db::connect(&url)
+        .await
+        .expect("connect to fresh database");
+    db.migrate().await.expect("migrate fresh database");
+    db
+}
+
+/// Creates a new database next to the one in `url` and returns its URL (not migrated).
+pub async fn fresh_postgres_url(url: &str) -> String {
+    use sqlx::Connection as _;
+    let name = format!("relay_test_{}", uuid::Uuid::now_v7().simple());
+    let mut admin = sqlx::PgConnection::connect(url)
+        .await
+        .expect("connect to DATABASE_URL");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut admin)
+        .await
+        .expect("create test database");
+    let (base, _) = url.rsplit_once('/').expect("DATABASE_URL has a database path");
+    format!("{base}/{name}")
+}
+
+/// A free TCP port on loopback (for processes that must be told their port up front).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -1,0 +1,227 @@
+//! A deterministic OpenAI-compatible upstream for tests.
+//!
+//! Replies `ECHO: <last user text>` (directives removed), one token per space-separated word, usage
+//! `prompt = 1000 + words of all input`, `completion = reply tokens`. Streams one chunk per token, the usage
+//! chunk when `stream_options.include_usage` is set, then `[DONE]`. Knobs travel in the message text:
+//! `[[mock status=503]]`, `[[mock chunk_delay_ms=50]]`, `[[mock die_after=2]]` (close after N events).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use bytes::Bytes;
+use serde_json::{Value, json};
+
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+#[derive(Clone, Default)]
+struct Shared {
+    log: Arc<Mutex<Vec<Recorded>>>,
+}
+
+pub struct MockOpenAi {
+    pub base_url: String,
+    shared: Shared,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for MockOpenAi {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl MockOpenAi {
+    pub async fn start() -> Self {
+        let shared = Shared::default();
+        let app = Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .route("/v1/embeddings", post(embeddings))
+            .with_state(shared.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self {
+            base_url: format!("http://{addr}/v1"),
+            shared,
+            task,
+        }
+    }
+
+    /// Every request received whose body mentions `needle`.
+    pub fn requests_containing(&self, needle: &str) -> Vec<Recorded> {
+        let log = self.shared.log.lock().unwrap();
+        log.iter()
+            .filter(|r| r.body.to_string().contains(needle))
+            .cloned()
+            .collect()
+    }
+}
+
+/// What the mock answers to user text `text`.
+pub fn echo(text: &str) -> String {
+    format!("ECHO: {}", strip_directives(text).0)
+}
+
+fn strip_directives(text: &str) -> (String, Vec<(String, String)>) {
+    let mut out = String::new();
+    let mut knobs = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("[[mock") {
+        out.push_str(&rest[..start]);
+        let Some(end) = rest[start..].find("]]") else {
+            break;
+        };
+        for part in rest[start + 6..start + end].split_whitespace() {
+            if let Some((k, v)) = part.split_once('=') {
+                knobs.push((k.to_owned(), v.to_owned()));
+            }
+        }
+        rest = &rest[start + end + 2..];
+    }
+    out.push_str(rest);
+    (out.split_whitespace().collect::<Vec<_>>().join(" "), knobs)
+}
+
+fn knob(knobs: &[(String, String)], name: &str) -> Option<u64> {
+    knobs
+        .iter()
+        .find(|(k, _)| k == name)
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+fn content_text(c: &Value) -> String {
+    match c {
+        Value::String(s) => s.clone(),
+        Value::Array(a) => a
+            .iter()
+            .filter_map(|p| p["text"].as_str())
+            .collect::<Vec<_>>()
+            .join(" "),
+        _ => String::new(),
+    }
+}
+
+fn record(shared: &Shared, path: &str, headers: &HeaderMap, body: &Value) {
+    shared.log.lock().unwrap().push(Recorded {
+        path: path.into(),
+        headers: headers.clone(),
+        body: body.clone(),
+    });
+}
+
+fn error(status: u16, message: &str) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        status,
+        axum::Json(json!({"error": {"message": message, "type": "mock_error", "code": null}})),
+    )
+        .into_response()
+}
+
+async fn chat(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
+        return error(400, "invalid json");
+    };
+    record(&shared, "/v1/chat/completions", &headers, &req);
+    let messages = req["messages"].as_array().cloned().unwrap_or_default();
+    let last_user = messages
+        .iter()
+        .rev()
+        .find(|m| m["role"] == "user")
+        .map(|m| content_text(&m["content"]));
+    let (_, knobs) = strip_directives(last_user.as_deref().unwrap_or(""));
+    if let Some(status) = knob(&knobs, "status") {
+        return error(status as u16, &format!("mock forced status {status}"));
+    }
+    let reply = echo(last_user.as_deref().unwrap_or(""));
+    let parts: Vec<&str> = reply.split(' ').collect();
+    let tokens: Vec<String> = parts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            if i + 1 < parts.len() {
+                format!("{p} ")
+            } else {
+                (*p).into()
+            }
+        })
+        .collect();
+    let input_words: usize = messages
+        .iter()
+        .map(|m| content_text(&m["content"]).split_whitespace().count())
+        .sum();
+    let (prompt, completion) = (1000 + input_words as u64, tokens.len() as u64);
+    let usage = json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion});
+    let model = req["model"].as_str().unwrap_or("mock").to_owned();
+    let id = "chatcmpl-mock";
+    if req["stream"] != json!(true) {
+        return axum::Json(json!({"id": id, "object": "chat.completion", "created": 1, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
+            "usage": usage}))
+        .into_response();
+    }
+    let chunk = |delta: Value, finish: Value| {
+        json!({"id": id, "object": "chat.completion.chunk", "created": 1, "model": model,
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    };
+    let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null)];
+    events.extend(tokens.iter().map(|t| chunk(json!({"content": t}), Value::Null)));
+    events.push(chunk(json!({}), json!("stop")));
+    if req["stream_options"]["include_usage"] == json!(true) {
+        events.push(
+            json!({"id": id, "object": "chat.completion.chunk", "created": 1, "model": model,
+                           "choices": [], "usage": usage}),
+        );
+    }
+    let mut frames: Vec<String> = events.iter().map(|e| format!("data: {e}\n\n")).collect();
+    frames.push("data: [DONE]\n\n".into());
+    if let Some(n) = knob(&knobs, "die_after") {
+        frames.truncate(n as usize);
+    }
+    let delay = Duration::from_millis(knob(&knobs, "chunk_delay_ms").unwrap_or(0));
+    let stream = futures_util::stream::unfold(frames.into_iter(), move |mut it| async move {
+        let frame = it.next()?;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        Some((Ok::<_, std::io::Error>(Bytes::from(frame)), it))
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(Body::from_stream(stream))
+        .unwrap()
+}
+
+async fn embeddings(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
+        return error(400, "invalid json");
+    };
+    record(&shared, "/v1/embeddings", &headers, &req);
+    let inputs: Vec<String> = match &req["input"] {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(a) => a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+        _ => return error(400, "bad input"),
+    };
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| json!({"object": "embedding", "index": i, "embedding": [t.len() as f64, 0.5]}))
+        .collect();
+    let words: usize = inputs.iter().map(|t| t.split_whitespace().count()).sum();
+    axum::Json(json!({"object": "list", "data": data, "model": req["model"],
+                      "usage": {"prompt_tokens": words, "total_tokens": words}}))
+    .into_response()
+}

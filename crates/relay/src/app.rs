@@ -1,0 +1,258 @@
+//! Assembly: build the services this process runs, wire the rest through gRPC clients, bind listeners
+//! (port 0 allowed), serve, and shut down in order: stop accepting, drain streams, flush usage, stop billing.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use relay_core::contracts::{Adapter, Authenticator, Billing, Router, Services, UsageSink};
+use relay_events::UsageSource;
+use relay_proto::clients::{GrpcAdapter, GrpcAuth, GrpcRouter, channel};
+use relay_runtime::admin::Readiness;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+/// Where this process listens (after binding, so port 0 shows the real port).
+#[derive(Debug, Clone, Serialize)]
+pub struct Bound {
+    pub http: Option<SocketAddr>,
+    pub grpc: Option<SocketAddr>,
+    pub admin: SocketAddr,
+}
+
+struct Local {
+    auth: Option<Arc<dyn Authenticator>>,
+    router: Option<Arc<dyn Router>>,
+    adapter: Option<Arc<dyn Adapter>>,
+    billing: Option<(relay_billing::BillingService, relay_db::Db)>,
+}
+
+async fn build_local(cfg: &Config) -> anyhow::Result<Local> {
+    let auth: Option<Arc<dyn Authenticator>> = match cfg.runs("auth") {
+        true => Some(Arc::new(relay_auth::AuthService::new(&cfg.auth)?)),
+        false => None,
+    };
+    let router: Option<Arc<dyn Router>> = cfg
+        .runs("routing")
+        .then(|| Arc::new(relay_routing::RoutingService::new(&cfg.routing)) as Arc<dyn Router>);
+    let adapter: Option<Arc<dyn Adapter>> = match cfg.runs("adapter") {
+        true => Some(Arc::new(relay_adapter::AdapterService::new(&cfg.adapter)?)),
+        false => None,
+    };
+    let billing = match cfg.runs("billing") {
+        true => {
+            let db = relay_db::Db::connect(&cfg.database.url)
+                .await
+                .context("connecting to the database")?;
+            if cfg.database.migrate_on_start {
+                db.migrate().await.context("applying migrations")?;
+            }
+            Some((
+                relay_billing::BillingService::new(relay_billing::UsageStore::new(db.clone())),
+                db,
+            ))
+        }
+        false => None,
+    };
+    Ok(Local {
+        auth,
+        router,
+        adapter,
+        billing,
+    })
+}
+
+fn remote<T: ?Sized>(
+    local: Option<Arc<T>>,
+    addr: &Option<String>,
+    make: impl FnOnce(&str) -> anyhow::Result<Arc<T>>,
+) -> anyhow::Result<Arc<T>> {
+    match (local, addr) {
+        (Some(l), _) => Ok(l),
+        (None, Some(a)) => make(a),
+        (None, None) => anyhow::bail!("no local service and no remote address"),
+    }
+}
+
+/// Runs until `shutdown` is cancelled; `on_bound` learns the listening addresses first.
+pub async fn run(
+    cfg: Config,
+    shutdown: CancellationToken,
+    on_bound: impl FnOnce(&Bound),
+) -> anyhow::Result<()> {
+    let local = build_local(&cfg).await?;
+    let readiness = Readiness::default();
+
+    // The bus: JetStream when configured, else an in-process channel between edge and billing.
+    let (sink, source): (Option<Arc<dyn UsageSink>>, Option<UsageSource>) = match &cfg.bus.nats_url {
+        Some(url) => {
+            let js = relay_events::connect_jetstream(url, &cfg.bus.jetstream)
+                .await
+                .context("connecting to NATS")?;
+            let sink = cfg
+                .runs("edge")
+                .then(|| Arc::new(relay_events::NatsSink::new(js.clone())) as Arc<dyn UsageSink>);
+            let source = cfg
+                .runs("billing")
+                .then(|| UsageSource::Nats(relay_events::NatsSource::new(js, cfg.bus.jetstream.clone())));
+            (sink, source)
+        }
+        None => {
+            let (sink, source) = relay_events::in_process_bus(4096);
+            (
+                Some(Arc::new(sink) as Arc<dyn UsageSink>),
+                Some(UsageSource::InProcess(source)),
+            )
+        }
+    };
+
+    // Listeners first, so a bad address fails before anything runs.
+    let http = match cfg.runs("edge") {
+        true => Some(bind(&cfg.server.http_listen).await?),
+        false => None,
+    };
+    let grpc = match &cfg.server.grpc_listen {
+        Some(a) => Some(bind(a).await?),
+        None => None,
+    };
+    let admin = bind(&cfg.server.admin_listen).await?;
+    let bound = Bound {
+        http: http.as_ref().map(TcpListener::local_addr).transpose()?,
+        grpc: grpc.as_ref().map(TcpListener::local_addr).transpose()?,
+        admin: admin.local_addr()?,
+    };
+
+    let mut servers = Vec::new();
+    let mut edge_handle = None;
+    if let Some(listener) = http {
+        let services = Services {
+            auth: remote(local.auth.clone(), &cfg.remote.auth, |a| {
+                Ok(Arc::new(GrpcAuth::new(channel(a)?)) as _)
+            })?,
+            router: remote(local.router.clone(), &cfg.remote.routing, |a| {
+                Ok(Arc::new(GrpcRouter::new(channel(a)?)) as _)
+            })?,
+            adapter: remote(local.adapter.clone(), &cfg.remote.adapter, |a| {
+                Ok(Arc::new(GrpcAdapter::new(channel(a)?)) as _)
+            })?,
+            usage: sink.clone().context("edge without a usage sink")?,
+        };
+        let edge = relay_edge::Edge::new(cfg.edge.clone(), services);
+        let app = relay_edge::router(edge.clone());
+        let stop = shutdown.clone();
+        servers.push(tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+                .context("edge server")
+        }));
+        edge_handle = Some(edge);
+    }
+    if let Some(listener) = grpc {
+        let mut builder = tonic::transport::Server::builder().trace_fn(relay_proto::trace::server_span);
+        let billing: Option<Arc<dyn Billing>> = local.billing.as_ref().map(|(b, _)| Arc::new(b.clone()) as _);
+        let routes = builder
+            .add_optional_service(local.auth.clone().map(relay_proto::servers::auth))
+            .add_optional_service(local.router.clone().map(relay_proto::servers::routing))
+            .add_optional_service(local.adapter.clone().map(|a| {
+                relay_proto::servers::adapter(a)
+                    .max_decoding_message_size(256 << 20)
+                    .max_encoding_message_size(256 << 20)
+            }))
+            .add_optional_service(billing.map(relay_proto::servers::billing));
+        let stop = shutdown.clone();
+        servers.push(tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            routes
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                .await
+                .context("gRPC server")
+        }));
+    }
+    let admin_stop = CancellationToken::new();
+    let admin_app = relay_runtime::admin::router(readiness.clone());
+    let admin_task = {
+        let stop = admin_stop.clone();
+        tokio::spawn(async move {
+            axum::serve(admin, admin_app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+        })
+    };
+
+    let consumer_stop = CancellationToken::new();
+    let consumer = match (source, &local.billing) {
+        (Some(source), Some((billing, _))) => {
+            let recorder = billing.recorder();
+            let stop = consumer_stop.clone();
+            Some(tokio::spawn(async move { source.run(recorder, stop).await }))
+        }
+        _ => None,
+    };
+
+    readiness.set(true);
+    tracing::info!(?bound, services = ?cfg.server.services, "relay started");
+    on_bound(&bound);
+
+    // Run until asked to stop, or until a server fails (then stop everything).
+    let grace = Duration::from_secs(cfg.server.shutdown_grace_secs);
+    let failed = tokio::select! {
+        () = shutdown.cancelled() => None,
+        r = wait_first(&mut servers) => Some(r),
+    };
+    shutdown.cancel();
+    readiness.set(false);
+    let drained = relay_runtime::shutdown::drain_within(grace, async {
+        for s in servers.drain(..) {
+            if let Ok(Err(e)) = s.await {
+                tracing::error!(error = %e, "server ended with an error");
+            }
+        }
+    })
+    .await;
+    if !drained {
+        tracing::warn!(
+            grace_secs = grace.as_secs(),
+            "grace period over; in-flight requests were cut"
+        );
+    }
+    if let Some(edge) = &edge_handle {
+        edge.flush().await;
+    }
+    drop(edge_handle);
+    consumer_stop.cancel();
+    if let Some(c) = consumer {
+        let _ = c.await;
+    }
+    if let Some((_, db)) = &local.billing {
+        db.close().await;
+    }
+    admin_stop.cancel();
+    let _ = admin_task.await;
+    match failed {
+        Some(Err(e)) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+async fn wait_first(servers: &mut [tokio::task::JoinHandle<anyhow::Result<()>>]) -> anyhow::Result<()> {
+    if servers.is_empty() {
+        return std::future::pending().await;
+    }
+    let (res, _, _) = futures_util::future::select_all(servers.iter_mut()).await;
+    match res {
+        Ok(Ok(())) => anyhow::bail!("a server stopped unexpectedly"),
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(anyhow::anyhow!("a server task panicked: {e}")),
+    }
+}
+
+async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))
+}

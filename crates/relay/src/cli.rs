@@ -1,0 +1,169 @@
+//! Command line: thin and linear. Parse arguments, load config (exit 64 on any error, all listed),
+//! start telemetry, run, flush telemetry.
+
+use std::collections::HashMap;
+use std::io::Read as _;
+use std::path::PathBuf;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+pub const EXIT_CONFIG: i32 = 64;
+
+const USAGE: &str = "\
+usage: relay <command> [options]
+
+commands:
+  serve      run services (all five in one process unless --services says otherwise)
+  migrate    apply database migrations and exit
+  hash-key   read an API key on stdin, print its hash for [[auth.keys]] (uses auth.pepper)
+  check      validate the config and exit
+
+options:
+  --config <file>        TOML config (default: $RELAY_CONFIG, else built-in defaults)
+  --services <a,b,...>   services to run: edge, auth, routing, adapter, billing
+
+Any setting can be overridden as RELAY__<SECTION>__<KEY>, e.g. RELAY__SERVER__HTTP_LISTEN=0.0.0.0:8080.";
+
+struct Args {
+    command: String,
+    config: Option<PathBuf>,
+    services: Option<Vec<String>>,
+}
+
+fn parse_args(args: &[String]) -> Result<Args, String> {
+    let mut it = args.iter();
+    let command = it.next().cloned().ok_or("missing command")?;
+    let (mut config, mut services) = (None, None);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--config" => config = Some(PathBuf::from(it.next().ok_or("--config needs a file")?)),
+            "--services" => {
+                let v = it.next().ok_or("--services needs a list")?;
+                services = Some(
+                    v.split(',')
+                        .map(|s| s.trim().to_owned())
+                        .filter(|s| !s.is_empty())
+                        .collect(),
+                );
+            }
+            other => return Err(format!("unknown argument `{other}`")),
+        }
+    }
+    Ok(Args {
+        command,
+        config,
+        services,
+    })
+}
+
+/// Runs the CLI and returns the process exit code.
+pub fn main_with(args: Vec<String>, env: HashMap<String, String>) -> i32 {
+    let args = match parse_args(&args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("relay: {e}\n\n{USAGE}");
+            return EXIT_CONFIG;
+        }
+    };
+    let file = args
+        .config
+        .clone()
+        .or_else(|| env.get("RELAY_CONFIG").map(PathBuf::from));
+    let cfg = match Config::load(file.as_deref(), &env) {
+        Ok(mut c) => {
+            if let Some(s) = args.services {
+                c.server.services = s;
+                // Re-validate with the services the command line chose.
+                let mut env = env.clone();
+                env.insert(
+                    "RELAY__SERVER__SERVICES".into(),
+                    format!("{:?}", c.server.services),
+                );
+                match Config::load(file.as_deref(), &env) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("relay: {e}");
+                        return EXIT_CONFIG;
+                    }
+                }
+            } else {
+                c
+            }
+        }
+        Err(e) => {
+            eprintln!("relay: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    match args.command.as_str() {
+        "check" => {
+            println!("config ok: services {}", cfg.server.services.join(","));
+            0
+        }
+        "hash-key" => {
+            let mut key = String::new();
+            if std::io::stdin().read_to_string(&mut key).is_err() || key.trim().is_empty() {
+                eprintln!("relay: pass the key on stdin");
+                return EXIT_CONFIG;
+            }
+            println!("{}", relay_auth::hash_key(&cfg.auth.pepper, key.trim()));
+            0
+        }
+        "migrate" => runtime_main(|| async move {
+            let db = relay_db::Db::connect(&cfg.database.url).await?;
+            db.migrate().await?;
+            eprintln!("relay: migrations applied ({})", db.backend());
+            Ok(())
+        }),
+        "serve" => runtime_main(|| serve(cfg)),
+        other => {
+            eprintln!("relay: unknown command `{other}`\n\n{USAGE}");
+            EXIT_CONFIG
+        }
+    }
+}
+
+fn runtime_main<F, Fut>(f: F) -> i32
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("relay: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(f()) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("relay: {e:#}");
+            1
+        }
+    }
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let name = if cfg.server.services.len() == crate::config::ALL_SERVICES.len() {
+        "relay".to_owned()
+    } else {
+        format!("relay-{}", cfg.server.services.join("+"))
+    };
+    let telemetry = relay_telemetry::init(&cfg.telemetry, &name)?;
+    // Install the metrics recorder before anything records.
+    let _ = relay_telemetry::prometheus();
+    let shutdown = CancellationToken::new();
+    let signals = relay_runtime::shutdown::cancel_on_signal(shutdown.clone());
+    let result = crate::app::run(cfg, shutdown, |bound| {
+        // One machine-readable line on stdout, for scripts and tests that start relay on port 0.
+        println!("{}", serde_json::json!({ "relay_listening": bound }));
+    })
+    .await;
+    signals.abort();
+    // Flushing blocks on the exporter, which needs this runtime: do it off the async threads.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    result
+}

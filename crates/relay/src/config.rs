@@ -1,0 +1,243 @@
+//! The whole config file: each crate owns its section; this module composes them and checks what only the
+//! whole can check (which services run here, where the others are, which bus and database to use).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use relay_runtime::{ConfigErrors, ConfigSource};
+use serde::Deserialize;
+
+pub const ALL_SERVICES: [&str; 5] = ["edge", "auth", "routing", "adapter", "billing"];
+
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub remote: RemoteConfig,
+    pub database: DatabaseConfig,
+    pub bus: BusConfig,
+    pub telemetry: relay_telemetry::TelemetryConfig,
+    pub edge: relay_edge::EdgeConfig,
+    pub auth: relay_auth::AuthConfig,
+    pub routing: relay_routing::RoutingConfig,
+    pub adapter: relay_adapter::AdapterConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Services this process runs; the rest are reached over gRPC at `[remote]`.
+    pub services: Vec<String>,
+    /// Client-facing HTTP (edge only).
+    pub http_listen: String,
+    /// gRPC for the non-edge services this process runs. Unset: not served (all-in-one needs none).
+    pub grpc_listen: Option<String>,
+    /// `/livez`, `/readyz`, `/metrics`.
+    pub admin_listen: String,
+    /// How long in-flight requests and streams may take to finish after a shutdown signal.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            services: ALL_SERVICES.iter().map(|s| (*s).to_owned()).collect(),
+            http_listen: "127.0.0.1:8080".into(),
+            grpc_listen: None,
+            admin_listen: "127.0.0.1:9090".into(),
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+/// gRPC addresses (`http://host:port`) of services that run elsewhere.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemoteConfig {
+    pub auth: Option<String>,
+    pub routing: Option<String>,
+    pub adapter: Option<String>,
+    pub billing: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `postgres://…` or `sqlite://file.db` (embedded default).
+    pub url: String,
+    /// Apply pending migrations at start (off in Kubernetes, where `relay migrate` runs as a Job).
+    pub migrate_on_start: bool,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://relay.db".into(),
+            migrate_on_start: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusConfig {
+    /// NATS server with JetStream. Unset: the in-process bus (edge and billing must then share a process).
+    pub nats_url: Option<String>,
+    pub jetstream: relay_events::NatsConfig,
+}
+
+impl Config {
+    pub fn load(file: Option<&Path>, env: &HashMap<String, String>) -> Result<Self, ConfigErrors> {
+        let mut src = ConfigSource::load(file, env)?;
+        let mut errors = ConfigErrors::default();
+        let cfg = Self {
+            server: src.section("server", &mut errors),
+            remote: src.section("remote", &mut errors),
+            database: src.section("database", &mut errors),
+            bus: src.section("bus", &mut errors),
+            telemetry: src.section("telemetry", &mut errors),
+            edge: src.section("edge", &mut errors),
+            auth: src.section("auth", &mut errors),
+            routing: src.section("routing", &mut errors),
+            adapter: src.section("adapter", &mut errors),
+        };
+        src.finish(&mut errors);
+        if errors.is_empty() {
+            // Only check meaning once every section parsed, so messages are about real values.
+            cfg.validate(&mut errors);
+        }
+        if errors.is_empty() { Ok(cfg) } else { Err(errors) }
+    }
+
+    pub fn runs(&self, service: &str) -> bool {
+        self.server.services.iter().any(|s| s == service)
+    }
+
+    fn validate(&self, errors: &mut ConfigErrors) {
+        let mut e = Vec::new();
+        for s in &self.server.services {
+            if !ALL_SERVICES.contains(&s.as_str()) {
+                e.push(format!(
+                    "server.services: unknown service `{s}` (known: {})",
+                    ALL_SERVICES.join(", ")
+                ));
+            }
+        }
+        if self.server.services.is_empty() {
+            e.push("server.services: must name at least one service".into());
+        }
+        for addr in [
+            Some(&self.server.http_listen),
+            self.server.grpc_listen.as_ref(),
+            Some(&self.server.admin_listen),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                e.push(format!(
+                    "server: `{addr}` is not a socket address like 127.0.0.1:8080"
+                ));
+            }
+        }
+        let backends = ["auth", "routing", "adapter", "billing"];
+        if backends.iter().any(|s| self.runs(s)) && !self.runs("edge") && self.server.grpc_listen.is_none() {
+            e.push("server.grpc_listen: required when this process serves auth/routing/adapter/billing to others".into());
+        }
+        if self.runs("edge") {
+            for (name, addr) in [
+                ("auth", &self.remote.auth),
+                ("routing", &self.remote.routing),
+                ("adapter", &self.remote.adapter),
+            ] {
+                if !self.runs(name) && addr.is_none() {
+                    e.push(format!(
+                        "remote.{name}: required, since the edge runs here and {name} does not"
+                    ));
+                }
+            }
+        }
+        if self.runs("edge") != self.runs("billing") && self.bus.nats_url.is_none() {
+            e.push("bus.nats_url: required when edge and billing run in different processes".into());
+        }
+        if self.runs("auth") {
+            self.auth.validate(&mut e);
+        }
+        if self.runs("adapter") {
+            self.adapter.validate(&mut e);
+        }
+        if self.runs("routing") {
+            let names: Vec<&str> = self.adapter.provider_names().collect();
+            // Provider names can only be checked when this file also configures the adapter.
+            let known = if self.adapter.providers.is_empty() {
+                None
+            } else {
+                Some(names.as_slice())
+            };
+            self.routing.validate(known, &mut e);
+        }
+        if self.runs("billing")
+            && !(self.database.url.starts_with("postgres") || self.database.url.starts_with("sqlite:"))
+        {
+            e.push("database.url: must be postgres://… or sqlite:…".into());
+        }
+        for msg in e {
+            errors.push(msg);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn shipped_dev_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/config/relay.dev.toml");
+        let cfg = Config::load(Some(&path), &HashMap::new()).unwrap();
+        assert!(ALL_SERVICES.iter().all(|s| cfg.runs(s)));
+        assert!(!cfg.auth.keys.is_empty());
+    }
+
+    #[test]
+    fn split_deployment_needs_addresses_and_a_bus() {
+        let errs = Config::load(
+            None,
+            &env(&[
+                ("RELAY__SERVER__SERVICES", "[\"edge\"]"),
+                ("RELAY__AUTH__PEPPER", "x"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        for needle in ["remote.auth", "remote.routing", "remote.adapter", "bus.nats_url"] {
+            assert!(errs.contains(needle), "{needle} missing in {errs}");
+        }
+    }
+
+    #[test]
+    fn all_errors_are_reported_together() {
+        let errs = Config::load(
+            None,
+            &env(&[
+                ("RELAY__SERVER__SERVICES", "[\"edge\", \"nope\"]"),
+                ("RELAY__SERVER__HTTP_LISTEN", "not-an-address"),
+                ("RELAY__AUTH__PEPPER", "short"),
+            ]),
+        )
+        .unwrap_err();
+        let text = errs.to_string();
+        assert!(errs.0.len() >= 4, "{text}");
+        assert!(
+            text.contains("unknown service `nope`")
+                && text.contains("not-an-address")
+                && text.contains("pepper")
+        );
+    }
+}
