@@ -139,11 +139,11 @@ where
     Fut: std::future::Future<Output = Result<T, RelayError>>,
 {
     let mut last = None;
-    for dep in candidates {
+    for (i, dep) in candidates.iter().enumerate() {
         rec.attempt(dep);
         match call(dep).await {
             Ok(v) => return Ok(v),
-            Err(e) if e.code.is_retryable() => {
+            Err(e) if e.code.is_retryable() && i + 1 < candidates.len() => {
                 note_failover(dep, &e);
                 last = Some(e);
             }

@@ -25,7 +25,7 @@ pub trait UsageHandler: Send + Sync + 'static {
 
 /// Where a consumer reads events from.
 pub enum UsageSource {
-    Nats(NatsSource),
+    Nats(Box<NatsSource>),
     InProcess(InProcessSource),
 }
 

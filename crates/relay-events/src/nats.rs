@@ -18,6 +18,10 @@ use crate::{STREAM_NAME, USAGE_SUBJECT, UsageHandler, consumer_span};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
+    /// JetStream stream holding usage events.
+    pub stream: String,
+    /// Subject usage events are published on.
+    pub subject: String,
     /// Durable consumer name billing binds to (one per billing deployment; replicas share it).
     pub consumer: String,
     /// Publishes with the same request id inside this window are dropped by the server.
@@ -31,6 +35,8 @@ pub struct NatsConfig {
 impl Default for NatsConfig {
     fn default() -> Self {
         Self {
+            stream: STREAM_NAME.into(),
+            subject: USAGE_SUBJECT.into(),
             consumer: "billing".into(),
             dedupe_window_secs: 600,
             max_age_hours: 72,
@@ -48,8 +54,8 @@ pub async fn connect_jetstream(url: &str, cfg: &NatsConfig) -> anyhow::Result<je
         .await?;
     let js = jetstream::new(client);
     js.get_or_create_stream(stream::Config {
-        name: STREAM_NAME.into(),
-        subjects: vec![USAGE_SUBJECT.into()],
+        name: cfg.stream.clone(),
+        subjects: vec![cfg.subject.clone()],
         duplicate_window: Duration::from_secs(cfg.dedupe_window_secs),
         max_age: Duration::from_secs(cfg.max_age_hours * 3600),
         storage: stream::StorageType::File,
@@ -62,11 +68,17 @@ pub async fn connect_jetstream(url: &str, cfg: &NatsConfig) -> anyhow::Result<je
 // === impl NatsSink ===
 
 #[derive(Clone)]
-pub struct NatsSink(jetstream::Context);
+pub struct NatsSink {
+    js: jetstream::Context,
+    subject: String,
+}
 
 impl NatsSink {
-    pub fn new(js: jetstream::Context) -> Self {
-        Self(js)
+    pub fn new(js: jetstream::Context, cfg: &NatsConfig) -> Self {
+        Self {
+            js,
+            subject: cfg.subject.clone(),
+        }
     }
 }
 
@@ -78,8 +90,8 @@ impl UsageSink for NatsSink {
             .payload(event.encode_to_vec().into())
             .message_id(&event.request_id);
         let ack = self
-            .0
-            .send_publish(USAGE_SUBJECT, msg)
+            .js
+            .send_publish(self.subject.clone(), msg)
             .await
             .map_err(|_| unavailable("publish failed"))?;
         ack.await.map_err(|_| unavailable("no acknowledgement"))?;
@@ -117,14 +129,14 @@ impl NatsSource {
     }
 
     async fn consume<H: UsageHandler>(&self, handler: &H, stop: &CancellationToken) -> anyhow::Result<()> {
-        let stream = self.js.get_stream(STREAM_NAME).await?;
+        let stream = self.js.get_stream(&self.cfg.stream).await?;
         let consumer: jetstream::consumer::Consumer<pull::Config> = stream
             .get_or_create_consumer(
                 &self.cfg.consumer,
                 pull::Config {
                     durable_name: Some(self.cfg.consumer.clone()),
                     ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    filter_subject: USAGE_SUBJECT.into(),
+                    filter_subject: self.cfg.subject.clone(),
                     ack_wait: Duration::from_secs(30),
                     ..Default::default()
                 },

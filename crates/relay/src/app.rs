@@ -93,12 +93,15 @@ pub async fn run(
             let js = relay_events::connect_jetstream(url, &cfg.bus.jetstream)
                 .await
                 .context("connecting to NATS")?;
-            let sink = cfg
-                .runs("edge")
-                .then(|| Arc::new(relay_events::NatsSink::new(js.clone())) as Arc<dyn UsageSink>);
-            let source = cfg
-                .runs("billing")
-                .then(|| UsageSource::Nats(relay_events::NatsSource::new(js, cfg.bus.jetstream.clone())));
+            let sink = cfg.runs("edge").then(|| {
+                Arc::new(relay_events::NatsSink::new(js.clone(), &cfg.bus.jetstream)) as Arc<dyn UsageSink>
+            });
+            let source = cfg.runs("billing").then(|| {
+                UsageSource::Nats(Box::new(relay_events::NatsSource::new(
+                    js,
+                    cfg.bus.jetstream.clone(),
+                )))
+            });
             (sink, source)
         }
         None => {
@@ -204,6 +207,7 @@ pub async fn run(
         () = shutdown.cancelled() => None,
         r = wait_first(&mut servers) => Some(r),
     };
+    let stopping_requested = shutdown.is_cancelled();
     shutdown.cancel();
     readiness.set(false);
     let drained = relay_runtime::shutdown::drain_within(grace, async {
@@ -235,18 +239,21 @@ pub async fn run(
     let _ = admin_task.await;
     match failed {
         Some(Err(e)) => Err(e),
+        // A server that ended by itself before any shutdown request is a failure too.
+        Some(Ok(())) if !stopping_requested => Err(anyhow::anyhow!("a server stopped unexpectedly")),
         _ => Ok(()),
     }
 }
 
-async fn wait_first(servers: &mut [tokio::task::JoinHandle<anyhow::Result<()>>]) -> anyhow::Result<()> {
+/// Waits for the first server task to end; it is removed from `servers` (the rest stay to be drained).
+async fn wait_first(servers: &mut Vec<tokio::task::JoinHandle<anyhow::Result<()>>>) -> anyhow::Result<()> {
     if servers.is_empty() {
         return std::future::pending().await;
     }
-    let (res, _, _) = futures_util::future::select_all(servers.iter_mut()).await;
+    let (res, _, rest) = futures_util::future::select_all(servers.drain(..)).await;
+    *servers = rest;
     match res {
-        Ok(Ok(())) => anyhow::bail!("a server stopped unexpectedly"),
-        Ok(Err(e)) => Err(e),
+        Ok(r) => r,
         Err(e) => Err(anyhow::anyhow!("a server task panicked: {e}")),
     }
 }

@@ -101,10 +101,8 @@ impl Config {
             adapter: src.section("adapter", &mut errors),
         };
         src.finish(&mut errors);
-        if errors.is_empty() {
-            // Only check meaning once every section parsed, so messages are about real values.
-            cfg.validate(&mut errors);
-        }
+        // Meaning is checked even when a section failed to parse, so one run lists every problem.
+        cfg.validate(&mut errors);
         if errors.is_empty() { Ok(cfg) } else { Err(errors) }
     }
 
@@ -226,7 +224,7 @@ mod tests {
         let errs = Config::load(
             None,
             &env(&[
-                ("RELAY__SERVER__SERVICES", "[\"edge\", \"nope\"]"),
+                ("RELAY__SERVER__SERVICES", "[\"edge\", \"auth\", \"nope\"]"),
                 ("RELAY__SERVER__HTTP_LISTEN", "not-an-address"),
                 ("RELAY__AUTH__PEPPER", "short"),
             ]),
