@@ -118,9 +118,13 @@ pub async fn run(
         true => Some(bind(&cfg.server.http_listen).await?),
         false => None,
     };
+    // gRPC only when this process serves a backend to other processes.
+    let serves_backend = ["auth", "routing", "adapter", "billing"]
+        .iter()
+        .any(|s| cfg.runs(s));
     let grpc = match &cfg.server.grpc_listen {
-        Some(a) => Some(bind(a).await?),
-        None => None,
+        Some(a) if serves_backend => Some(bind(a).await?),
+        _ => None,
     };
     let admin = bind(&cfg.server.admin_listen).await?;
     let bound = Bound {

@@ -71,27 +71,13 @@ pub fn main_with(args: Vec<String>, env: HashMap<String, String>) -> i32 {
         .config
         .clone()
         .or_else(|| env.get("RELAY_CONFIG").map(PathBuf::from));
+    let mut env = env;
+    if let Some(services) = &args.services {
+        // `--services` wins over file and environment, and goes through the same validation.
+        env.insert("RELAY__SERVER__SERVICES".into(), format!("{services:?}"));
+    }
     let cfg = match Config::load(file.as_deref(), &env) {
-        Ok(mut c) => {
-            if let Some(s) = args.services {
-                c.server.services = s;
-                // Re-validate with the services the command line chose.
-                let mut env = env.clone();
-                env.insert(
-                    "RELAY__SERVER__SERVICES".into(),
-                    format!("{:?}", c.server.services),
-                );
-                match Config::load(file.as_deref(), &env) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        eprintln!("relay: {e}");
-                        return EXIT_CONFIG;
-                    }
-                }
-            } else {
-                c
-            }
-        }
+        Ok(c) => c,
         Err(e) => {
             eprintln!("relay: {e}");
             return EXIT_CONFIG;

@@ -56,7 +56,6 @@ pub struct RemoteConfig {
     pub auth: Option<String>,
     pub routing: Option<String>,
     pub adapter: Option<String>,
-    pub billing: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -201,6 +200,20 @@ mod tests {
         let cfg = Config::load(Some(&path), &HashMap::new()).unwrap();
         assert!(ALL_SERVICES.iter().all(|s| cfg.runs(s)));
         assert!(!cfg.auth.keys.is_empty());
+    }
+
+    #[test]
+    fn compose_config_is_valid_for_every_role() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/config/relay.compose.toml");
+        for role in ALL_SERVICES {
+            let env = env(&[
+                ("RELAY__SERVER__SERVICES", &format!("[\"{role}\"]")),
+                ("RELAY__AUTH__PEPPER", "a-long-enough-pepper"),
+            ]);
+            if let Err(e) = Config::load(Some(&path), &env) {
+                panic!("{role}: {e}");
+            }
+        }
     }
 
     #[test]
