@@ -1,0 +1,348 @@
+//! Component tests: the edge router in process, with scripted fakes behind the contract traits.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use futures_util::stream;
+use relay_core::contracts::{Adapter, Authenticator, ChatEventStream, Result, Router, Services, UsageSink};
+use relay_core::pb::adapter::v1::{self as adapter, ChatEvent, chat_event::Event};
+use relay_core::pb::auth::v1::{AuthenticateRequest, AuthenticateResponse, Principal};
+use relay_core::pb::common::v1::TokenUsage;
+use relay_core::pb::events::v1::{Outcome, UsageEvent};
+use relay_core::pb::routing::v1::{Deployment, ListModelsResponse, ModelInfo, RouteRequest, RouteResponse};
+use relay_core::{ErrorCode, RelayError};
+use relay_edge::{Edge, EdgeConfig};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+#[derive(Default)]
+struct FakeAuth(AtomicUsize);
+
+#[async_trait::async_trait]
+impl Authenticator for FakeAuth {
+    async fn authenticate(&self, req: AuthenticateRequest) -> Result<AuthenticateResponse> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        let allowed = match req.api_key.as_str() {
+            "sk-all" => vec![],
+            "sk-limited" => vec!["ok-*".to_owned()],
+            _ => return Err(RelayError::new(ErrorCode::Unauthenticated, "Invalid API key.")),
+        };
+        let principal = Principal {
+            key_id: req.api_key.clone(),
+            allowed_models: allowed,
+            ..Default::default()
+        };
+        Ok(AuthenticateResponse {
+            principal: Some(principal),
+            cache_ttl_secs: 60,
+        })
+    }
+}
+
+struct FakeRouter;
+
+fn dep(name: &str) -> Deployment {
+    Deployment {
+        id: name.into(),
+        provider: name.into(),
+        upstream_model: name.into(),
+        weight: 1,
+    }
+}
+
+#[async_trait::async_trait]
+impl Router for FakeRouter {
+    async fn route(&self, req: RouteRequest) -> Result<RouteResponse> {
+        let candidates = match req.model.as_str() {
+            "ok-failover" => vec![dep("broken"), dep("good")],
+            "ok-rejects" => vec![dep("rejects"), dep("good")],
+            "ok-dies" => vec![dep("dies")],
+            "ok-good" | "secret-model" => vec![dep("good")],
+            _ => return Err(RelayError::new(ErrorCode::ModelNotFound, "no such model")),
+        };
+        Ok(RouteResponse {
+            candidates,
+            cache_ttl_ms: 1000,
+        })
+    }
+    async fn list_models(&self) -> Result<ListModelsResponse> {
+        let m = |id: &str| ModelInfo {
+            id: id.into(),
+            ..Default::default()
+        };
+        Ok(ListModelsResponse {
+            models: vec![m("ok-good"), m("secret-model")],
+        })
+    }
+}
+
+#[derive(Default)]
+struct FakeAdapter(Mutex<Vec<String>>);
+
+fn ev(e: Event) -> ChatEvent {
+    ChatEvent { event: Some(e) }
+}
+
+fn chunk(s: &str) -> ChatEvent {
+    ev(Event::Chunk(adapter::Chunk {
+        data: s.as_bytes().to_vec(),
+    }))
+}
+
+#[async_trait::async_trait]
+impl Adapter for FakeAdapter {
+    async fn chat(&self, req: adapter::ChatRequest) -> Result<ChatEventStream> {
+        let name = req.deployment.unwrap().provider;
+        self.0.lock().unwrap().push(name.clone());
+        let start = ev(Event::Start(adapter::Start::default()));
+        let usage = ev(Event::Usage(TokenUsage {
+            input_tokens: 7,
+            output_tokens: 3,
+            ..Default::default()
+        }));
+        let events = match name.as_str() {
+            "broken" => return Err(RelayError::from_upstream_status(500, "upstream failed")),
+            "rejects" => return Err(RelayError::from_upstream_status(422, "bad schema")),
+            "dies" => vec![
+                start,
+                chunk("data: {\"a\":1}\n\n"),
+                ev(Event::Error(
+                    RelayError::new(ErrorCode::UpstreamServerError, "cut").to_pb(),
+                )),
+            ],
+            _ if req.stream => vec![
+                start,
+                chunk("data: {\"x\":1}\n\n"),
+                chunk("data: [DONE]\n\n"),
+                usage,
+            ],
+            _ => vec![start, chunk("{\"ok\":true}"), usage],
+        };
+        Ok(Box::pin(stream::iter(events)))
+    }
+    async fn embed(&self, _: adapter::EmbedRequest) -> Result<adapter::EmbedResponse> {
+        Err(RelayError::internal("not used"))
+    }
+}
+
+#[derive(Default)]
+struct Sink(Mutex<Vec<UsageEvent>>);
+
+#[async_trait::async_trait]
+impl UsageSink for Sink {
+    async fn publish(&self, event: UsageEvent) -> Result<()> {
+        self.0.lock().unwrap().push(event);
+        Ok(())
+    }
+}
+
+struct Harness {
+    edge: Edge,
+    auth: Arc<FakeAuth>,
+    adapter: Arc<FakeAdapter>,
+    sink: Arc<Sink>,
+}
+
+fn harness(max_body: usize) -> Harness {
+    let auth = Arc::new(FakeAuth::default());
+    let adapter = Arc::new(FakeAdapter::default());
+    let sink = Arc::new(Sink::default());
+    let services = Services {
+        auth: auth.clone(),
+        router: Arc::new(FakeRouter),
+        adapter: adapter.clone(),
+        usage: sink.clone(),
+    };
+    let cfg = EdgeConfig {
+        max_body_bytes: max_body,
+        ..Default::default()
+    };
+    Harness {
+        edge: Edge::new(cfg, services),
+        auth,
+        adapter,
+        sink,
+    }
+}
+
+async fn send(
+    h: &Harness,
+    key: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, HashMap<String, String>, String) {
+    let mut req = Request::builder()
+        .uri(path)
+        .header("authorization", format!("Bearer {key}"));
+    let body = match body {
+        Some(b) => {
+            req = req.method("POST").header("content-type", "application/json");
+            Body::from(b.to_string())
+        }
+        None => Body::empty(),
+    };
+    let resp = relay_edge::router(h.edge.clone())
+        .oneshot(req.body(body).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let headers = resp
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
+        .collect();
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+    (status, headers, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+async fn events(h: &Harness) -> Vec<UsageEvent> {
+    h.edge.flush().await;
+    h.sink.0.lock().unwrap().clone()
+}
+
+fn chat(model: &str, stream: bool) -> Value {
+    json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+#[tokio::test]
+async fn fails_over_on_retryable_errors_before_the_first_byte() {
+    let h = harness(1 << 20);
+    let (status, headers, body) = send(
+        &h,
+        "sk-all",
+        "/v1/chat/completions",
+        Some(chat("ok-failover", false)),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, "{\"ok\":true}");
+    assert_eq!(headers["content-type"], "application/json");
+    assert_eq!(*h.adapter.0.lock().unwrap(), ["broken", "good"]);
+    let evs = events(&h).await;
+    assert_eq!(evs.len(), 1);
+    assert_eq!(
+        (evs[0].attempts, evs[0].deployment_id.as_str(), evs[0].outcome()),
+        (2, "good", Outcome::Success)
+    );
+    assert_eq!(evs[0].usage.unwrap().input_tokens, 7);
+}
+
+#[tokio::test]
+async fn non_retryable_upstream_errors_keep_their_status_and_do_not_fail_over() {
+    let h = harness(1 << 20);
+    let (status, _, body) = send(
+        &h,
+        "sk-all",
+        "/v1/chat/completions",
+        Some(chat("ok-rejects", false)),
+    )
+    .await;
+    assert_eq!(status, 422);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["message"], "bad schema");
+    assert_eq!(*h.adapter.0.lock().unwrap(), ["rejects"]);
+    assert_eq!(events(&h).await[0].outcome(), Outcome::Error);
+}
+
+#[tokio::test]
+async fn streams_forward_bytes_and_mid_stream_errors_end_without_done() {
+    let h = harness(1 << 20);
+    let (status, headers, body) =
+        send(&h, "sk-all", "/v1/chat/completions", Some(chat("ok-good", true))).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["content-type"], "text/event-stream");
+    assert_eq!(body, "data: {\"x\":1}\n\ndata: [DONE]\n\n");
+
+    let (status, _, body) = send(&h, "sk-all", "/v1/chat/completions", Some(chat("ok-dies", true))).await;
+    assert_eq!(status, 200);
+    let (first, rest) = body.split_once("\n\n").unwrap();
+    assert_eq!(first, "data: {\"a\":1}");
+    let err: Value = serde_json::from_str(rest.trim().strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(err["error"]["type"], "api_error");
+    assert!(!body.contains("[DONE]"));
+    let evs = events(&h).await;
+    assert_eq!(
+        evs.iter().map(|e| e.outcome()).collect::<Vec<_>>(),
+        [Outcome::Success, Outcome::Error]
+    );
+}
+
+#[tokio::test]
+async fn client_errors_are_openai_shaped_and_never_reach_the_adapter() {
+    let h = harness(256);
+    let big = json!({"model": "ok-good", "messages": [{"role": "user", "content": "x".repeat(1000)}]});
+    let cases = [
+        ("sk-all", Some(big), 413, "request_too_large"),
+        (
+            "sk-all",
+            Some(json!({"model": "ok-good"})),
+            400,
+            "invalid_request",
+        ),
+        (
+            "sk-all",
+            Some(json!({"messages": [{"role": "user", "content": "x"}]})),
+            400,
+            "invalid_request",
+        ),
+        ("sk-all", Some(chat("nope", false)), 404, "model_not_found"),
+        (
+            "sk-limited",
+            Some(chat("secret-model", false)),
+            403,
+            "permission_denied",
+        ),
+        ("sk-bad", Some(chat("ok-good", false)), 401, "invalid_api_key"),
+    ];
+    for (key, body, want, code) in cases {
+        let (status, headers, text) = send(&h, key, "/v1/chat/completions", body).await;
+        assert_eq!(status.as_u16(), want, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["error"]["code"], code, "{text}");
+        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert!(!text.contains(key) || key == "sk-all", "key echoed: {text}");
+        assert!(headers.contains_key("x-request-id"));
+    }
+    assert!(h.adapter.0.lock().unwrap().is_empty());
+    // Authenticated failures are accounted; the unauthenticated one is not.
+    assert_eq!(events(&h).await.len(), 5);
+}
+
+#[tokio::test]
+async fn keys_are_cached_and_models_are_filtered_per_key() {
+    let h = harness(1 << 20);
+    let (status, _, body) = send(&h, "sk-limited", "/v1/models", None).await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["ok-good"]
+    );
+    let (status, _, _) = send(&h, "sk-limited", "/v1/models/secret-model", None).await;
+    assert_eq!(status, 404);
+    let (status, _, body) = send(&h, "sk-all", "/v1/models/secret-model", None).await;
+    assert_eq!(
+        (
+            status.as_u16(),
+            serde_json::from_str::<Value>(&body).unwrap()["object"].as_str()
+        ),
+        (200, Some("model"))
+    );
+    // Three requests with sk-limited and sk-all: auth was asked once per key.
+    assert_eq!(h.auth.0.load(Ordering::SeqCst), 2);
+    let (status, _, body) = send(&h, "sk-all", "/v2/whatever", None).await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["error"]["type"],
+        "not_found_error"
+    );
+}
