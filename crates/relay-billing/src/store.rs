@@ -35,11 +35,14 @@ const INSERT: &str = "INSERT INTO usage_records (request_id, schema_version, key
 
 const GET: &str = "SELECT event FROM usage_records WHERE request_id = $1";
 
+// Postgres sums BIGINT into NUMERIC; the casts keep every column an i64 on both backends.
 const SUMMARY: &str = "SELECT COUNT(*) AS requests, \
-    COALESCE(SUM(CASE WHEN outcome = 'success' THEN 0 ELSE 1 END), 0) AS failed, \
-    COALESCE(SUM(input_tokens), 0) AS input_tokens, COALESCE(SUM(output_tokens), 0) AS output_tokens, \
-    COALESCE(SUM(cached_input_tokens), 0) AS cached, COALESCE(SUM(cache_write_tokens), 0) AS cache_write, \
-    COALESCE(SUM(reasoning_tokens), 0) AS reasoning \
+    CAST(COALESCE(SUM(CASE WHEN outcome = 'success' THEN 0 ELSE 1 END), 0) AS BIGINT) AS failed, \
+    CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT) AS input_tokens, \
+    CAST(COALESCE(SUM(output_tokens), 0) AS BIGINT) AS output_tokens, \
+    CAST(COALESCE(SUM(cached_input_tokens), 0) AS BIGINT) AS cached, \
+    CAST(COALESCE(SUM(cache_write_tokens), 0) AS BIGINT) AS cache_write, \
+    CAST(COALESCE(SUM(reasoning_tokens), 0) AS BIGINT) AS reasoning \
     FROM usage_records WHERE key_id = $1 AND started_at_ms >= $2 AND started_at_ms < $3";
 
 fn sqlite(sql: &str) -> AssertSqlSafe<String> {
@@ -109,6 +112,19 @@ macro_rules! bind_insert {
     };
 }
 
+/// The seven integer columns of a summary row; a type mismatch is an error, never a silent zero.
+fn columns<R: Row>(r: &R) -> anyhow::Result<[i64; 7]>
+where
+    usize: sqlx::ColumnIndex<R>,
+    i64: for<'a> sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    let mut out = [0i64; 7];
+    for (i, v) in out.iter_mut().enumerate() {
+        *v = r.try_get(i)?;
+    }
+    Ok(out)
+}
+
 impl UsageStore {
     pub fn new(db: Db) -> Self {
         Self { db }
@@ -168,7 +184,7 @@ impl UsageStore {
                     .bind(to_ms)
                     .fetch_one(p)
                     .await?;
-                std::array::from_fn(|i| r.try_get::<i64, _>(i).unwrap_or(0))
+                columns(&r)?
             }
             Db::Sqlite(p) => {
                 let r = sqlx::query(sqlite(SUMMARY))
@@ -177,7 +193,7 @@ impl UsageStore {
                     .bind(to_ms)
                     .fetch_one(p)
                     .await?;
-                std::array::from_fn(|i| r.try_get::<i64, _>(i).unwrap_or(0))
+                columns(&r)?
             }
         };
         let n = |i: usize| u64::try_from(cols[i]).unwrap_or(0);
