@@ -115,7 +115,7 @@ async fn handle(
         let req = ChatRequest {
             request_id: ctx.request_id.clone(),
             protocol: Protocol::OpenaiChat as i32,
-            body: bytes.to_vec(),
+            body: bytes.clone(),
             deployment: Some(dep.clone()),
             stream,
             client_wants_usage: wants_usage,
@@ -267,7 +267,7 @@ impl Stream for ForwardStream {
             match ev.and_then(|e| e.event) {
                 Some(Event::Chunk(c)) => {
                     rec.first_byte();
-                    return Poll::Ready(Some(Ok(Bytes::from(c.data))));
+                    return Poll::Ready(Some(Ok(c.data)));
                 }
                 Some(Event::Usage(u)) => rec.usage(u),
                 Some(Event::Start(_) | Event::Finish(_)) => {}

@@ -142,7 +142,7 @@ async fn embed(
     with_failover(&route.candidates, rec, |dep| {
         let req = EmbedRequest {
             request_id: ctx.request_id.clone(),
-            body: bytes.to_vec(),
+            body: bytes.clone(),
             deployment: Some(dep.clone()),
         };
         edge.inner.services.adapter.embed(req)

@@ -89,7 +89,7 @@ fn ev(e: Event) -> ChatEvent {
 
 fn chunk(s: &str) -> ChatEvent {
     ev(Event::Chunk(adapter::Chunk {
-        data: s.as_bytes().to_vec(),
+        data: s.as_bytes().to_vec().into(),
     }))
 }
 

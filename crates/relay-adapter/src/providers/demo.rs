@@ -231,7 +231,7 @@ impl Provider for Demo {
         let body = json!({"object": "list", "data": data, "model": model,
                           "usage": {"prompt_tokens": tokens, "total_tokens": tokens}});
         Ok(EmbedResponse {
-            body: body.to_string().into_bytes(),
+            body: body.to_string().into_bytes().into(),
             usage: Some(TokenUsage {
                 input_tokens: tokens,
                 ..Default::default()

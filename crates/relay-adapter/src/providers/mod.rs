@@ -33,7 +33,7 @@ pub fn start(upstream_model: &str) -> ChatEvent {
 }
 
 pub fn chunk(data: Bytes) -> ChatEvent {
-    ev(Event::Chunk(pb::Chunk { data: data.into() }))
+    ev(Event::Chunk(pb::Chunk { data }))
 }
 
 pub fn finish(choice_index: u32, reason: pb::FinishReason) -> ChatEvent {

@@ -147,7 +147,7 @@ impl Provider for OpenAi {
             ..Default::default()
         };
         Ok(EmbedResponse {
-            body: bytes.into(),
+            body: bytes,
             usage: Some(usage),
         })
     }
