@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::{Stream, StreamExt};
 use relay_core::contracts::ChatEventStream;
 use relay_core::pb::adapter::v1::{ChatRequest, chat_event::Event};
+use relay_core::pb::auth::v1::Principal;
 use relay_core::pb::common::v1::Protocol;
 use relay_core::pb::routing::v1::{Deployment, RouteRequest, RouteResponse};
 use relay_core::{ErrorCode, RelayError};
@@ -81,17 +82,12 @@ struct Dispatched {
 async fn handle(
     edge: &Edge,
     ctx: &RequestCtx,
-    principal: &relay_core::pb::auth::v1::Principal,
+    principal: &Principal,
     body: Body,
     rec: &mut UsageRecord,
 ) -> Result<Dispatched, RelayError> {
-    let bytes = read_body(body, edge.inner.cfg.max_body_bytes).await?;
-    let env: ChatEnvelope = serde_json::from_slice(&bytes).map_err(|e| {
-        RelayError::invalid_request(format!("We could not parse the JSON body of your request: {e}"))
-    })?;
-    let model = env.model.filter(|m| !m.is_empty()).ok_or_else(|| {
-        RelayError::invalid_request("you must provide a model parameter").with_param("model")
-    })?;
+    let (bytes, env): (Bytes, ChatEnvelope) = read_json(body, edge.inner.cfg.max_body_bytes).await?;
+    let model = required_model(env.model)?;
     match &env.messages {
         Some(serde_json::Value::Array(a)) if !a.is_empty() => {}
         _ => {
@@ -102,13 +98,7 @@ async fn handle(
     }
     let stream = env.stream.unwrap_or(false);
     rec.request(&model, stream, env.user.as_deref().unwrap_or(""));
-    if !relay_core::model_allowed(&principal.allowed_models, &model) {
-        return Err(RelayError::new(
-            ErrorCode::PermissionDenied,
-            format!("This key may not use model `{model}`."),
-        )
-        .with_param("model"));
-    }
+    ensure_allowed(principal, &model)?;
     let route = route(edge, &model, stream).await?;
     let wants_usage = env.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
     let events = with_failover(&route.candidates, rec, |dep| {
@@ -163,14 +153,40 @@ fn note_failover(dep: &Deployment, e: &RelayError) {
     tracing::warn!(deployment = %dep.id, code = e.code.as_str(), "deployment failed before first byte; trying next");
 }
 
-/// Reads the body up to `limit` bytes; anything larger is refused without being read to the end.
-pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, RelayError> {
-    axum::body::to_bytes(body, limit).await.map_err(|_| {
+/// Reads the body up to `limit` bytes (anything larger is refused without being read to the end) and
+/// parses the fields a handler needs; the bytes are kept to forward untouched.
+pub async fn read_json<T: serde::de::DeserializeOwned>(
+    body: Body,
+    limit: usize,
+) -> Result<(Bytes, T), RelayError> {
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
         RelayError::new(
             ErrorCode::PayloadTooLarge,
             format!("Request body too large: the limit is {limit} bytes."),
         )
-    })
+    })?;
+    let parsed = serde_json::from_slice(&bytes).map_err(|e| {
+        RelayError::invalid_request(format!("We could not parse the JSON body of your request: {e}"))
+    })?;
+    Ok((bytes, parsed))
+}
+
+pub fn required_model(model: Option<String>) -> Result<String, RelayError> {
+    model
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| RelayError::invalid_request("you must provide a model parameter").with_param("model"))
+}
+
+pub fn ensure_allowed(principal: &Principal, model: &str) -> Result<(), RelayError> {
+    if relay_core::model_allowed(&principal.allowed_models, model) {
+        Ok(())
+    } else {
+        Err(RelayError::new(
+            ErrorCode::PermissionDenied,
+            format!("This key may not use model `{model}`."),
+        )
+        .with_param("model"))
+    }
 }
 
 pub async fn route(edge: &Edge, model: &str, stream: bool) -> Result<Arc<RouteResponse>, RelayError> {

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::Edge;
-use crate::chat::{chat_completions, read_body, route, with_failover};
+use crate::chat::{chat_completions, ensure_allowed, read_json, required_model, route, with_failover};
 use crate::error::OpenAiError;
 use crate::request::{self, RequestCtx};
 use crate::usage::UsageRecord;
@@ -121,23 +121,14 @@ async fn embed(
     body: Body,
     rec: &mut UsageRecord,
 ) -> Result<relay_core::pb::adapter::v1::EmbedResponse, RelayError> {
-    let bytes = read_body(body, edge.inner.cfg.max_body_bytes).await?;
-    let env: EmbedEnvelope = serde_json::from_slice(&bytes).map_err(|e| {
-        RelayError::invalid_request(format!("We could not parse the JSON body of your request: {e}"))
-    })?;
-    let model = env.model.filter(|m| !m.is_empty()).ok_or_else(|| {
-        RelayError::invalid_request("you must provide a model parameter").with_param("model")
-    })?;
+    let (bytes, env): (axum::body::Bytes, EmbedEnvelope) =
+        read_json(body, edge.inner.cfg.max_body_bytes).await?;
+    let model = required_model(env.model)?;
     if env.input.is_none() {
         return Err(RelayError::invalid_request("you must provide an input parameter").with_param("input"));
     }
     rec.request(&model, false, env.user.as_deref().unwrap_or(""));
-    if !relay_core::model_allowed(&p.allowed_models, &model) {
-        return Err(RelayError::new(
-            ErrorCode::PermissionDenied,
-            format!("This key may not use model `{model}`."),
-        ));
-    }
+    ensure_allowed(p, &model)?;
     let route = route(edge, &model, false).await?;
     with_failover(&route.candidates, rec, |dep| {
         let req = EmbedRequest {

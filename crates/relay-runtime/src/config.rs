@@ -75,20 +75,17 @@ impl ConfigSource {
                 errors.push(format!("{key}: {e}"));
             }
         }
-        if errors.is_empty() {
-            Ok(Self {
-                table,
-                taken: Vec::new(),
-            })
-        } else {
-            Err(errors)
-        }
+        Self::checked(table, errors)
     }
 
     /// Parses a TOML document given as text (tests, examples).
     pub fn from_toml(text: &str) -> Result<Self, ConfigErrors> {
         let mut errors = ConfigErrors::default();
         let table = Self::parse_text(text, "config", &mut errors);
+        Self::checked(table, errors)
+    }
+
+    fn checked(table: Table, errors: ConfigErrors) -> Result<Self, ConfigErrors> {
         if errors.is_empty() {
             Ok(Self {
                 table,

@@ -13,7 +13,7 @@ use relay_core::pb::common::v1::{Protocol, TokenUsage};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Provider, chunk, finish, start, usage};
+use super::{Provider, chunk, finish, start, upstream_model, usage};
 use crate::config::ProviderConfig;
 use crate::encode_openai::{ChunkEncoder, completion_body};
 
@@ -148,11 +148,7 @@ impl Provider for Demo {
         let parsed: DemoChat = serde_json::from_slice(&req.body)
             .map_err(|e| RelayError::invalid_request(format!("invalid chat request: {e}")))?;
         let plan = plan(&parsed);
-        let model = req
-            .deployment
-            .as_ref()
-            .map(|d| d.upstream_model.clone())
-            .unwrap_or_default();
+        let model = upstream_model(req.deployment.as_ref());
         let enc = ChunkEncoder {
             id: format!("chatcmpl-{}", req.request_id),
             model: model.clone(),
@@ -223,11 +219,7 @@ impl Provider for Demo {
             })
             .collect();
         let tokens: u64 = inputs.iter().map(|t| t.split_whitespace().count() as u64).sum();
-        let model = req
-            .deployment
-            .as_ref()
-            .map(|d| d.upstream_model.clone())
-            .unwrap_or_default();
+        let model = upstream_model(req.deployment.as_ref());
         let body = json!({"object": "list", "data": data, "model": model,
                           "usage": {"prompt_tokens": tokens, "total_tokens": tokens}});
         Ok(EmbedResponse {

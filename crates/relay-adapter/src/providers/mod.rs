@@ -19,6 +19,18 @@ pub trait Provider: Send + Sync + 'static {
     async fn embed(&self, req: EmbedRequest) -> Result<EmbedResponse>;
 }
 
+/// The model name the deployment's provider knows.
+pub fn upstream_model(dep: Option<&relay_core::pb::routing::v1::Deployment>) -> String {
+    dep.map(|d| d.upstream_model.clone()).unwrap_or_default()
+}
+
+/// The client's body with only `model` replaced by the upstream's name for it.
+pub fn body_for_upstream<'a>(body: &'a [u8], model: &str) -> Result<crate::body::JsonBody<'a>> {
+    let mut b = crate::body::JsonBody::parse(body)?;
+    b.set("model", crate::body::json_str(model));
+    Ok(b)
+}
+
 // === event constructors ===
 
 pub fn ev(event: Event) -> ChatEvent {

@@ -16,7 +16,8 @@ use serde::Deserialize;
 use super::{
     Provider, chunk, error, finish, finish_reason_from_openai, start, transport_error, upstream_error, usage,
 };
-use crate::body::{JsonBody, force_include_usage, json_str};
+use super::{body_for_upstream, upstream_model};
+use crate::body::force_include_usage;
 use crate::config::ProviderConfig;
 use crate::sse::SseParser;
 
@@ -100,13 +101,8 @@ impl Provider for OpenAi {
                 "this provider cannot convert the request's protocol",
             ));
         }
-        let upstream_model = req
-            .deployment
-            .as_ref()
-            .map(|d| d.upstream_model.clone())
-            .unwrap_or_default();
-        let mut body = JsonBody::parse(&req.body)?;
-        body.set("model", json_str(&upstream_model));
+        let upstream_model = upstream_model(req.deployment.as_ref());
+        let mut body = body_for_upstream(&req.body, &upstream_model)?;
         if req.stream {
             force_include_usage(&mut body)?;
         }
@@ -130,13 +126,8 @@ impl Provider for OpenAi {
     }
 
     async fn embed(&self, req: EmbedRequest) -> Result<EmbedResponse> {
-        let upstream_model = req
-            .deployment
-            .as_ref()
-            .map(|d| d.upstream_model.clone())
-            .unwrap_or_default();
-        let mut body = JsonBody::parse(&req.body)?;
-        body.set("model", json_str(&upstream_model));
+        let upstream_model = upstream_model(req.deployment.as_ref());
+        let body = body_for_upstream(&req.body, &upstream_model)?;
         let resp = self
             .post("/embeddings", &req.request_id, body.into_bytes())
             .await?;
