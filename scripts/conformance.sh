@@ -12,7 +12,10 @@ cd "$ROOT"
 PROFILE="${PROFILE:-debug}"
 if [ "$PROFILE" = release ]; then cargo build --release --bin relay; else cargo build --bin relay; fi
 LOG="$(mktemp /tmp/relay-conformance.XXXXXX.log)"
-RELAY__ADAPTER__PROVIDERS="[{name=\"mock-openai\",kind=\"openai\",base_url=\"http://127.0.0.1:${MOCK_PORT}/v1\",api_key=\"mock-upstream-key\"}]" \
+M="http://127.0.0.1:${MOCK_PORT}"
+RELAY__ADAPTER__PROVIDERS="[{name=\"mock-openai\",kind=\"openai\",base_url=\"$M/v1\",api_key=\"mock-upstream-key\"},\
+{name=\"mock-anthropic\",kind=\"anthropic\",base_url=\"$M\",api_key=\"mock-upstream-key\"},\
+{name=\"mock-gemini\",kind=\"gemini\",base_url=\"$M/v1beta\",api_key=\"mock-upstream-key\"}]" \
 RELAY__SERVER__HTTP_LISTEN="127.0.0.1:${RELAY_PORT}" \
   "./target/$PROFILE/relay" serve --config deploy/config/relay.conformance.toml >"$LOG" 2>&1 &
 RELAY_PID=$!
@@ -24,7 +27,8 @@ for _ in $(seq 1 100); do
 done
 
 export RELAY_BASE_URL="http://127.0.0.1:${RELAY_PORT}/v1" RELAY_API_KEY="sk-relay-conformance"
-export RELAY_MODEL_OPENAI=relay-openai RELAY_MODEL_EMBEDDING=relay-embed RELAY_MODEL_FAILOVER=relay-failover
+export RELAY_MODEL_OPENAI=relay-openai RELAY_MODEL_ANTHROPIC=relay-anthropic RELAY_MODEL_GEMINI=relay-gemini
+export RELAY_MODEL_EMBEDDING=relay-embed RELAY_MODEL_FAILOVER=relay-failover
 export MOCK_PORT RELAY_UPSTREAM_KEY=mock-upstream-key
 set +e
 "$SUITE/run.sh" "$@"

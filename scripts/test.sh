@@ -46,8 +46,7 @@ check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 # --- conformance (official SDKs against the relay) ----------------------------------------------------
 SUITE="${SUITE:-$ROOT/../shared/conformance}"
 if [ -x "$SUITE/run.sh" ]; then
-  # Anthropic-inbound cases need /v1/messages, which is not built yet (issue 4).
-  "$ROOT/scripts/conformance.sh" ${CONFORMANCE_ARGS:---ignore=tests/test_anthropic_inbound.py}
+  "$ROOT/scripts/conformance.sh" ${CONFORMANCE_ARGS:-}
 else
   echo "test.sh: SKIP conformance: no suite at $SUITE (set SUITE=<dir>)"
 fi

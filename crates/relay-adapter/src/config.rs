@@ -16,6 +16,12 @@ pub struct AdapterConfig {
 pub enum ProviderKind {
     /// OpenAI or any OpenAI-compatible API (DeepSeek, Qwen compatible mode, Mistral, Groq, vLLM, Ollama).
     Openai,
+    /// Azure OpenAI: `base_url` = `https://<resource>.openai.azure.com/openai`, deployments as models.
+    Azure,
+    /// Anthropic Messages; `base_url` defaults to `https://api.anthropic.com`.
+    Anthropic,
+    /// Google Gemini (AI Studio); `base_url` defaults to `https://generativelanguage.googleapis.com/v1beta`.
+    Gemini,
     /// Built-in deterministic provider; no network, no key. Answers "You said: <last user message>".
     Demo,
 }
@@ -31,6 +37,9 @@ pub struct ProviderConfig {
     pub base_url: Option<String>,
     #[serde(default)]
     pub api_key: Option<Secret>,
+    /// Azure `api-version` query, or the `anthropic-version` header.
+    #[serde(default)]
+    pub api_version: Option<String>,
     /// Extra headers sent on every upstream request (e.g. `OpenAI-Organization`).
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
@@ -64,14 +73,19 @@ impl AdapterConfig {
             if !seen.insert(&p.name) {
                 errors.push(format!("{at}: duplicate provider name"));
             }
+            if let Some(u) = &p.base_url
+                && !(u.starts_with("http://") || u.starts_with("https://"))
+            {
+                errors.push(format!("{at}: base_url must start with http:// or https://"));
+            }
             match p.kind {
-                ProviderKind::Openai => match &p.base_url {
-                    None => errors.push(format!("{at}: base_url is required for kind = \"openai\"")),
-                    Some(u) if !(u.starts_with("http://") || u.starts_with("https://")) => {
-                        errors.push(format!("{at}: base_url must start with http:// or https://"))
-                    }
-                    Some(_) => {}
-                },
+                ProviderKind::Openai | ProviderKind::Azure if p.base_url.is_none() => errors.push(format!(
+                    "{at}: base_url is required for OpenAI-compatible and Azure providers"
+                )),
+                ProviderKind::Openai
+                | ProviderKind::Azure
+                | ProviderKind::Anthropic
+                | ProviderKind::Gemini => {}
                 ProviderKind::Demo => {
                     if p.base_url.is_some() || p.api_key.is_some() {
                         errors.push(format!("{at}: the demo provider takes no base_url or api_key"));

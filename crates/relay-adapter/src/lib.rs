@@ -7,10 +7,13 @@
 
 mod body;
 mod config;
-mod encode_openai;
+mod convert;
+mod inbound;
+mod ir;
 mod providers;
 mod service;
 mod sse;
+mod upstream;
 
 pub use config::{AdapterConfig, ProviderConfig, ProviderKind};
 pub use service::AdapterService;

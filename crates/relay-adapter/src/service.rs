@@ -5,12 +5,14 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 use relay_core::contracts::{Adapter, ChatEventStream, Result};
-use relay_core::pb::adapter::v1::{ChatRequest, EmbedRequest, EmbedResponse};
+use relay_core::pb::adapter::v1::{
+    ChatRequest, CountTokensRequest, CountTokensResponse, EmbedRequest, EmbedResponse,
+};
 use relay_core::{ErrorCode, RelayError};
 use tracing::Instrument;
 
 use crate::config::{AdapterConfig, ProviderKind};
-use crate::providers::{Provider, demo::Demo, openai::OpenAi};
+use crate::providers::{Provider, anthropic, demo::Demo, gemini, openai};
 
 pub struct AdapterService {
     providers: HashMap<String, Arc<dyn Provider>>,
@@ -21,7 +23,9 @@ impl AdapterService {
         let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
         for p in &cfg.providers {
             let provider: Arc<dyn Provider> = match p.kind {
-                ProviderKind::Openai => Arc::new(OpenAi::new(p)?),
+                ProviderKind::Openai | ProviderKind::Azure => Arc::new(openai::provider(p)?),
+                ProviderKind::Anthropic => Arc::new(anthropic::provider(p)?),
+                ProviderKind::Gemini => Arc::new(gemini::provider(p)?),
                 ProviderKind::Demo => Arc::new(Demo::new(p)),
             };
             providers.insert(p.name.clone(), provider);
@@ -68,5 +72,12 @@ impl Adapter for AdapterService {
         let span =
             tracing::info_span!("adapter.embed", request_id = %req.request_id, relay.deployment = %dep.id);
         provider.embed(req).instrument(span).await
+    }
+
+    async fn count_tokens(&self, req: CountTokensRequest) -> Result<CountTokensResponse> {
+        let dep = req.deployment.clone().unwrap_or_default();
+        let provider = self.provider(&dep.provider)?;
+        let span = tracing::info_span!("adapter.count_tokens", request_id = %req.request_id, relay.deployment = %dep.id);
+        provider.count_tokens(req).instrument(span).await
     }
 }

@@ -32,6 +32,7 @@ pub trait Adapter: Send + Sync + 'static {
     /// later ones arrive as `Error` events.
     async fn chat(&self, req: adapter::ChatRequest) -> Result<ChatEventStream>;
     async fn embed(&self, req: adapter::EmbedRequest) -> Result<adapter::EmbedResponse>;
+    async fn count_tokens(&self, req: adapter::CountTokensRequest) -> Result<adapter::CountTokensResponse>;
 }
 
 #[async_trait::async_trait]

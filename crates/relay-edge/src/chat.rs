@@ -1,8 +1,10 @@
-//! `POST /v1/chat/completions`: authenticate, read and check the body, route, dispatch with failover before
-//! the first byte, then forward the adapter's bytes as they arrive.
+//! The chat routes: OpenAI `POST /v1/chat/completions`, Anthropic `POST /v1/messages` (and
+//! `/v1/messages/count_tokens`), OpenAI `POST /v1/responses`. Each authenticates, reads and checks the few
+//! fields the edge needs, routes, dispatches with failover before the first byte, then forwards the
+//! adapter's bytes as they arrive. Errors answer in the route's protocol shape.
 
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::body::{Body, Bytes};
@@ -11,31 +13,38 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::{Stream, StreamExt};
 use relay_core::contracts::ChatEventStream;
-use relay_core::pb::adapter::v1::{ChatRequest, chat_event::Event};
+use relay_core::pb::adapter::v1::{ChatRequest, CountTokensRequest, chat_event::Event};
 use relay_core::pb::auth::v1::Principal;
-use relay_core::pb::common::v1::Protocol;
-use relay_core::pb::routing::v1::{Deployment, RouteRequest, RouteResponse};
 use relay_core::{ErrorCode, RelayError};
 use serde::Deserialize;
+use serde_json::Value;
 
 use crate::Edge;
-use crate::error::{OpenAiError, openai_stream_error};
+use crate::dispatch::{ensure_allowed, read_json, required_model, route, with_failover};
+use crate::error::Inbound;
 use crate::request::RequestCtx;
 use crate::usage::UsageRecord;
 
-/// The few fields the edge reads; everything else is the adapter's business and passes through untouched.
+/// The few fields the edge reads, across the chat protocols; everything else is the adapter's business and
+/// passes through untouched.
 #[derive(Deserialize)]
-struct ChatEnvelope {
+struct Envelope {
     #[serde(default)]
     model: Option<String>,
     #[serde(default)]
-    messages: Option<serde_json::Value>,
+    messages: Option<Value>,
+    #[serde(default)]
+    input: Option<Value>,
+    #[serde(default)]
+    max_tokens: Option<Value>,
     #[serde(default)]
     stream: Option<bool>,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
     #[serde(default)]
     user: Option<String>,
+    #[serde(default)]
+    metadata: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -44,12 +53,92 @@ struct StreamOptions {
     include_usage: Option<bool>,
 }
 
+impl Envelope {
+    /// Shape checks each protocol's own API would make before doing anything.
+    fn validate(&self, inbound: Inbound) -> Result<(), RelayError> {
+        let non_empty_array = |v: &Option<Value>| matches!(v, Some(Value::Array(a)) if !a.is_empty());
+        match inbound {
+            Inbound::OpenAiChat if !non_empty_array(&self.messages) => Err(RelayError::invalid_request(
+                "`messages` must be a non-empty array",
+            )
+            .with_param("messages")),
+            Inbound::Anthropic if !non_empty_array(&self.messages) => {
+                Err(RelayError::invalid_request("messages: Field required").with_param("messages"))
+            }
+            Inbound::Anthropic if !self.max_tokens.as_ref().is_some_and(Value::is_u64) => {
+                Err(RelayError::invalid_request("max_tokens: Field required").with_param("max_tokens"))
+            }
+            Inbound::Responses
+                if !matches!(&self.input, Some(Value::String(_))) && !non_empty_array(&self.input) =>
+            {
+                Err(
+                    RelayError::invalid_request("`input` must be a string or a non-empty array")
+                        .with_param("input"),
+                )
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn end_user(&self) -> &str {
+        self.user
+            .as_deref()
+            .or_else(|| {
+                self.metadata
+                    .as_ref()
+                    .and_then(|m| m.get("user_id"))
+                    .and_then(Value::as_str)
+            })
+            .unwrap_or("")
+    }
+}
+
+/// Client headers an upstream of the same protocol needs (lower-case names).
+fn passthrough(inbound: Inbound, headers: &HeaderMap) -> HashMap<String, String> {
+    let names: &[&str] = if inbound == Inbound::Anthropic {
+        &["anthropic-version", "anthropic-beta"]
+    } else {
+        &[]
+    };
+    names
+        .iter()
+        .filter_map(|n| {
+            headers
+                .get(*n)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| ((*n).to_owned(), v.to_owned()))
+        })
+        .collect()
+}
+
 pub async fn chat_completions(
-    State(edge): State<Edge>,
-    Extension(ctx): Extension<RequestCtx>,
+    edge: State<Edge>,
+    ctx: Extension<RequestCtx>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    serve(edge.0, ctx.0, headers, body, Inbound::OpenAiChat).await
+}
+
+pub async fn messages(
+    edge: State<Edge>,
+    ctx: Extension<RequestCtx>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    serve(edge.0, ctx.0, headers, body, Inbound::Anthropic).await
+}
+
+pub async fn responses(
+    edge: State<Edge>,
+    ctx: Extension<RequestCtx>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    serve(edge.0, ctx.0, headers, body, Inbound::Responses).await
+}
+
+async fn serve(edge: Edge, ctx: RequestCtx, headers: HeaderMap, body: Body, inbound: Inbound) -> Response {
     let principal = match edge
         .inner
         .principals
@@ -57,151 +146,56 @@ pub async fn chat_completions(
         .await
     {
         Ok(p) => p,
-        Err(e) => return OpenAiError(e).into_response(),
+        Err(e) => return inbound.error(e),
     };
-    let mut rec = UsageRecord::new(&edge, &ctx, &principal, Protocol::OpenaiChat);
-    match handle(&edge, &ctx, &principal, body, &mut rec).await {
-        Ok(Dispatched { events, stream: true }) => stream_response(events, rec),
-        Ok(Dispatched {
-            events,
-            stream: false,
-        }) => whole_response(events, rec).await,
+    let mut rec = UsageRecord::new(&edge, &ctx, &principal, inbound.protocol());
+    match dispatch(&edge, &ctx, &principal, &headers, body, inbound, &mut rec).await {
+        Ok((events, true)) => stream_response(events, rec, inbound),
+        Ok((events, false)) => whole_response(events, rec, inbound).await,
         Err(e) => {
-            let status = e.http_status();
-            rec.fail(&e, status);
-            OpenAiError(e).into_response()
+            rec.fail(&e, e.http_status());
+            inbound.error(e)
         }
     }
 }
 
-struct Dispatched {
-    events: ChatEventStream,
-    stream: bool,
-}
-
-async fn handle(
+async fn dispatch(
     edge: &Edge,
     ctx: &RequestCtx,
     principal: &Principal,
+    headers: &HeaderMap,
     body: Body,
+    inbound: Inbound,
     rec: &mut UsageRecord,
-) -> Result<Dispatched, RelayError> {
-    let (bytes, env): (Bytes, ChatEnvelope) = read_json(body, edge.inner.cfg.max_body_bytes).await?;
-    let model = required_model(env.model)?;
-    match &env.messages {
-        Some(serde_json::Value::Array(a)) if !a.is_empty() => {}
-        _ => {
-            return Err(
-                RelayError::invalid_request("`messages` must be a non-empty array").with_param("messages"),
-            );
-        }
-    }
+) -> Result<(ChatEventStream, bool), RelayError> {
+    let (bytes, env): (Bytes, Envelope) = read_json(body, edge.inner.cfg.max_body_bytes).await?;
+    let model = required_model(env.model.clone())?;
+    env.validate(inbound)?;
     let stream = env.stream.unwrap_or(false);
-    rec.request(&model, stream, env.user.as_deref().unwrap_or(""));
+    rec.request(&model, stream, env.end_user());
     ensure_allowed(principal, &model)?;
     let route = route(edge, &model, stream).await?;
-    let wants_usage = env.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
-    let events = with_failover(&route.candidates, rec, |dep| {
+    let wants_usage = env
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
+    let passthrough = passthrough(inbound, headers);
+    let events = with_failover(&route.candidates, Some(rec), |dep| {
         let req = ChatRequest {
             request_id: ctx.request_id.clone(),
-            protocol: Protocol::OpenaiChat as i32,
+            protocol: inbound.protocol() as i32,
             body: bytes.clone(),
             deployment: Some(dep.clone()),
             stream,
             client_wants_usage: wants_usage,
-            passthrough_headers: Default::default(),
+            passthrough_headers: passthrough.clone(),
             client_model: model.clone(),
         };
         open(edge, req)
     })
     .await?;
-    Ok(Dispatched { events, stream })
-}
-
-/// Tries each candidate in order until one accepts; moves on only on retryable failures.
-pub async fn with_failover<T, F, Fut>(
-    candidates: &[Deployment],
-    rec: &mut UsageRecord,
-    mut call: F,
-) -> Result<T, RelayError>
-where
-    F: FnMut(&Deployment) -> Fut,
-    Fut: std::future::Future<Output = Result<T, RelayError>>,
-{
-    let mut last = None;
-    for (i, dep) in candidates.iter().enumerate() {
-        rec.attempt(dep);
-        match call(dep).await {
-            Ok(v) => return Ok(v),
-            Err(e) if e.code.is_retryable() && i + 1 < candidates.len() => {
-                note_failover(dep, &e);
-                last = Some(e);
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| {
-        RelayError::new(
-            ErrorCode::Unavailable,
-            "no deployment is available for this model",
-        )
-    }))
-}
-
-fn note_failover(dep: &Deployment, e: &RelayError) {
-    metrics::counter!("relay_edge_failover_total", "code" => e.code.as_str()).increment(1);
-    tracing::warn!(deployment = %dep.id, code = e.code.as_str(), "deployment failed before first byte; trying next");
-}
-
-/// Reads the body up to `limit` bytes (anything larger is refused without being read to the end) and
-/// parses the fields a handler needs; the bytes are kept to forward untouched.
-pub async fn read_json<T: serde::de::DeserializeOwned>(
-    body: Body,
-    limit: usize,
-) -> Result<(Bytes, T), RelayError> {
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
-        RelayError::new(
-            ErrorCode::PayloadTooLarge,
-            format!("Request body too large: the limit is {limit} bytes."),
-        )
-    })?;
-    let parsed = serde_json::from_slice(&bytes).map_err(|e| {
-        RelayError::invalid_request(format!("We could not parse the JSON body of your request: {e}"))
-    })?;
-    Ok((bytes, parsed))
-}
-
-pub fn required_model(model: Option<String>) -> Result<String, RelayError> {
-    model
-        .filter(|m| !m.is_empty())
-        .ok_or_else(|| RelayError::invalid_request("you must provide a model parameter").with_param("model"))
-}
-
-pub fn ensure_allowed(principal: &Principal, model: &str) -> Result<(), RelayError> {
-    if relay_core::model_allowed(&principal.allowed_models, model) {
-        Ok(())
-    } else {
-        Err(RelayError::new(
-            ErrorCode::PermissionDenied,
-            format!("This key may not use model `{model}`."),
-        )
-        .with_param("model"))
-    }
-}
-
-pub async fn route(edge: &Edge, model: &str, stream: bool) -> Result<Arc<RouteResponse>, RelayError> {
-    if let Some(r) = edge.inner.routes.get(&model.to_owned()) {
-        return Ok(r);
-    }
-    let req = RouteRequest {
-        model: model.to_owned(),
-        stream,
-        ..Default::default()
-    };
-    let resp = Arc::new(edge.inner.services.router.route(req).await?);
-    let ttl = std::time::Duration::from_millis(u64::from(resp.cache_ttl_ms));
-    edge.inner.routes.insert(model.to_owned(), resp.clone(), ttl);
-    Ok(resp)
+    Ok((events, stream))
 }
 
 /// Calls the adapter and waits for the upstream to accept (the `Start` event). A failure before that is
@@ -218,7 +212,7 @@ async fn open(edge: &Edge, req: ChatRequest) -> Result<ChatEventStream, RelayErr
     }
 }
 
-async fn whole_response(mut events: ChatEventStream, mut rec: UsageRecord) -> Response {
+async fn whole_response(mut events: ChatEventStream, mut rec: UsageRecord, inbound: Inbound) -> Response {
     let mut body = Vec::new();
     while let Some(ev) = events.next().await {
         match ev.event {
@@ -227,7 +221,7 @@ async fn whole_response(mut events: ChatEventStream, mut rec: UsageRecord) -> Re
             Some(Event::Error(e)) => {
                 let e = RelayError::from_pb(&e);
                 rec.fail(&e, e.http_status());
-                return OpenAiError(e).into_response();
+                return inbound.error(e);
             }
             Some(Event::Start(_) | Event::Finish(_)) | None => {}
         }
@@ -240,10 +234,11 @@ async fn whole_response(mut events: ChatEventStream, mut rec: UsageRecord) -> Re
     resp
 }
 
-fn stream_response(events: ChatEventStream, rec: UsageRecord) -> Response {
+fn stream_response(events: ChatEventStream, rec: UsageRecord, inbound: Inbound) -> Response {
     let body = Body::from_stream(ForwardStream {
         events,
         rec: Some(rec),
+        inbound,
         span: tracing::Span::current(),
     });
     let mut resp = (StatusCode::OK, body).into_response();
@@ -263,6 +258,7 @@ fn stream_response(events: ChatEventStream, rec: UsageRecord) -> Response {
 struct ForwardStream {
     events: ChatEventStream,
     rec: Option<UsageRecord>,
+    inbound: Inbound,
     span: tracing::Span,
 }
 
@@ -292,7 +288,7 @@ impl Stream for ForwardStream {
                     if let Some(rec) = this.rec.take() {
                         rec.fail(&e, 200);
                     }
-                    return Poll::Ready(Some(Ok(openai_stream_error(&e))));
+                    return Poll::Ready(Some(Ok(this.inbound.stream_error(&e))));
                 }
                 None => {
                     if let Some(rec) = this.rec.take() {
@@ -302,5 +298,43 @@ impl Stream for ForwardStream {
                 }
             }
         }
+    }
+}
+
+/// `POST /v1/messages/count_tokens`: input tokens for an Anthropic-shaped request on the routed model
+/// (the provider's own count where it has one). Not billed, so no usage event.
+pub async fn count_tokens(
+    State(edge): State<Edge>,
+    Extension(ctx): Extension<RequestCtx>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let inbound = Inbound::Anthropic;
+    let result = async {
+        let principal = edge
+            .inner
+            .principals
+            .authenticate(edge.inner.services.auth.as_ref(), &headers)
+            .await?;
+        let (bytes, env): (Bytes, Envelope) = read_json(body, edge.inner.cfg.max_body_bytes).await?;
+        let model = required_model(env.model)?;
+        ensure_allowed(&principal, &model)?;
+        let route = route(&edge, &model, false).await?;
+        let passthrough = passthrough(inbound, &headers);
+        with_failover(&route.candidates, None, |dep| {
+            edge.inner.services.adapter.count_tokens(CountTokensRequest {
+                request_id: ctx.request_id.clone(),
+                protocol: inbound.protocol() as i32,
+                body: bytes.clone(),
+                deployment: Some(dep.clone()),
+                passthrough_headers: passthrough.clone(),
+            })
+        })
+        .await
+    }
+    .await;
+    match result {
+        Ok(r) => axum::Json(serde_json::json!({"input_tokens": r.input_tokens})).into_response(),
+        Err(e) => inbound.error(e),
     }
 }

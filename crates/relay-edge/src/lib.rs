@@ -7,6 +7,7 @@
 
 mod cache;
 mod chat;
+mod dispatch;
 mod error;
 mod principal;
 mod request;

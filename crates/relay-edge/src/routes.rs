@@ -8,20 +8,23 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use relay_core::pb::adapter::v1::EmbedRequest;
 use relay_core::pb::auth::v1::Principal;
-use relay_core::pb::common::v1::Protocol;
 use relay_core::{ErrorCode, RelayError};
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::Edge;
-use crate::chat::{chat_completions, ensure_allowed, read_json, required_model, route, with_failover};
-use crate::error::OpenAiError;
+use crate::chat;
+use crate::dispatch::{ensure_allowed, read_json, required_model, route, with_failover};
+use crate::error::{Inbound, OpenAiError};
 use crate::request::{self, RequestCtx};
 use crate::usage::UsageRecord;
 
 pub fn router(edge: Edge) -> Router {
     Router::new()
-        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/messages", post(chat::messages))
+        .route("/v1/messages/count_tokens", post(chat::count_tokens))
+        .route("/v1/responses", post(chat::responses))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*id}", get(get_model))
@@ -56,10 +59,35 @@ async fn visible_models(
         .collect())
 }
 
-async fn list_models(State(edge): State<Edge>, headers: HeaderMap) -> Result<Response, OpenAiError> {
-    let p = principal(&edge, &headers).await?;
-    let data: Vec<_> = visible_models(&edge, &p).await?.iter().map(model_json).collect();
-    Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
+async fn list_models(State(edge): State<Edge>, headers: HeaderMap) -> Response {
+    // Anthropic SDKs send `anthropic-version` and expect their own list shape (and error shape).
+    let inbound = if headers.contains_key("anthropic-version") {
+        Inbound::Anthropic
+    } else {
+        Inbound::OpenAiChat
+    };
+    let models = match principal(&edge, &headers).await {
+        Ok(p) => visible_models(&edge, &p).await,
+        Err(e) => Err(e),
+    };
+    let models = match models {
+        Ok(m) => m,
+        Err(e) => return inbound.error(e),
+    };
+    if inbound == Inbound::Anthropic {
+        let data: Vec<_> = models
+            .iter()
+            .map(|m| json!({"type": "model", "id": m.id, "display_name": m.id, "created_at": "2025-01-01T00:00:00Z"}))
+            .collect();
+        let (first, last) = (
+            models.first().map(|m| m.id.clone()),
+            models.last().map(|m| m.id.clone()),
+        );
+        return axum::Json(json!({"data": data, "has_more": false, "first_id": first, "last_id": last}))
+            .into_response();
+    }
+    let data: Vec<_> = models.iter().map(model_json).collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
 async fn get_model(
@@ -96,7 +124,7 @@ async fn embeddings(
     body: Body,
 ) -> Result<Response, OpenAiError> {
     let p = principal(&edge, &headers).await?;
-    let mut rec = UsageRecord::new(&edge, &ctx, &p, Protocol::OpenaiEmbeddings);
+    let mut rec = UsageRecord::new(&edge, &ctx, &p, crate::error::Inbound::Embeddings.protocol());
     match embed(&edge, &ctx, &p, body, &mut rec).await {
         Ok(resp) => {
             rec.usage(resp.usage.unwrap_or_default());
@@ -130,7 +158,7 @@ async fn embed(
     rec.request(&model, false, env.user.as_deref().unwrap_or(""));
     ensure_allowed(p, &model)?;
     let route = route(edge, &model, false).await?;
-    with_failover(&route.candidates, rec, |dep| {
+    with_failover(&route.candidates, Some(rec), |dep| {
         let req = EmbedRequest {
             request_id: ctx.request_id.clone(),
             body: bytes.clone(),

@@ -127,6 +127,16 @@ impl Adapter for FakeAdapter {
     async fn embed(&self, _: adapter::EmbedRequest) -> Result<adapter::EmbedResponse> {
         Err(RelayError::internal("not used"))
     }
+    async fn count_tokens(&self, req: adapter::CountTokensRequest) -> Result<adapter::CountTokensResponse> {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("count:{}", req.deployment.unwrap().provider));
+        Ok(adapter::CountTokensResponse {
+            input_tokens: req.body.len() as u64,
+            exact: true,
+        })
+    }
 }
 
 #[derive(Default)]
@@ -345,4 +355,91 @@ async fn keys_are_cached_and_models_are_filtered_per_key() {
         serde_json::from_str::<Value>(&body).unwrap()["error"]["type"],
         "not_found_error"
     );
+}
+
+fn anthropic(model: &str, stream: bool) -> Value {
+    json!({"model": model, "max_tokens": 64, "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+#[tokio::test]
+async fn anthropic_routes_answer_in_anthropic_shape() {
+    let h = harness(1 << 20);
+    // Errors on /v1/messages are Anthropic-shaped, whatever went wrong.
+    for (key, body, want, kind) in [
+        ("sk-bad", anthropic("ok-good", false), 401, "authentication_error"),
+        (
+            "sk-all",
+            json!({"model": "ok-good", "messages": [{"role": "user", "content": "x"}]}),
+            400,
+            "invalid_request_error",
+        ),
+        ("sk-all", anthropic("nope", false), 404, "not_found_error"),
+        (
+            "sk-all",
+            anthropic("ok-rejects", false),
+            422,
+            "invalid_request_error",
+        ),
+    ] {
+        let (status, _, text) = send(&h, key, "/v1/messages", Some(body)).await;
+        assert_eq!(status.as_u16(), want, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            (v["type"].as_str(), v["error"]["type"].as_str()),
+            (Some("error"), Some(kind)),
+            "{text}"
+        );
+    }
+    // A stream that dies mid-way ends with an Anthropic `event: error`.
+    let (status, _, body) = send(
+        &h,
+        "sk-all",
+        "/v1/messages?beta=true",
+        Some(anthropic("ok-dies", true)),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(
+        body.ends_with("\n\n") && body.contains("event: error\ndata: {"),
+        "{body}"
+    );
+    let v: Value = serde_json::from_str(body.rsplit("data: ").next().unwrap().trim()).unwrap();
+    assert_eq!(v["error"]["type"], "api_error");
+    // Token counting goes to the routed deployment.
+    let (status, _, text) = send(
+        &h,
+        "sk-all",
+        "/v1/messages/count_tokens",
+        Some(json!({"model": "ok-good", "messages": [{"role": "user", "content": "count"}]})),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        serde_json::from_str::<Value>(&text).unwrap()["input_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert!(h.adapter.0.lock().unwrap().contains(&"count:good".to_string()));
+}
+
+#[tokio::test]
+async fn responses_route_checks_input_and_streams_errors_in_its_shape() {
+    let h = harness(1 << 20);
+    let (status, _, text) = send(&h, "sk-all", "/v1/responses", Some(json!({"model": "ok-good"}))).await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap()["error"]["param"],
+        "input"
+    );
+    let (status, _, body) = send(
+        &h,
+        "sk-all",
+        "/v1/responses",
+        Some(json!({"model": "ok-dies", "input": "x", "stream": true})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let last = body.trim_end().rsplit("\n\n").next().unwrap();
+    assert!(last.starts_with("event: error\ndata: "), "{body}");
 }

@@ -136,6 +136,15 @@ impl Adapter for GrpcAdapter {
             .map_err(|s| from_status(&s, "adapter"))?;
         Ok(r.into_inner())
     }
+    async fn count_tokens(&self, req: adapter::CountTokensRequest) -> Result<adapter::CountTokensResponse> {
+        let r = self
+            .0
+            .clone()
+            .count_tokens(req)
+            .await
+            .map_err(|s| from_status(&s, "adapter"))?;
+        Ok(r.into_inner())
+    }
 }
 
 // === impl GrpcBilling ===

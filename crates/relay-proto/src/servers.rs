@@ -79,6 +79,12 @@ impl generated::adapter::adapter_service_server::AdapterService for AdapterServe
     async fn embed(&self, req: Request<adapter::EmbedRequest>) -> GrpcResult<adapter::EmbedResponse> {
         reply(self.0.embed(req.into_inner()).await)
     }
+    async fn count_tokens(
+        &self,
+        req: Request<adapter::CountTokensRequest>,
+    ) -> GrpcResult<adapter::CountTokensResponse> {
+        reply(self.0.count_tokens(req.into_inner()).await)
+    }
 }
 
 pub fn adapter(

@@ -5,17 +5,22 @@
 use std::time::Duration;
 
 use base64::Engine as _;
+use bytes::Bytes;
 use futures_util::{StreamExt, stream};
 use relay_core::RelayError;
 use relay_core::contracts::{ChatEventStream, Result};
-use relay_core::pb::adapter::v1::{ChatRequest, EmbedRequest, EmbedResponse, FinishReason};
-use relay_core::pb::common::v1::{Protocol, TokenUsage};
+use relay_core::pb::adapter::v1::{
+    ChatRequest, CountTokensRequest, CountTokensResponse, EmbedRequest, EmbedResponse,
+};
+use relay_core::pb::common::v1::TokenUsage;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Provider, chunk, finish, start, upstream_model, usage};
+use super::{Provider, answer_ctx, start, upstream_model};
 use crate::config::ProviderConfig;
-use crate::encode_openai::{ChunkEncoder, completion_body};
+use crate::convert::{Output, Unit, stream_answer, whole_answer};
+use crate::inbound;
+use crate::ir::{self, Delta, Finish, Part};
 
 pub struct Demo {
     chunk_delay: Duration,
@@ -26,38 +31,6 @@ impl Demo {
         Self {
             chunk_delay: Duration::from_millis(cfg.chunk_delay_ms),
         }
-    }
-}
-
-#[derive(Deserialize)]
-struct DemoChat {
-    #[serde(default)]
-    messages: Vec<DemoMessage>,
-    #[serde(default)]
-    max_tokens: Option<u64>,
-    #[serde(default)]
-    max_completion_tokens: Option<u64>,
-    #[serde(default)]
-    stop: Option<Value>,
-}
-
-#[derive(Deserialize)]
-struct DemoMessage {
-    #[serde(default)]
-    role: String,
-    #[serde(default)]
-    content: Option<Value>,
-}
-
-fn text_of(content: &Option<Value>) -> String {
-    match content {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join(" "),
-        _ => String::new(),
     }
 }
 
@@ -80,49 +53,54 @@ pub fn reply_tokens(text: &str) -> Vec<String> {
 
 struct Plan {
     tokens: Vec<String>,
-    reason: FinishReason,
+    reason: Finish,
     usage: TokenUsage,
 }
 
-fn plan(req: &DemoChat) -> Plan {
+fn words(ir: &ir::Request) -> u64 {
+    let mut n: usize = ir.system.iter().map(|s| s.split_whitespace().count()).sum();
+    for m in &ir.messages {
+        for p in &m.parts {
+            n += match p {
+                Part::Text(t) | Part::ToolResult { content: t, .. } => t.split_whitespace().count(),
+                _ => 0,
+            };
+        }
+    }
+    n as u64
+}
+
+fn plan(req: &ir::Request) -> Plan {
     let last_user = req
         .messages
         .iter()
         .rev()
-        .find(|m| m.role == "user")
-        .map(|m| text_of(&m.content));
+        .find(|m| m.role == ir::Role::User)
+        .map(|m| ir::text_of(&m.parts));
     let mut text = match last_user {
         Some(t) => format!("You said: {}", t.trim()),
         None => "Hello from Relay's demo provider.".to_owned(),
     };
-    let mut reason = FinishReason::Stop;
-    let stops: Vec<String> = match &req.stop {
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
-        _ => vec![],
-    };
-    if let Some(cut) = stops
+    let mut reason = Finish::Stop;
+    if let Some(cut) = req
+        .stop
         .iter()
         .filter(|s| !s.is_empty())
         .filter_map(|s| text.find(s.as_str()))
         .min()
     {
         text.truncate(cut);
+        reason = Finish::StopSequence;
     }
     let mut tokens = reply_tokens(&text);
-    if let Some(max) = req.max_completion_tokens.or(req.max_tokens)
+    if let Some(max) = req.max_tokens
         && (tokens.len() as u64) > max
     {
         tokens.truncate(max as usize);
-        reason = FinishReason::Length;
+        reason = Finish::Length;
     }
-    let input: u64 = req
-        .messages
-        .iter()
-        .map(|m| text_of(&m.content).split_whitespace().count() as u64)
-        .sum();
     let usage = TokenUsage {
-        input_tokens: input,
+        input_tokens: words(req),
         output_tokens: tokens.len() as u64,
         ..Default::default()
     };
@@ -139,47 +117,56 @@ impl Provider for Demo {
         "demo"
     }
 
+    async fn count_tokens(&self, req: CountTokensRequest) -> Result<CountTokensResponse> {
+        let ir = inbound::parse_count_request(req.protocol(), &req.body)?;
+        Ok(CountTokensResponse {
+            input_tokens: words(&ir),
+            exact: true,
+        })
+    }
+
     async fn chat(&self, req: ChatRequest) -> Result<ChatEventStream> {
-        if req.protocol() != Protocol::OpenaiChat {
-            return Err(RelayError::internal(
-                "the demo provider cannot answer this protocol",
-            ));
-        }
-        let parsed: DemoChat = serde_json::from_slice(&req.body)
-            .map_err(|e| RelayError::invalid_request(format!("invalid chat request: {e}")))?;
-        let plan = plan(&parsed);
+        let ir = inbound::parse_request(req.protocol(), &req.body)?;
+        let plan = plan(&ir);
         let model = upstream_model(req.deployment.as_ref());
-        let enc = ChunkEncoder {
-            id: format!("chatcmpl-{}", req.request_id),
-            model: model.clone(),
-            created: unix_now(),
+        let output = Output::Converted {
+            protocol: req.protocol(),
+            ctx: answer_ctx(&req),
         };
-        let head = stream::iter([start(&model)]);
-        if !req.stream {
-            let body = completion_body(&enc, &[(plan.tokens.concat(), plan.reason)], &plan.usage);
-            let events = [chunk(body), finish(0, plan.reason), usage(plan.usage)];
-            return Ok(Box::pin(head.chain(stream::iter(events))));
-        }
-        let delay = self.chunk_delay;
-        let mut pieces = vec![chunk(enc.role(0))];
-        let words = plan
+        let mut deltas: Vec<Delta> = plan
             .tokens
             .iter()
-            .map(|t| chunk(enc.text(0, t)))
-            .collect::<Vec<_>>();
-        let mut tail = vec![chunk(enc.finish(0, plan.reason)), finish(0, plan.reason)];
-        if req.client_wants_usage {
-            tail.push(chunk(enc.usage(&plan.usage)));
-        }
-        tail.extend([chunk(ChunkEncoder::done()), usage(plan.usage)]);
-        pieces.extend(words);
-        let paced = stream::iter(pieces).then(move |ev| async move {
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
-            ev
+            .map(|t| Delta::Text {
+                choice: 0,
+                text: t.clone(),
+            })
+            .collect();
+        deltas.push(Delta::Finish {
+            choice: 0,
+            reason: plan.reason,
         });
-        Ok(Box::pin(head.chain(paced).chain(stream::iter(tail))))
+        deltas.push(Delta::Usage(plan.usage));
+        let head = stream::iter([start(&model)]);
+        if !req.stream {
+            return Ok(Box::pin(head.chain(stream::iter(whole_answer(
+                Bytes::new(),
+                deltas,
+                output,
+            )))));
+        }
+        let delay = self.chunk_delay;
+        let units = stream::iter(deltas)
+            .then(move |d| async move {
+                if !delay.is_zero() && matches!(d, Delta::Text { .. }) {
+                    tokio::time::sleep(delay).await;
+                }
+                Unit::Event {
+                    raw: Bytes::new(),
+                    deltas: vec![d],
+                }
+            })
+            .chain(stream::iter([Unit::End { complete: true }]));
+        Ok(Box::pin(head.chain(stream_answer(units, output))))
     }
 
     async fn embed(&self, req: EmbedRequest) -> Result<EmbedResponse> {
@@ -248,18 +235,13 @@ fn demo_vector(text: &str) -> Vec<f32> {
         .collect()
 }
 
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use relay_core::pb::common::v1::Protocol;
 
-    fn req(v: Value) -> DemoChat {
-        serde_json::from_value(v).unwrap()
+    fn req(v: Value) -> ir::Request {
+        inbound::parse_request(Protocol::OpenaiChat, v.to_string().as_bytes()).unwrap()
     }
 
     #[test]
@@ -268,19 +250,20 @@ mod tests {
             {"role": "system", "content": "be brief"},
             {"role": "user", "content": [{"type": "text", "text": "hello there"}]}]})));
         assert_eq!(p.tokens.concat(), "You said: hello there");
-        assert_eq!(p.reason, FinishReason::Stop);
+        assert_eq!(p.reason, Finish::Stop);
         assert_eq!((p.usage.input_tokens, p.usage.output_tokens), (4, 4));
 
         let p = plan(&req(
             json!({"max_tokens": 2, "messages": [{"role": "user", "content": "a b c"}]}),
         ));
         assert_eq!(p.tokens.concat(), "You said: ");
-        assert_eq!(p.reason, FinishReason::Length);
+        assert_eq!(p.reason, Finish::Length);
 
         let p = plan(&req(
             json!({"stop": ["STOP"], "messages": [{"role": "user", "content": "a STOP b"}]}),
         ));
         assert_eq!(p.tokens.concat(), "You said: a ");
+        assert_eq!(p.reason, Finish::StopSequence);
     }
 
     #[test]

@@ -1,15 +1,27 @@
-//! Provider implementations and the helpers they share (event constructors, upstream error mapping).
+//! Providers. Each HTTP provider is a [`Dialect`] (URLs, auth, request building, answer decoding) run by
+//! the shared [`HttpProvider`]; the demo provider answers by itself. Also the helpers every provider uses.
 
+pub mod anthropic;
 pub mod demo;
+pub mod gemini;
 pub mod openai;
 
 use bytes::Bytes;
+use futures_util::{StreamExt, stream};
+use http::HeaderMap;
 use relay_core::contracts::{ChatEventStream, Result};
 use relay_core::pb::adapter::v1::{
-    self as pb, ChatEvent, ChatRequest, EmbedRequest, EmbedResponse, chat_event::Event,
+    self as pb, ChatEvent, ChatRequest, CountTokensRequest, CountTokensResponse, EmbedRequest, EmbedResponse,
+    chat_event::Event,
 };
-use relay_core::pb::common::v1::TokenUsage;
+use relay_core::pb::common::v1::{Protocol, TokenUsage};
 use relay_core::{ErrorCode, RelayError};
+use serde_json::Value;
+
+use crate::convert::{Output, stream_answer, whole_answer};
+use crate::inbound::{self, AnswerCtx};
+use crate::ir::{Delta, Request};
+use crate::upstream::{Decoder, Http, sse_units};
 
 #[async_trait::async_trait]
 pub trait Provider: Send + Sync + 'static {
@@ -17,6 +29,148 @@ pub trait Provider: Send + Sync + 'static {
     fn system(&self) -> &'static str;
     async fn chat(&self, req: ChatRequest) -> Result<ChatEventStream>;
     async fn embed(&self, req: EmbedRequest) -> Result<EmbedResponse>;
+    async fn count_tokens(&self, req: CountTokensRequest) -> Result<CountTokensResponse>;
+}
+
+/// What differs between HTTP providers.
+#[async_trait::async_trait]
+pub trait Dialect: Send + Sync + 'static {
+    fn system(&self) -> &'static str;
+    /// The client protocol this upstream speaks natively (forwarded byte for byte).
+    fn native(&self) -> Protocol;
+    fn chat_url(&self, model: &str, stream: bool) -> String;
+    /// Per-call headers (e.g. `anthropic-version`, passed-through beta flags).
+    fn headers(&self, _passthrough: &std::collections::HashMap<String, String>) -> HeaderMap {
+        HeaderMap::new()
+    }
+    /// The client's native body for this upstream: only the model rewritten (plus what exact usage needs).
+    fn native_body(&self, req: &ChatRequest, model: &str) -> Result<Vec<u8>> {
+        Ok(body_for_upstream(&req.body, model)?.into_bytes())
+    }
+    /// A converted request in this upstream's protocol.
+    fn build(&self, ir: &Request, model: &str, stream: bool) -> Result<Value>;
+    fn decoder(&self) -> Box<dyn Decoder>;
+    /// A whole (non-streamed) answer as deltas.
+    fn whole(&self, body: &[u8]) -> std::result::Result<Vec<Delta>, ()>;
+    async fn embed(&self, http: &Http, req: EmbedRequest) -> Result<EmbedResponse> {
+        let _ = req;
+        Err(RelayError::invalid_request(format!(
+            "provider `{}` has no embeddings API",
+            http.name
+        )))
+    }
+    async fn count_tokens(
+        &self,
+        http: &Http,
+        ir: &Request,
+        req: &CountTokensRequest,
+    ) -> Result<CountTokensResponse> {
+        let _ = (http, req);
+        Ok(CountTokensResponse {
+            input_tokens: estimate_tokens(ir),
+            exact: false,
+        })
+    }
+}
+
+pub struct HttpProvider<D> {
+    pub http: Http,
+    pub dialect: D,
+}
+
+#[async_trait::async_trait]
+impl<D: Dialect> Provider for HttpProvider<D> {
+    fn system(&self) -> &'static str {
+        self.dialect.system()
+    }
+
+    async fn chat(&self, req: ChatRequest) -> Result<ChatEventStream> {
+        let model = upstream_model(req.deployment.as_ref());
+        let protocol = req.protocol();
+        let native = protocol == self.dialect.native();
+        let body = if native {
+            self.dialect.native_body(&req, &model)?
+        } else {
+            let ir = inbound::parse_request(protocol, &req.body)?;
+            serde_json::to_vec(&self.dialect.build(&ir, &model, req.stream)?)
+                .map_err(|e| RelayError::internal(e.to_string()))?
+        };
+        let headers = self.dialect.headers(&req.passthrough_headers);
+        let resp = self
+            .http
+            .post(
+                &self.dialect.chat_url(&model, req.stream),
+                &req.request_id,
+                headers,
+                body,
+            )
+            .await?;
+        let output = if native {
+            Output::Native {
+                drop_usage_only: protocol == Protocol::OpenaiChat && !req.client_wants_usage,
+            }
+        } else {
+            Output::Converted {
+                protocol,
+                ctx: answer_ctx(&req),
+            }
+        };
+        let head = stream::iter([start(&model)]);
+        if req.stream {
+            let units = sse_units(resp, self.dialect.decoder(), self.http.name.clone());
+            return Ok(Box::pin(head.chain(stream_answer(units, output))));
+        }
+        let events = match self.http.body(resp).await {
+            Ok(raw) => match self.dialect.whole(&raw) {
+                Ok(deltas) => whole_answer(raw, deltas, output),
+                Err(()) => vec![error(&self.http.invalid_answer())],
+            },
+            Err(e) => vec![error(&e)],
+        };
+        Ok(Box::pin(head.chain(stream::iter(events))))
+    }
+
+    async fn embed(&self, req: EmbedRequest) -> Result<EmbedResponse> {
+        self.dialect.embed(&self.http, req).await
+    }
+
+    async fn count_tokens(&self, req: CountTokensRequest) -> Result<CountTokensResponse> {
+        let ir = inbound::parse_count_request(req.protocol(), &req.body)?;
+        self.dialect.count_tokens(&self.http, &ir, &req).await
+    }
+}
+
+pub fn answer_ctx(req: &ChatRequest) -> AnswerCtx {
+    AnswerCtx {
+        request_id: req.request_id.clone(),
+        model: req.client_model.clone(),
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64),
+        include_usage: req.client_wants_usage,
+    }
+}
+
+/// A rough count (4 characters a token) for providers without a counting API; reported as inexact.
+pub fn estimate_tokens(ir: &Request) -> u64 {
+    let mut chars: usize = ir.system.iter().map(String::len).sum();
+    for m in &ir.messages {
+        for p in &m.parts {
+            chars += match p {
+                crate::ir::Part::Text(t) => t.len(),
+                crate::ir::Part::ToolCall { name, arguments, .. } => name.len() + arguments.len(),
+                crate::ir::Part::ToolResult { content, .. } => content.len(),
+                crate::ir::Part::Thinking { text, .. } => text.len(),
+                crate::ir::Part::Image(_) => 1000,
+                crate::ir::Part::RedactedThinking { data } => data.len() / 4,
+            };
+        }
+    }
+    for t in &ir.tools {
+        chars +=
+            t.name.len() + t.parameters.to_string().len() + t.description.as_ref().map_or(0, String::len);
+    }
+    (chars as u64).div_ceil(4).max(1)
 }
 
 /// The model name the deployment's provider knows.
@@ -126,16 +280,6 @@ pub fn transport_error(provider: &str, e: &reqwest::Error) -> RelayError {
             ErrorCode::UpstreamUnreachable,
             format!("upstream provider `{provider}` is unreachable"),
         )
-    }
-}
-
-pub fn finish_reason_from_openai(s: &str) -> pb::FinishReason {
-    match s {
-        "stop" => pb::FinishReason::Stop,
-        "length" => pb::FinishReason::Length,
-        "tool_calls" | "function_call" => pb::FinishReason::ToolCalls,
-        "content_filter" => pb::FinishReason::ContentFilter,
-        _ => pb::FinishReason::Other,
     }
 }
 

@@ -1,140 +1,165 @@
-//! OpenAI and every OpenAI-compatible API (DeepSeek, Qwen compatible mode, Mistral, Groq, vLLM, Ollama).
+//! OpenAI Chat Completions upstreams: OpenAI itself, Azure OpenAI, and every OpenAI-compatible API
+//! (DeepSeek, Qwen compatible mode, Mistral, Groq, vLLM, Ollama).
 //!
-//! OpenAI chat in, OpenAI chat out: the client's body is forwarded with only `model` rewritten (and
-//! `stream_options.include_usage` forced on for streams, so usage is always exact); answer bytes are passed
-//! through untouched, except the usage chunk, which is withheld when the client did not ask for it.
+//! OpenAI chat in: the client's body is forwarded with only `model` rewritten (and
+//! `stream_options.include_usage` forced on for streams, so usage is always exact). Other protocols in:
+//! converted through the neutral form.
 
-use std::time::Duration;
+use std::collections::HashMap;
 
-use futures_util::{Stream, StreamExt, stream};
-use relay_core::contracts::{ChatEventStream, Result};
-use relay_core::pb::adapter::v1::{ChatEvent, ChatRequest, EmbedRequest, EmbedResponse};
+use http::HeaderMap;
+use relay_core::contracts::Result;
+use relay_core::pb::adapter::v1::{ChatRequest, EmbedRequest, EmbedResponse};
 use relay_core::pb::common::v1::{Protocol, TokenUsage};
-use relay_core::{ErrorCode, RelayError};
-use serde::Deserialize;
+use serde_json::{Map, Value, json};
 
-use super::{
-    Provider, chunk, error, finish, finish_reason_from_openai, start, transport_error, upstream_error, usage,
-};
-use super::{body_for_upstream, upstream_model};
+use super::{Dialect, HttpProvider, body_for_upstream, upstream_model};
 use crate::body::force_include_usage;
-use crate::config::ProviderConfig;
-use crate::sse::SseParser;
+use crate::config::{ProviderConfig, ProviderKind};
+use crate::ir::{self, Delta, Finish, Part, Request, Role, ToolChoice};
+use crate::sse::SseEvent;
+use crate::upstream::{Decoder, Http, in_band_error};
 
 pub struct OpenAi {
-    name: String,
     base_url: String,
-    headers: http::HeaderMap,
-    http: reqwest::Client,
+    /// Azure OpenAI: deployment URLs and an `api-version` query.
+    azure_api_version: Option<String>,
+}
+
+pub fn provider(cfg: &ProviderConfig) -> anyhow::Result<HttpProvider<OpenAi>> {
+    let mut auth = HeaderMap::new();
+    let azure = cfg.kind == ProviderKind::Azure;
+    if let Some(key) = &cfg.api_key {
+        if azure {
+            auth.insert("api-key", http::HeaderValue::from_str(key.expose())?);
+        } else {
+            auth.insert(
+                http::header::AUTHORIZATION,
+                http::HeaderValue::from_str(&format!("Bearer {}", key.expose()))?,
+            );
+        }
+    }
+    let base_url = cfg
+        .base_url
+        .clone()
+        .unwrap_or_default()
+        .trim_end_matches('/')
+        .to_owned();
+    let azure_api_version = azure.then(|| cfg.api_version.clone().unwrap_or_else(|| "2024-10-21".into()));
+    Ok(HttpProvider {
+        http: Http::new(cfg, auth)?,
+        dialect: OpenAi {
+            base_url,
+            azure_api_version,
+        },
+    })
 }
 
 impl OpenAi {
-    pub fn new(cfg: &ProviderConfig) -> anyhow::Result<Self> {
-        let mut headers = http::HeaderMap::new();
-        if let Some(key) = &cfg.api_key {
-            let mut v = http::HeaderValue::from_str(&format!("Bearer {}", key.expose()))?;
-            v.set_sensitive(true);
-            headers.insert(http::header::AUTHORIZATION, v);
-        }
-        for (k, v) in &cfg.headers {
-            headers.insert(
-                http::HeaderName::from_bytes(k.as_bytes())?,
-                http::HeaderValue::from_str(v)?,
-            );
-        }
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
-            .read_timeout(Duration::from_secs(cfg.read_timeout_secs))
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
-            .tcp_nodelay(true)
-            .build()?;
-        let base_url = cfg
-            .base_url
-            .clone()
-            .unwrap_or_default()
-            .trim_end_matches('/')
-            .to_owned();
-        Ok(Self {
-            name: cfg.name.clone(),
-            base_url,
-            headers,
-            http,
-        })
-    }
-
-    async fn post(&self, path: &str, request_id: &str, body: Vec<u8>) -> Result<reqwest::Response> {
-        let mut headers = self.headers.clone();
-        headers.insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("application/json"),
-        );
-        if let Ok(v) = http::HeaderValue::from_str(request_id) {
-            headers.insert("x-request-id", v);
-        }
-        relay_telemetry::inject_current_into_headers(&mut headers);
-        let resp = self
-            .http
-            .post(format!("{}{path}", self.base_url))
-            .headers(headers)
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| transport_error(&self.name, &e))?;
-        if resp.status().is_success() {
-            Ok(resp)
-        } else {
-            Err(upstream_error(&self.name, resp).await)
+    fn url(&self, model: &str, op: &str) -> String {
+        match &self.azure_api_version {
+            Some(v) => format!("{}/deployments/{model}/{op}?api-version={v}", self.base_url),
+            None => format!("{}/{op}", self.base_url),
         }
     }
 }
 
 #[async_trait::async_trait]
-impl Provider for OpenAi {
+impl Dialect for OpenAi {
     fn system(&self) -> &'static str {
-        "openai"
+        if self.azure_api_version.is_some() {
+            "az.ai.openai"
+        } else {
+            "openai"
+        }
     }
 
-    async fn chat(&self, req: ChatRequest) -> Result<ChatEventStream> {
-        if req.protocol() != Protocol::OpenaiChat {
-            return Err(RelayError::internal(
-                "this provider cannot convert the request's protocol",
-            ));
-        }
-        let upstream_model = upstream_model(req.deployment.as_ref());
-        let mut body = body_for_upstream(&req.body, &upstream_model)?;
+    fn native(&self) -> Protocol {
+        Protocol::OpenaiChat
+    }
+
+    fn chat_url(&self, model: &str, _stream: bool) -> String {
+        self.url(model, "chat/completions")
+    }
+
+    fn native_body(&self, req: &ChatRequest, model: &str) -> Result<Vec<u8>> {
+        let mut body = body_for_upstream(&req.body, model)?;
         if req.stream {
             force_include_usage(&mut body)?;
         }
-        let resp = self
-            .post("/chat/completions", &req.request_id, body.into_bytes())
-            .await?;
-        let first = stream::iter([start(&upstream_model)]);
-        if req.stream {
-            Ok(Box::pin(first.chain(pass_through_stream(
-                resp,
-                req.client_wants_usage,
-                self.name.clone(),
-            ))))
-        } else {
-            let events = match resp.bytes().await {
-                Ok(bytes) => whole_response_events(bytes),
-                Err(e) => vec![error(&transport_error(&self.name, &e))],
-            };
-            Ok(Box::pin(first.chain(stream::iter(events))))
-        }
+        Ok(body.into_bytes())
     }
 
-    async fn embed(&self, req: EmbedRequest) -> Result<EmbedResponse> {
-        let upstream_model = upstream_model(req.deployment.as_ref());
-        let body = body_for_upstream(&req.body, &upstream_model)?;
-        let resp = self
-            .post("/embeddings", &req.request_id, body.into_bytes())
+    fn build(&self, ir: &Request, model: &str, stream: bool) -> Result<Value> {
+        Ok(build(ir, model, stream))
+    }
+
+    fn decoder(&self) -> Box<dyn Decoder> {
+        Box::new(StreamDecoder::default())
+    }
+
+    fn whole(&self, body: &[u8]) -> std::result::Result<Vec<Delta>, ()> {
+        let v: Value = serde_json::from_slice(body).map_err(|_| ())?;
+        let mut out = vec![Delta::Meta {
+            id: str_of(&v["id"]),
+            model: str_of(&v["model"]),
+        }];
+        for (i, c) in v["choices"].as_array().ok_or(())?.iter().enumerate() {
+            let choice = c["index"].as_u64().unwrap_or(i as u64) as u32;
+            let m = &c["message"];
+            if let Some(t) = m["reasoning_content"].as_str().filter(|t| !t.is_empty()) {
+                out.push(Delta::Thinking {
+                    choice,
+                    text: t.to_owned(),
+                });
+            }
+            if let Some(t) = m["content"].as_str() {
+                out.push(Delta::Text {
+                    choice,
+                    text: t.to_owned(),
+                });
+            }
+            for (j, tc) in m["tool_calls"].as_array().into_iter().flatten().enumerate() {
+                let index = j as u32;
+                let id = str_of(&tc["id"]).unwrap_or_default();
+                let name = str_of(&tc["function"]["name"]).unwrap_or_default();
+                out.push(Delta::ToolCallStart {
+                    choice,
+                    index,
+                    id,
+                    name,
+                });
+                let fragment = str_of(&tc["function"]["arguments"]).unwrap_or_default();
+                out.push(Delta::ToolCallArgs {
+                    choice,
+                    index,
+                    fragment,
+                });
+            }
+            out.push(Delta::Finish {
+                choice,
+                reason: finish_of(c["finish_reason"].as_str().unwrap_or("stop")),
+            });
+        }
+        out.push(Delta::Usage(usage_of(&v["usage"])));
+        Ok(out)
+    }
+
+    async fn embed(&self, http: &Http, req: EmbedRequest) -> Result<EmbedResponse> {
+        let model = upstream_model(req.deployment.as_ref());
+        let body = body_for_upstream(&req.body, &model)?.into_bytes();
+        let resp = http
+            .post(
+                &self.url(&model, "embeddings"),
+                &req.request_id,
+                HeaderMap::new(),
+                body,
+            )
             .await?;
-        let bytes = resp.bytes().await.map_err(|e| transport_error(&self.name, &e))?;
-        let parsed: EmbedUsageOnly = serde_json::from_slice(&bytes).map_err(|_| bad_json(&self.name))?;
+        let bytes = http.body(resp).await?;
+        let v: Value = serde_json::from_slice(&bytes).map_err(|_| http.invalid_answer())?;
         let usage = TokenUsage {
-            input_tokens: parsed.usage.unwrap_or_default().prompt_tokens,
+            input_tokens: v["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
             ..Default::default()
         };
         Ok(EmbedResponse {
@@ -144,223 +169,221 @@ impl Provider for OpenAi {
     }
 }
 
-fn bad_json(provider: &str) -> RelayError {
-    RelayError::new(
-        ErrorCode::UpstreamProtocol,
-        format!("upstream provider `{provider}` sent an invalid answer"),
-    )
+fn str_of(v: &Value) -> Option<String> {
+    v.as_str().map(str::to_owned)
 }
 
-// === answer parsing (only the fields we account for) ===
-
-#[derive(Deserialize, Default)]
-struct OaUsage {
-    #[serde(default)]
-    prompt_tokens: u64,
-    #[serde(default)]
-    completion_tokens: u64,
-    #[serde(default)]
-    prompt_tokens_details: Option<PromptDetails>,
-    #[serde(default)]
-    completion_tokens_details: Option<CompletionDetails>,
-}
-
-#[derive(Deserialize, Default)]
-struct PromptDetails {
-    #[serde(default)]
-    cached_tokens: Option<u64>,
-}
-
-#[derive(Deserialize, Default)]
-struct CompletionDetails {
-    #[serde(default)]
-    reasoning_tokens: Option<u64>,
-}
-
-impl OaUsage {
-    fn to_pb(&self) -> TokenUsage {
-        TokenUsage {
-            input_tokens: self.prompt_tokens,
-            output_tokens: self.completion_tokens,
-            cached_input_tokens: self
-                .prompt_tokens_details
-                .as_ref()
-                .and_then(|d| d.cached_tokens)
-                .unwrap_or(0),
-            cache_write_tokens: 0,
-            reasoning_tokens: self
-                .completion_tokens_details
-                .as_ref()
-                .and_then(|d| d.reasoning_tokens)
-                .unwrap_or(0),
-        }
+pub fn finish_of(s: &str) -> Finish {
+    match s {
+        "length" => Finish::Length,
+        "tool_calls" | "function_call" => Finish::ToolCalls,
+        "content_filter" => Finish::ContentFilter,
+        _ => Finish::Stop,
     }
 }
 
-#[derive(Deserialize)]
-struct OaChoice {
-    #[serde(default)]
-    index: u32,
-    #[serde(default)]
-    finish_reason: Option<String>,
-}
-
-/// A completion or a stream chunk; also catches an `error` object sent in-band.
-#[derive(Deserialize)]
-struct OaAnswer {
-    #[serde(default)]
-    choices: Vec<OaChoice>,
-    #[serde(default)]
-    usage: Option<OaUsage>,
-    #[serde(default)]
-    error: Option<serde_json::Value>,
-}
-
-#[derive(Deserialize)]
-struct EmbedUsageOnly {
-    #[serde(default)]
-    usage: Option<EmbedUsage>,
-}
-
-#[derive(Deserialize, Default, Clone, Copy)]
-struct EmbedUsage {
-    #[serde(default)]
-    prompt_tokens: u64,
-}
-
-fn whole_response_events(bytes: bytes::Bytes) -> Vec<ChatEvent> {
-    let Ok(answer) = serde_json::from_slice::<OaAnswer>(&bytes) else {
-        return vec![error(&bad_json("upstream"))];
-    };
-    let mut events = vec![chunk(bytes)];
-    for c in &answer.choices {
-        if let Some(r) = &c.finish_reason {
-            events.push(finish(c.index, finish_reason_from_openai(r)));
-        }
+pub fn usage_of(u: &Value) -> TokenUsage {
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    TokenUsage {
+        input_tokens: n(&u["prompt_tokens"]),
+        output_tokens: n(&u["completion_tokens"]),
+        cached_input_tokens: n(&u["prompt_tokens_details"]["cached_tokens"]),
+        cache_write_tokens: 0,
+        reasoning_tokens: n(&u["completion_tokens_details"]["reasoning_tokens"]),
     }
-    events.push(usage(answer.usage.map(|u| u.to_pb()).unwrap_or_default()));
-    events
 }
 
-/// Forwards SSE events as they arrive, reading finish reasons and usage on the way.
-fn pass_through_stream(
-    resp: reqwest::Response,
-    client_wants_usage: bool,
-    provider: String,
-) -> impl Stream<Item = ChatEvent> + Send {
-    struct State {
-        body: std::pin::Pin<Box<dyn Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
-        parser: SseParser,
-        usage: Option<TokenUsage>,
-        saw_done: bool,
-        over: bool,
+/// A Chat Completions request from the neutral form.
+pub fn build(ir: &Request, model: &str, stream: bool) -> Value {
+    let mut messages = Vec::new();
+    if !ir.system.is_empty() {
+        messages.push(json!({"role": "system", "content": ir.system.join("\n\n")}));
     }
-    let state = State {
-        body: Box::pin(resp.bytes_stream()),
-        parser: SseParser::default(),
-        usage: None,
-        saw_done: false,
-        over: false,
-    };
-    stream::unfold(state, move |mut st| {
-        let provider = provider.clone();
-        async move {
-            if st.over {
-                return None;
-            }
-            let mut out = Vec::new();
-            match st.body.next().await {
-                Some(Ok(bytes)) => {
-                    st.parser.push(&bytes);
-                    while let Some(event) = st.parser.next_event() {
-                        if event.data == "[DONE]" {
-                            st.saw_done = true;
-                            out.push(chunk(event.raw));
-                            continue;
+    for m in &ir.messages {
+        match m.role {
+            Role::User => {
+                let mut content = Vec::new();
+                for p in &m.parts {
+                    match p {
+                        Part::ToolResult { id, content: c, .. } => {
+                            messages.push(json!({"role": "tool", "tool_call_id": id, "content": c}))
                         }
-                        if event.data.is_empty() {
-                            continue; // comments / keep-alives: nothing for the client
+                        Part::Text(t) => content.push(json!({"type": "text", "text": t})),
+                        Part::Image(i) => {
+                            content.push(json!({"type": "image_url", "image_url": {"url": i.to_url()}}))
                         }
-                        let Ok(answer) = serde_json::from_str::<OaAnswer>(&event.data) else {
-                            out.push(error(&bad_json(&provider)));
-                            st.over = true;
-                            break;
-                        };
-                        if answer.error.is_some() {
-                            let msg = format!("upstream provider `{provider}` failed mid-stream");
-                            out.push(error(&RelayError::new(ErrorCode::UpstreamServerError, msg)));
-                            st.over = true;
-                            break;
-                        }
-                        for c in &answer.choices {
-                            if let Some(r) = &c.finish_reason {
-                                out.push(finish(c.index, finish_reason_from_openai(r)));
-                            }
-                        }
-                        let usage_only = answer.choices.is_empty() && answer.usage.is_some();
-                        if let Some(u) = &answer.usage {
-                            st.usage = Some(u.to_pb());
-                        }
-                        if !usage_only || client_wants_usage {
-                            out.push(chunk(event.raw));
-                        }
+                        _ => {}
                     }
                 }
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "upstream stream broke");
-                    let msg = format!("upstream provider `{provider}` stream was interrupted");
-                    out.push(error(&RelayError::new(ErrorCode::UpstreamServerError, msg)));
-                    st.over = true;
-                }
-                None => {
-                    st.over = true;
-                    if st.saw_done {
-                        if st.usage.is_none() {
-                            metrics::counter!("relay_upstream_usage_missing_total").increment(1);
-                            tracing::warn!("upstream stream reported no usage");
-                        }
-                        out.push(usage(st.usage.unwrap_or_default()));
-                    } else {
-                        let msg = format!("upstream provider `{provider}` ended the stream early");
-                        out.push(error(&RelayError::new(ErrorCode::UpstreamServerError, msg)));
-                    }
+                if content.len() == 1 && content[0]["type"] == "text" {
+                    messages.push(json!({"role": "user", "content": content[0]["text"]}));
+                } else if !content.is_empty() {
+                    messages.push(json!({"role": "user", "content": content}));
                 }
             }
-            Some((stream::iter(out), st))
+            Role::Assistant => {
+                let text = ir::text_of(&m.parts);
+                let calls: Vec<Value> = m
+                    .parts
+                    .iter()
+                    .filter_map(|p| match p {
+                        Part::ToolCall { id, name, arguments } => Some(json!({"id": id, "type": "function",
+                            "function": {"name": name, "arguments": if arguments.is_empty() { "{}" } else { arguments }}})),
+                        _ => None,
+                    })
+                    .collect();
+                let mut msg = json!({"role": "assistant", "content": if text.is_empty() { Value::Null } else { Value::String(text) }});
+                if !calls.is_empty() {
+                    msg["tool_calls"] = Value::Array(calls);
+                }
+                messages.push(msg);
+            }
         }
-    })
-    .flatten()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use relay_core::pb::adapter::v1::FinishReason;
-    use relay_core::pb::adapter::v1::chat_event::Event;
-
-    #[test]
-    fn whole_answers_yield_chunk_finish_and_exact_usage() {
-        let body = br#"{"id":"c","choices":[{"index":0,"finish_reason":"length","message":{"content":"x"}}],
-            "usage":{"prompt_tokens":10,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":4},
-            "completion_tokens_details":{"reasoning_tokens":1}}}"#;
-        let evs = whole_response_events(bytes::Bytes::from_static(body));
-        assert!(matches!(&evs[0].event, Some(Event::Chunk(c)) if c.data == body.to_vec()));
-        assert!(matches!(&evs[1].event, Some(Event::Finish(f)) if f.reason == FinishReason::Length as i32));
-        let Some(Event::Usage(u)) = &evs[2].event else {
-            panic!("{evs:?}")
-        };
-        assert_eq!(
-            (
-                u.input_tokens,
-                u.output_tokens,
-                u.cached_input_tokens,
-                u.reasoning_tokens
-            ),
-            (10, 3, 4, 1)
+    }
+    let mut b = Map::new();
+    b.insert("model".into(), json!(model));
+    b.insert("messages".into(), Value::Array(messages));
+    if !ir.tools.is_empty() {
+        let tools: Vec<Value> = ir
+            .tools
+            .iter()
+            .map(|t| {
+                let mut f = json!({"name": t.name, "parameters": t.parameters});
+                if let Some(d) = &t.description {
+                    f["description"] = json!(d);
+                }
+                json!({"type": "function", "function": f})
+            })
+            .collect();
+        b.insert("tools".into(), Value::Array(tools));
+        b.insert(
+            "tool_choice".into(),
+            match &ir.tool_choice {
+                ToolChoice::Auto => json!("auto"),
+                ToolChoice::None => json!("none"),
+                ToolChoice::Required => json!("required"),
+                ToolChoice::Function(n) => json!({"type": "function", "function": {"name": n}}),
+            },
         );
-        assert!(matches!(
-            &whole_response_events(bytes::Bytes::from_static(b"nope"))[0].event,
-            Some(Event::Error(_))
-        ));
+        if let Some(p) = ir.parallel_tool_calls {
+            b.insert("parallel_tool_calls".into(), json!(p));
+        }
+    }
+    let mut put = |k: &str, v: Option<Value>| {
+        if let Some(v) = v {
+            b.insert(k.into(), v);
+        }
+    };
+    put("max_tokens", ir.max_tokens.map(|n| json!(n)));
+    put("temperature", ir.temperature.map(|n| json!(n)));
+    put("top_p", ir.top_p.map(|n| json!(n)));
+    put("n", ir.n.filter(|n| *n > 1).map(|n| json!(n)));
+    put("stop", (!ir.stop.is_empty()).then(|| json!(ir.stop)));
+    put("user", ir.user.as_ref().map(|u| json!(u)));
+    put(
+        "reasoning_effort",
+        ir.reasoning.as_ref().map(|r| json!(r.effort())),
+    );
+    put("response_format", ir.response_format.as_ref().map(|f| match f {
+        ir::ResponseFormat::JsonObject => json!({"type": "json_object"}),
+        ir::ResponseFormat::JsonSchema { name, schema, strict } => {
+            json!({"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": strict.unwrap_or(false)}})
+        }
+    }));
+    if stream {
+        put("stream", Some(json!(true)));
+        put("stream_options", Some(json!({"include_usage": true})));
+    }
+    Value::Object(b)
+}
+
+/// Reads `chat.completion.chunk` events.
+#[derive(Default)]
+pub struct StreamDecoder {
+    /// Tool-call indexes already announced, per choice.
+    started: HashMap<u32, Vec<u32>>,
+    done: bool,
+    finished: bool,
+}
+
+impl Decoder for StreamDecoder {
+    fn event(&mut self, ev: &SseEvent) -> std::result::Result<Vec<Delta>, relay_core::RelayError> {
+        if ev.data.is_empty() {
+            return Ok(vec![]);
+        }
+        if ev.data == "[DONE]" {
+            self.done = true;
+            return Ok(vec![]);
+        }
+        let v: Value = serde_json::from_str(&ev.data).map_err(|_| {
+            relay_core::RelayError::new(
+                relay_core::ErrorCode::UpstreamProtocol,
+                "upstream sent an invalid stream event",
+            )
+        })?;
+        if v.get("error").is_some_and(|e| !e.is_null()) {
+            return Err(in_band_error("openai", &v));
+        }
+        let mut out = Vec::new();
+        if v["id"].is_string() {
+            out.push(Delta::Meta {
+                id: str_of(&v["id"]),
+                model: str_of(&v["model"]),
+            });
+        }
+        for c in v["choices"].as_array().into_iter().flatten() {
+            let choice = c["index"].as_u64().unwrap_or(0) as u32;
+            let d = &c["delta"];
+            if let Some(t) = d["reasoning_content"].as_str().filter(|t| !t.is_empty()) {
+                out.push(Delta::Thinking {
+                    choice,
+                    text: t.to_owned(),
+                });
+            }
+            if let Some(t) = d["content"].as_str().filter(|t| !t.is_empty()) {
+                out.push(Delta::Text {
+                    choice,
+                    text: t.to_owned(),
+                });
+            }
+            for tc in d["tool_calls"].as_array().into_iter().flatten() {
+                let index = tc["index"].as_u64().unwrap_or(0) as u32;
+                let started = self.started.entry(choice).or_default();
+                if !started.contains(&index) {
+                    started.push(index);
+                    let id = str_of(&tc["id"]).unwrap_or_else(|| format!("call_{choice}_{index}"));
+                    let name = str_of(&tc["function"]["name"]).unwrap_or_default();
+                    out.push(Delta::ToolCallStart {
+                        choice,
+                        index,
+                        id,
+                        name,
+                    });
+                }
+                if let Some(a) = tc["function"]["arguments"].as_str().filter(|a| !a.is_empty()) {
+                    out.push(Delta::ToolCallArgs {
+                        choice,
+                        index,
+                        fragment: a.to_owned(),
+                    });
+                }
+            }
+            if let Some(r) = c["finish_reason"].as_str() {
+                self.finished = true;
+                out.push(Delta::Finish {
+                    choice,
+                    reason: finish_of(r),
+                });
+            }
+        }
+        if v["usage"].is_object() {
+            out.push(Delta::Usage(usage_of(&v["usage"])));
+        }
+        Ok(out)
+    }
+
+    fn complete(&self) -> bool {
+        // Some compatible servers omit `[DONE]`; a finish reason also ends an answer cleanly.
+        self.done || self.finished
     }
 }

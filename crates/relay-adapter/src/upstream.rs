@@ -1,0 +1,175 @@
+//! The HTTP side of providers: one pooled client per provider, requests with auth and trace headers,
+//! non-2xx answers mapped to typed errors, and SSE bodies turned into pipeline units by a decoder.
+
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt, stream};
+use http::HeaderMap;
+use relay_core::{ErrorCode, RelayError};
+
+use crate::config::ProviderConfig;
+use crate::convert::Unit;
+use crate::ir::Delta;
+use crate::providers::{transport_error, upstream_error};
+use crate::sse::{SseEvent, SseParser};
+
+/// Reads one provider's answers.
+pub trait Decoder: Send + 'static {
+    /// One event of a streamed answer. An `Err` is an in-band upstream failure.
+    fn event(&mut self, ev: &SseEvent) -> Result<Vec<Delta>, RelayError>;
+    /// Has the upstream said the answer is finished?
+    fn complete(&self) -> bool;
+}
+
+pub struct Http {
+    pub name: String,
+    client: reqwest::Client,
+    headers: HeaderMap,
+}
+
+impl Http {
+    /// `auth`: the provider's credential headers (marked sensitive so they never print).
+    pub fn new(cfg: &ProviderConfig, mut auth: HeaderMap) -> anyhow::Result<Self> {
+        for v in auth.values_mut() {
+            v.set_sensitive(true);
+        }
+        for (k, v) in &cfg.headers {
+            auth.insert(
+                http::HeaderName::from_bytes(k.as_bytes())?,
+                http::HeaderValue::from_str(v)?,
+            );
+        }
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
+            .read_timeout(Duration::from_secs(cfg.read_timeout_secs))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
+            .build()?;
+        Ok(Self {
+            name: cfg.name.clone(),
+            client,
+            headers: auth,
+        })
+    }
+
+    pub async fn post(
+        &self,
+        url: &str,
+        request_id: &str,
+        extra: HeaderMap,
+        body: Vec<u8>,
+    ) -> Result<reqwest::Response, RelayError> {
+        let mut headers = self.headers.clone();
+        headers.extend(extra);
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        if let Ok(v) = http::HeaderValue::from_str(request_id) {
+            headers.insert("x-request-id", v);
+        }
+        relay_telemetry::inject_current_into_headers(&mut headers);
+        let resp = self
+            .client
+            .post(url)
+            .headers(headers)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| transport_error(&self.name, &e))?;
+        if resp.status().is_success() {
+            Ok(resp)
+        } else {
+            Err(upstream_error(&self.name, resp).await)
+        }
+    }
+
+    pub async fn body(&self, resp: reqwest::Response) -> Result<bytes::Bytes, RelayError> {
+        resp.bytes().await.map_err(|e| transport_error(&self.name, &e))
+    }
+
+    pub fn invalid_answer(&self) -> RelayError {
+        RelayError::new(
+            ErrorCode::UpstreamProtocol,
+            format!("upstream provider `{}` sent an invalid answer", self.name),
+        )
+    }
+}
+
+/// The units of a streamed (SSE) answer, read as they arrive.
+pub fn sse_units(
+    resp: reqwest::Response,
+    decoder: Box<dyn Decoder>,
+    provider: String,
+) -> impl Stream<Item = Unit> + Send {
+    struct St {
+        body: std::pin::Pin<Box<dyn Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+        parser: SseParser,
+        decoder: Box<dyn Decoder>,
+        over: bool,
+    }
+    let st = St {
+        body: Box::pin(resp.bytes_stream()),
+        parser: SseParser::default(),
+        decoder,
+        over: false,
+    };
+    stream::unfold(st, move |mut st| {
+        let provider = provider.clone();
+        async move {
+            if st.over {
+                return None;
+            }
+            let mut units = Vec::new();
+            match st.body.next().await {
+                Some(Ok(bytes)) => {
+                    st.parser.push(&bytes);
+                    while let Some(ev) = st.parser.next_event() {
+                        match st.decoder.event(&ev) {
+                            Ok(deltas) => units.push(Unit::Event { raw: ev.raw, deltas }),
+                            Err(e) => {
+                                units.push(Unit::Fail(e));
+                                st.over = true;
+                                break;
+                            }
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "upstream stream broke");
+                    let msg = format!("upstream provider `{provider}` stream was interrupted");
+                    units.push(Unit::Fail(RelayError::new(ErrorCode::UpstreamServerError, msg)));
+                    st.over = true;
+                }
+                None => {
+                    units.push(Unit::End {
+                        complete: st.decoder.complete(),
+                    });
+                    st.over = true;
+                }
+            }
+            Some((stream::iter(units), st))
+        }
+    })
+    .flatten()
+}
+
+/// An in-band error event's message, for the typed error (4xx-style messages are the provider's own).
+pub fn in_band_error(provider: &str, data: &serde_json::Value) -> RelayError {
+    let err = data.get("error").unwrap_or(data);
+    let kind = err.get("type").and_then(|t| t.as_str()).unwrap_or("");
+    let code = match kind {
+        "overloaded_error" => ErrorCode::Unavailable,
+        "rate_limit_error" => ErrorCode::UpstreamRateLimited,
+        "invalid_request_error" => ErrorCode::UpstreamClientError,
+        _ => ErrorCode::UpstreamServerError,
+    };
+    RelayError::new(
+        code,
+        format!(
+            "upstream provider `{provider}` failed mid-answer ({})",
+            if kind.is_empty() { "error" } else { kind }
+        ),
+    )
+}

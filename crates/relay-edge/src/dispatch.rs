@@ -1,0 +1,93 @@
+//! What every model route shares: reading the body, checking the model, routing from the local cache,
+//! and trying deployments in order until one accepts.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use relay_core::pb::auth::v1::Principal;
+use relay_core::pb::routing::v1::{Deployment, RouteRequest, RouteResponse};
+use relay_core::{ErrorCode, RelayError};
+
+use crate::Edge;
+use crate::usage::UsageRecord;
+
+/// Reads the body up to `limit` bytes (anything larger is refused without being read to the end) and
+/// parses the fields a handler needs; the bytes are kept to forward untouched.
+pub async fn read_json<T: serde::de::DeserializeOwned>(
+    body: Body,
+    limit: usize,
+) -> Result<(Bytes, T), RelayError> {
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        RelayError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("Request body too large: the limit is {limit} bytes."),
+        )
+    })?;
+    let parsed = serde_json::from_slice(&bytes).map_err(|e| {
+        RelayError::invalid_request(format!("We could not parse the JSON body of your request: {e}"))
+    })?;
+    Ok((bytes, parsed))
+}
+
+pub fn required_model(model: Option<String>) -> Result<String, RelayError> {
+    model
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| RelayError::invalid_request("you must provide a model parameter").with_param("model"))
+}
+
+pub fn ensure_allowed(principal: &Principal, model: &str) -> Result<(), RelayError> {
+    if relay_core::model_allowed(&principal.allowed_models, model) {
+        Ok(())
+    } else {
+        Err(RelayError::new(
+            ErrorCode::PermissionDenied,
+            format!("This key may not use model `{model}`."),
+        )
+        .with_param("model"))
+    }
+}
+
+pub async fn route(edge: &Edge, model: &str, stream: bool) -> Result<Arc<RouteResponse>, RelayError> {
+    if let Some(r) = edge.inner.routes.get(&model.to_owned()) {
+        return Ok(r);
+    }
+    let req = RouteRequest {
+        model: model.to_owned(),
+        stream,
+        ..Default::default()
+    };
+    let resp = Arc::new(edge.inner.services.router.route(req).await?);
+    let ttl = std::time::Duration::from_millis(u64::from(resp.cache_ttl_ms));
+    edge.inner.routes.insert(model.to_owned(), resp.clone(), ttl);
+    Ok(resp)
+}
+
+/// Tries each candidate in order until one accepts; moves on only on retryable failures. Each attempt is
+/// noted in the usage record, when there is one.
+pub async fn with_failover<T, F, Fut>(
+    candidates: &[Deployment],
+    mut rec: Option<&mut UsageRecord>,
+    mut call: F,
+) -> Result<T, RelayError>
+where
+    F: FnMut(&Deployment) -> Fut,
+    Fut: std::future::Future<Output = Result<T, RelayError>>,
+{
+    for (i, dep) in candidates.iter().enumerate() {
+        if let Some(r) = rec.as_deref_mut() {
+            r.attempt(dep);
+        }
+        match call(dep).await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.code.is_retryable() && i + 1 < candidates.len() => {
+                metrics::counter!("relay_edge_failover_total", "code" => e.code.as_str()).increment(1);
+                tracing::warn!(deployment = %dep.id, code = e.code.as_str(), "deployment failed before first byte; trying next");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(RelayError::new(
+        ErrorCode::Unavailable,
+        "no deployment is available for this model",
+    ))
+}
