@@ -7,24 +7,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut out = String::new();
     for backend in ["postgres", "sqlite"] {
         let dir = root.join(backend);
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)?
-            .map(|e| e.map(|e| e.path()))
-            .collect::<Result<_, _>>()?;
+        let mut files: Vec<PathBuf> =
+            std::fs::read_dir(&dir)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
         files.retain(|p| p.extension().is_some_and(|e| e == "sql"));
         files.sort();
-        writeln!(
-            out,
-            "pub static {}: &[(i64, &str, &str)] = &[",
-            backend.to_uppercase()
-        )?;
+        writeln!(out, "pub static {}: &[(i64, &str, &str)] = &[", backend.to_uppercase())?;
         for f in files {
-            let stem = f
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .ok_or("bad migration file name")?;
-            let (version, desc) = stem
-                .split_once('_')
-                .ok_or("migration must be named <version>_<what>.sql")?;
+            let stem = f.file_stem().and_then(|s| s.to_str()).ok_or("bad migration file name")?;
+            let (version, desc) =
+                stem.split_once('_').ok_or("migration must be named <version>_<what>.sql")?;
             let version: i64 = version.parse()?;
             writeln!(
                 out,
@@ -35,10 +26,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         writeln!(out, "];")?;
     }
-    std::fs::write(
-        PathBuf::from(std::env::var("OUT_DIR")?).join("migrations.rs"),
-        out,
-    )?;
+    std::fs::write(PathBuf::from(std::env::var("OUT_DIR")?).join("migrations.rs"), out)?;
     println!("cargo:rerun-if-changed={}", root.display());
     Ok(())
 }

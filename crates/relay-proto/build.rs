@@ -7,13 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files: Vec<PathBuf> = ["common", "auth", "routing", "adapter", "billing", "events"]
         .iter()
         .map(|pkg| root.join(format!("relay/{pkg}/v1/{pkg}.proto")))
-        .map(|p| {
-            if p.exists() {
-                p
-            } else {
-                p.with_file_name("usage.proto")
-            }
-        })
+        .map(|p| if p.exists() { p } else { p.with_file_name("usage.proto") })
         .collect();
     let fds = protox::compile(&files, [&root])?;
     tonic_prost_build::configure()

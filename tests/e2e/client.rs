@@ -11,10 +11,7 @@ use crate::harness::KEY;
 
 pub fn http() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap()
+    reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
 }
 
 pub struct Answer {
@@ -24,21 +21,11 @@ pub struct Answer {
 }
 
 pub async fn chat(c: &reqwest::Client, base: &str, body: Value) -> Answer {
-    let r = c
-        .post(format!("{base}/v1/chat/completions"))
-        .bearer_auth(KEY)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(format!("{base}/v1/chat/completions")).bearer_auth(KEY).json(&body).send().await.unwrap();
     let status = r.status().as_u16();
     let request_id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
     let body = r.json().await.unwrap_or(Value::Null);
-    Answer {
-        status,
-        request_id,
-        body,
-    }
+    Answer { status, request_id, body }
 }
 
 pub fn user(model: &str, text: &str) -> Value {
@@ -59,13 +46,8 @@ pub struct Streamed {
 /// Sends a streaming request and assembles the answer from the SSE events.
 pub async fn chat_stream(c: &reqwest::Client, base: &str, mut body: Value) -> Streamed {
     body["stream"] = json!(true);
-    let mut r = c
-        .post(format!("{base}/v1/chat/completions"))
-        .bearer_auth(KEY)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let mut r =
+        c.post(format!("{base}/v1/chat/completions")).bearer_auth(KEY).json(&body).send().await.unwrap();
     assert_eq!(r.status(), 200, "stream refused");
     assert_eq!(r.headers()["content-type"], "text/event-stream");
     let mut out = Streamed {
@@ -112,19 +94,11 @@ pub async fn chat_stream(c: &reqwest::Client, base: &str, mut body: Value) -> St
 pub async fn recorded_usage(billing: &relay_proto::clients::GrpcBilling, request_id: &str) -> UsageEvent {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        match billing
-            .get_usage(GetUsageRequest {
-                request_id: request_id.to_owned(),
-            })
-            .await
-        {
+        match billing.get_usage(GetUsageRequest { request_id: request_id.to_owned() }).await {
             Ok(ev) => return ev,
             Err(e) if tokio::time::Instant::now() < deadline => {
                 assert!(
-                    matches!(
-                        e.code,
-                        relay_core::ErrorCode::NotFound | relay_core::ErrorCode::Unavailable
-                    ),
+                    matches!(e.code, relay_core::ErrorCode::NotFound | relay_core::ErrorCode::Unavailable),
                     "{e:?}"
                 );
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -141,8 +115,5 @@ pub fn billing_client(grpc: &str) -> relay_proto::clients::GrpcBilling {
 /// The mock's usage for a single user message `text`: prompt = 1000 + words, completion = reply words.
 pub fn mock_usage(text: &str) -> (u64, u64) {
     let reply = relay_test_support::echo(text);
-    (
-        1000 + text.split_whitespace().count() as u64,
-        reply.split(' ').count() as u64,
-    )
+    (1000 + text.split_whitespace().count() as u64, reply.split(' ').count() as u64)
 }

@@ -53,24 +53,13 @@ impl TraceService for Svc {
                 .unwrap_or_default();
             for ss in rs.scope_spans {
                 for s in ss.spans {
-                    let attrs = s
-                        .attributes
-                        .iter()
-                        .map(|a| (a.key.clone(), text(&a.value)))
-                        .collect();
+                    let attrs = s.attributes.iter().map(|a| (a.key.clone(), text(&a.value))).collect();
                     let trace_id = s.trace_id.iter().map(|b| format!("{b:02x}")).collect();
-                    out.push(SpanRecord {
-                        service: service.clone(),
-                        name: s.name.clone(),
-                        trace_id,
-                        attrs,
-                    });
+                    out.push(SpanRecord { service: service.clone(), name: s.name.clone(), trace_id, attrs });
                 }
             }
         }
-        Ok(tonic::Response::new(ExportTraceServiceResponse {
-            partial_success: None,
-        }))
+        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
     }
 }
 
@@ -82,15 +71,9 @@ impl Collector {
         let svc = TraceServiceServer::new(Svc(spans.clone()));
         tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-            let _ = tonic::transport::Server::builder()
-                .add_service(svc)
-                .serve_with_incoming(incoming)
-                .await;
+            let _ = tonic::transport::Server::builder().add_service(svc).serve_with_incoming(incoming).await;
         });
-        Self {
-            spans,
-            endpoint: format!("http://{addr}"),
-        }
+        Self { spans, endpoint: format!("http://{addr}") }
     }
 
     pub fn spans(&self) -> Vec<SpanRecord> {
@@ -109,10 +92,6 @@ impl Collector {
 
     /// Services that exported at least one span in `trace_id`.
     pub fn services_in(&self, trace_id: &str) -> std::collections::BTreeSet<String> {
-        self.spans()
-            .into_iter()
-            .filter(|s| s.trace_id == trace_id)
-            .map(|s| s.service)
-            .collect()
+        self.spans().into_iter().filter(|s| s.trace_id == trace_id).map(|s| s.service).collect()
     }
 }

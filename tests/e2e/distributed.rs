@@ -28,10 +28,9 @@ fn backend(service: &str, shared: &str, extra: &str) -> String {
 
 #[tokio::test]
 async fn five_processes_over_grpc_nats_and_postgres() {
-    let (Some(nats), Some(pg)) = (
-        relay_test_support::env_service("NATS_URL"),
-        relay_test_support::env_service("DATABASE_URL"),
-    ) else {
+    let (Some(nats), Some(pg)) =
+        (relay_test_support::env_service("NATS_URL"), relay_test_support::env_service("DATABASE_URL"))
+    else {
         return;
     };
     let mock = relay_test_support::MockOpenAi::start().await;
@@ -60,28 +59,17 @@ async fn five_processes_over_grpc_nats_and_postgres() {
 
     // One trace per request across every service, the billing consumer included.
     let first = &sent[0];
-    let want: BTreeSet<String> = [
-        "relay-edge",
-        "relay-auth",
-        "relay-routing",
-        "relay-adapter",
-        "relay-billing",
-    ]
-    .map(String::from)
-    .into();
+    let want: BTreeSet<String> =
+        ["relay-edge", "relay-auth", "relay-routing", "relay-adapter", "relay-billing"]
+            .map(String::from)
+            .into();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let got = collector
-            .trace_of(first)
-            .map(|t| collector.services_in(&t))
-            .unwrap_or_default();
+        let got = collector.trace_of(first).map(|t| collector.services_in(&t)).unwrap_or_default();
         if got == want {
             break;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "trace of {first} spans {got:?}, want {want:?}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "trace of {first} spans {got:?}, want {want:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 

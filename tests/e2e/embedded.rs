@@ -29,25 +29,13 @@ async fn embedded_single_process_serves_and_records_every_request_once() {
 
     // Health and metrics on the admin listener.
     let admin = format!("http://{}", relay.bound["admin"].as_str().unwrap());
-    assert_eq!(
-        c.get(format!("{admin}/readyz")).send().await.unwrap().status(),
-        200
-    );
-    let metrics = c
-        .get(format!("{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    assert_eq!(c.get(format!("{admin}/readyz")).send().await.unwrap().status(), 200);
+    let metrics = c.get(format!("{admin}/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("relay_edge_requests_total"), "{metrics}");
 
     // Graceful stop flushes the bus; then SQLite holds exactly one row per request id.
     relay.stop().await;
-    let db = Db::connect(&format!("sqlite://{}", db_path.display()))
-        .await
-        .unwrap();
+    let db = Db::connect(&format!("sqlite://{}", db_path.display())).await.unwrap();
     let Db::Sqlite(pool) = &db else { unreachable!() };
     for id in &sent {
         let n: i64 = sqlx::query("SELECT COUNT(*) FROM usage_records WHERE request_id = ?")
@@ -58,16 +46,8 @@ async fn embedded_single_process_serves_and_records_every_request_once() {
             .get(0);
         assert_eq!(n, 1, "request {id}");
     }
-    let total: i64 = sqlx::query("SELECT COUNT(*) FROM usage_records")
-        .fetch_one(pool)
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(
-        total as usize,
-        sent.len() + 1,
-        "one row per authenticated request (scenario + demo)"
-    );
+    let total: i64 = sqlx::query("SELECT COUNT(*) FROM usage_records").fetch_one(pool).await.unwrap().get(0);
+    assert_eq!(total as usize, sent.len() + 1, "one row per authenticated request (scenario + demo)");
 }
 
 #[tokio::test]

@@ -41,11 +41,7 @@ impl RelayProc {
     }
 
     async fn spawn(config: PathBuf, log: PathBuf) -> Self {
-        let stderr = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
+        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_relay"))
             .args(["serve", "--config"])
             .arg(&config)
@@ -67,26 +63,15 @@ impl RelayProc {
         };
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Self {
-            child,
-            config,
-            bound,
-            log,
-        }
+        Self { child, config, bound, log }
     }
 
     pub fn http(&self) -> String {
-        format!(
-            "http://{}",
-            self.bound["http"].as_str().expect("no http listener")
-        )
+        format!("http://{}", self.bound["http"].as_str().expect("no http listener"))
     }
 
     pub fn grpc(&self) -> String {
-        format!(
-            "http://{}",
-            self.bound["grpc"].as_str().expect("no grpc listener")
-        )
+        format!("http://{}", self.bound["grpc"].as_str().expect("no grpc listener"))
     }
 
     pub fn log(&self) -> String {
@@ -96,10 +81,7 @@ impl RelayProc {
     /// SIGTERM, then wait for a clean exit.
     pub async fn stop(mut self) {
         if let Some(pid) = self.child.id() {
-            let _ = std::process::Command::new("kill")
-                .arg("-TERM")
-                .arg(pid.to_string())
-                .status();
+            let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
         }
         let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
         assert!(

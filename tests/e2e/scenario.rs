@@ -27,10 +27,7 @@ pub async fn run(base: &str, billing: &GrpcBilling, mock: &MockOpenAi) -> Vec<St
     assert_eq!(up.len(), 1);
     assert_eq!(up[0].headers["authorization"], "Bearer mock-upstream-key");
     assert_eq!(up[0].body["model"], "gpt-mock-upstream");
-    assert!(
-        !format!("{:?}", up[0].headers).contains(crate::harness::KEY),
-        "client key leaked upstream"
-    );
+    assert!(!format!("{:?}", up[0].headers).contains(crate::harness::KEY), "client key leaked upstream");
     let ev = recorded_usage(billing, &a.request_id).await;
     assert_eq!(
         (ev.outcome(), ev.key_id.as_str(), ev.team_id.as_str()),
@@ -51,13 +48,7 @@ pub async fn run(base: &str, billing: &GrpcBilling, mock: &MockOpenAi) -> Vec<St
     assert_eq!(s.finish.as_deref(), Some("stop"));
     let (p, cmp) = mock_usage(&text);
     let usage = s.usage.clone().expect("usage chunk");
-    assert_eq!(
-        (
-            usage["prompt_tokens"].as_u64(),
-            usage["completion_tokens"].as_u64()
-        ),
-        (Some(p), Some(cmp))
-    );
+    assert_eq!((usage["prompt_tokens"].as_u64(), usage["completion_tokens"].as_u64()), (Some(p), Some(cmp)));
     let ev = recorded_usage(billing, &s.request_id).await;
     assert!(ev.stream && ev.time_to_first_byte_ms > 0);
     assert_eq!(ev.usage.unwrap().output_tokens, cmp);
@@ -69,10 +60,7 @@ pub async fn run(base: &str, billing: &GrpcBilling, mock: &MockOpenAi) -> Vec<St
     let s = chat_stream(&c, base, user(MODEL, &text)).await;
     assert_eq!(s.text, echo(&text));
     assert!(s.usage.is_none(), "usage chunk sent although not requested");
-    assert_eq!(
-        mock.requests_containing(&text)[0].body["stream_options"]["include_usage"],
-        true
-    );
+    assert_eq!(mock.requests_containing(&text)[0].body["stream_options"]["include_usage"], true);
     let ev = recorded_usage(billing, &s.request_id).await;
     assert_eq!(ev.usage.unwrap().input_tokens, mock_usage(&text).0);
     sent.push(s.request_id);
@@ -107,15 +95,9 @@ pub async fn run(base: &str, billing: &GrpcBilling, mock: &MockOpenAi) -> Vec<St
         .unwrap();
     assert_eq!(r.status(), 400);
     sent.push(r.headers()["x-request-id"].to_str().unwrap().to_owned());
-    assert_eq!(
-        r.json::<serde_json::Value>().await.unwrap()["error"]["type"],
-        "invalid_request_error"
-    );
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["error"]["type"], "invalid_request_error");
     let a = chat(&c, base, user("no-such-model", "hi")).await;
-    assert_eq!(
-        (a.status, a.body["error"]["code"].as_str()),
-        (404, Some("model_not_found"))
-    );
+    assert_eq!((a.status, a.body["error"]["code"].as_str()), (404, Some("model_not_found")));
     sent.push(a.request_id);
     let r = c
         .post(format!("{base}/v1/chat/completions"))
@@ -125,10 +107,7 @@ pub async fn run(base: &str, billing: &GrpcBilling, mock: &MockOpenAi) -> Vec<St
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
-    assert_eq!(
-        r.json::<serde_json::Value>().await.unwrap()["error"]["type"],
-        "authentication_error"
-    );
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["error"]["type"], "authentication_error");
 
     // The client's x-request-id is echoed and used as the usage event id.
     let rid = format!("client-{}", uuid::Uuid::now_v7().simple());

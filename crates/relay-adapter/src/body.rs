@@ -18,11 +18,7 @@ impl<'a> JsonBody<'a> {
     pub fn parse(bytes: &'a [u8]) -> Result<Self, RelayError> {
         let fields: HashMap<String, &RawValue> = serde_json::from_slice(bytes)
             .map_err(|e| RelayError::invalid_request(format!("request body is not a JSON object: {e}")))?;
-        Ok(Self {
-            bytes,
-            fields,
-            edits: Vec::new(),
-        })
+        Ok(Self { bytes, fields, edits: Vec::new() })
     }
 
     /// The raw JSON text of a top-level field.
@@ -42,11 +38,7 @@ impl<'a> JsonBody<'a> {
         if let Some(span) = self.span(key) {
             self.edits.push((span, json));
         } else {
-            let end = self
-                .bytes
-                .iter()
-                .rposition(|b| *b == b'}')
-                .unwrap_or(self.bytes.len());
+            let end = self.bytes.iter().rposition(|b| *b == b'}').unwrap_or(self.bytes.len());
             let sep = if self.fields.is_empty() { "" } else { "," };
             let key = serde_json::to_string(key).unwrap_or_default();
             self.edits.push((end..end, format!("{sep}{key}:{json}")));
@@ -96,10 +88,7 @@ mod tests {
         let mut j = JsonBody::parse(body).unwrap();
         j.set("model", json_str("gpt-4o-mini"));
         let out = String::from_utf8(j.into_bytes()).unwrap();
-        assert_eq!(
-            out,
-            r#"{ "model" : "gpt-4o-mini",  "x_unknown": {"b":1.50, "a":[1e3]},"messages":[] }"#
-        );
+        assert_eq!(out, r#"{ "model" : "gpt-4o-mini",  "x_unknown": {"b":1.50, "a":[1e3]},"messages":[] }"#);
     }
 
     #[test]

@@ -79,9 +79,8 @@ impl AdapterConfig {
                 errors.push(format!("{at}: base_url must start with http:// or https://"));
             }
             match p.kind {
-                ProviderKind::Openai | ProviderKind::Azure if p.base_url.is_none() => errors.push(format!(
-                    "{at}: base_url is required for OpenAI-compatible and Azure providers"
-                )),
+                ProviderKind::Openai | ProviderKind::Azure if p.base_url.is_none() => errors
+                    .push(format!("{at}: base_url is required for OpenAI-compatible and Azure providers")),
                 ProviderKind::Openai
                 | ProviderKind::Azure
                 | ProviderKind::Anthropic

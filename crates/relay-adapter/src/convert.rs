@@ -53,13 +53,8 @@ pub fn stream_answer(
         Output::Native { drop_usage_only } => (None, drop_usage_only),
         Output::Converted { protocol, ctx } => (Some(inbound::stream_encoder(protocol, ctx)), false),
     };
-    let state = Drive {
-        encoder,
-        drop_usage_only,
-        usage: TokenUsage::default(),
-        saw_usage: false,
-        over: false,
-    };
+    let state =
+        Drive { encoder, drop_usage_only, usage: TokenUsage::default(), saw_usage: false, over: false };
     units
         .scan(state, |st, unit| {
             if st.over {
@@ -85,8 +80,9 @@ pub fn stream_answer(
                     match &st.encoder {
                         Some(_) => out.extend(bytes.into_iter().map(chunk)),
                         None => {
-                            let usage_only =
-                                !deltas.is_empty() && deltas.iter().all(|d| matches!(d, Delta::Usage(_)));
+                            // Usage plus the id/model every chunk repeats, and nothing else.
+                            let usage_only = deltas.iter().any(|d| matches!(d, Delta::Usage(_)))
+                                && deltas.iter().all(|d| matches!(d, Delta::Usage(_) | Delta::Meta { .. }));
                             if !(raw.is_empty() || usage_only && st.drop_usage_only) {
                                 out.push(chunk(raw));
                             }
@@ -150,19 +146,11 @@ mod tests {
     use relay_core::pb::adapter::v1::chat_event::Event;
 
     fn ctx() -> AnswerCtx {
-        AnswerCtx {
-            request_id: "r".into(),
-            model: "m".into(),
-            created: 1,
-            include_usage: true,
-        }
+        AnswerCtx { request_id: "r".into(), model: "m".into(), created: 1, include_usage: true }
     }
 
     async fn run(units: Vec<Unit>, output: Output) -> Vec<Event> {
-        stream_answer(stream::iter(units), output)
-            .filter_map(|e| async move { e.event })
-            .collect()
-            .await
+        stream_answer(stream::iter(units), output).filter_map(|e| async move { e.event }).collect().await
     }
 
     #[tokio::test]
@@ -170,27 +158,18 @@ mod tests {
         let units = vec![
             Unit::Event {
                 raw: Bytes::from_static(b"a"),
-                deltas: vec![Delta::Text {
-                    choice: 0,
-                    text: "x".into(),
-                }],
+                deltas: vec![Delta::Text { choice: 0, text: "x".into() }],
             },
             Unit::Event {
                 raw: Bytes::from_static(b"u"),
-                deltas: vec![Delta::Usage(TokenUsage {
-                    input_tokens: 4,
-                    ..Default::default()
-                })],
+                deltas: vec![
+                    Delta::Meta { id: Some("c".into()), model: None },
+                    Delta::Usage(TokenUsage { input_tokens: 4, ..Default::default() }),
+                ],
             },
             Unit::End { complete: true },
         ];
-        let evs = run(
-            units,
-            Output::Native {
-                drop_usage_only: true,
-            },
-        )
-        .await;
+        let evs = run(units, Output::Native { drop_usage_only: true }).await;
         assert!(matches!(&evs[0], Event::Chunk(c) if &c.data[..] == b"a"));
         assert!(matches!(&evs[1], Event::Usage(u) if u.input_tokens == 4));
         assert_eq!(evs.len(), 2);
@@ -198,52 +177,26 @@ mod tests {
 
     #[tokio::test]
     async fn early_end_and_failures_become_errors() {
-        let evs = run(
-            vec![Unit::End { complete: false }],
-            Output::Native {
-                drop_usage_only: false,
-            },
-        )
-        .await;
+        let evs = run(vec![Unit::End { complete: false }], Output::Native { drop_usage_only: false }).await;
         assert!(matches!(&evs[0], Event::Error(_)));
         let e = RelayError::from_upstream_status(529, "overloaded");
-        let evs = run(
-            vec![Unit::Fail(e), Unit::End { complete: true }],
-            Output::Native {
-                drop_usage_only: false,
-            },
-        )
-        .await;
+        let evs =
+            run(vec![Unit::Fail(e), Unit::End { complete: true }], Output::Native { drop_usage_only: false })
+                .await;
         assert_eq!(evs.len(), 1, "nothing after a failure");
     }
 
     #[tokio::test]
     async fn converted_output_reencodes_deltas() {
         let units = vec![
+            Unit::Event { raw: Bytes::new(), deltas: vec![Delta::Text { choice: 0, text: "hi".into() }] },
             Unit::Event {
                 raw: Bytes::new(),
-                deltas: vec![Delta::Text {
-                    choice: 0,
-                    text: "hi".into(),
-                }],
-            },
-            Unit::Event {
-                raw: Bytes::new(),
-                deltas: vec![Delta::Finish {
-                    choice: 0,
-                    reason: Finish::Stop,
-                }],
+                deltas: vec![Delta::Finish { choice: 0, reason: Finish::Stop }],
             },
             Unit::End { complete: true },
         ];
-        let evs = run(
-            units,
-            Output::Converted {
-                protocol: Protocol::OpenaiChat,
-                ctx: ctx(),
-            },
-        )
-        .await;
+        let evs = run(units, Output::Converted { protocol: Protocol::OpenaiChat, ctx: ctx() }).await;
         let text: String = evs
             .iter()
             .filter_map(|e| {

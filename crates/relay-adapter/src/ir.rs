@@ -76,10 +76,7 @@ impl Image {
             && let Some((meta, data)) = rest.split_once(',')
             && let Some(media_type) = meta.strip_suffix(";base64")
         {
-            return Self::Base64 {
-                media_type: media_type.to_owned(),
-                data: data.to_owned(),
-            };
+            return Self::Base64 { media_type: media_type.to_owned(), data: data.to_owned() };
         }
         Self::Url(url.to_owned())
     }
@@ -111,11 +108,7 @@ pub enum ToolChoice {
 #[derive(Debug, Clone, PartialEq)]
 pub enum ResponseFormat {
     JsonObject,
-    JsonSchema {
-        name: String,
-        schema: Value,
-        strict: Option<bool>,
-    },
+    JsonSchema { name: String, schema: Value, strict: Option<bool> },
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -281,38 +274,22 @@ impl Response {
             },
             Delta::Thinking { choice, text } => match self.choice(choice).parts.last_mut() {
                 Some(Part::Thinking { text: t, .. }) => t.push_str(&text),
-                _ => self.choice(choice).parts.push(Part::Thinking {
-                    text,
-                    signature: None,
-                }),
+                _ => self.choice(choice).parts.push(Part::Thinking { text, signature: None }),
             },
             Delta::ThinkingSignature { choice, signature } => {
                 let parts = &mut self.choice(choice).parts;
-                match parts
-                    .iter_mut()
-                    .rev()
-                    .find(|p| matches!(p, Part::Thinking { .. }))
-                {
+                match parts.iter_mut().rev().find(|p| matches!(p, Part::Thinking { .. })) {
                     Some(Part::Thinking { signature: s, .. }) => *s = Some(signature),
-                    _ => parts.push(Part::Thinking {
-                        text: String::new(),
-                        signature: Some(signature),
-                    }),
+                    _ => parts.push(Part::Thinking { text: String::new(), signature: Some(signature) }),
                 }
             }
             Delta::RedactedThinking { choice, data } => {
                 self.choice(choice).parts.push(Part::RedactedThinking { data })
             }
-            Delta::ToolCallStart { choice, id, name, .. } => self.choice(choice).parts.push(Part::ToolCall {
-                id,
-                name,
-                arguments: String::new(),
-            }),
-            Delta::ToolCallArgs {
-                choice,
-                index,
-                fragment,
-            } => {
+            Delta::ToolCallStart { choice, id, name, .. } => {
+                self.choice(choice).parts.push(Part::ToolCall { id, name, arguments: String::new() })
+            }
+            Delta::ToolCallArgs { choice, index, fragment } => {
                 let call = self
                     .choice(choice)
                     .parts
@@ -331,16 +308,7 @@ impl Response {
 
 /// Text content of parts (text parts only), joined.
 pub fn text_of(parts: &[Part]) -> String {
-    parts
-        .iter()
-        .filter_map(|p| {
-            if let Part::Text(t) = p {
-                Some(t.as_str())
-            } else {
-                None
-            }
-        })
-        .collect()
+    parts.iter().filter_map(|p| if let Part::Text(t) = p { Some(t.as_str()) } else { None }).collect()
 }
 
 #[cfg(test)]
@@ -351,70 +319,26 @@ mod tests {
     fn deltas_assemble_into_an_answer() {
         let mut r = Response::default();
         for d in [
-            Delta::Meta {
-                id: Some("x".into()),
-                model: Some("m".into()),
-            },
-            Delta::Thinking {
-                choice: 0,
-                text: "hm".into(),
-            },
-            Delta::ThinkingSignature {
-                choice: 0,
-                signature: "sig".into(),
-            },
-            Delta::Text {
-                choice: 0,
-                text: "Hel".into(),
-            },
-            Delta::Text {
-                choice: 0,
-                text: "lo".into(),
-            },
-            Delta::ToolCallStart {
-                choice: 0,
-                index: 0,
-                id: "c1".into(),
-                name: "f".into(),
-            },
-            Delta::ToolCallArgs {
-                choice: 0,
-                index: 0,
-                fragment: "{\"a\":".into(),
-            },
-            Delta::ToolCallArgs {
-                choice: 0,
-                index: 0,
-                fragment: "1}".into(),
-            },
-            Delta::Finish {
-                choice: 0,
-                reason: Finish::ToolCalls,
-            },
-            Delta::Usage(TokenUsage {
-                input_tokens: 5,
-                ..Default::default()
-            }),
-            Delta::Usage(TokenUsage {
-                output_tokens: 3,
-                ..Default::default()
-            }),
+            Delta::Meta { id: Some("x".into()), model: Some("m".into()) },
+            Delta::Thinking { choice: 0, text: "hm".into() },
+            Delta::ThinkingSignature { choice: 0, signature: "sig".into() },
+            Delta::Text { choice: 0, text: "Hel".into() },
+            Delta::Text { choice: 0, text: "lo".into() },
+            Delta::ToolCallStart { choice: 0, index: 0, id: "c1".into(), name: "f".into() },
+            Delta::ToolCallArgs { choice: 0, index: 0, fragment: "{\"a\":".into() },
+            Delta::ToolCallArgs { choice: 0, index: 0, fragment: "1}".into() },
+            Delta::Finish { choice: 0, reason: Finish::ToolCalls },
+            Delta::Usage(TokenUsage { input_tokens: 5, ..Default::default() }),
+            Delta::Usage(TokenUsage { output_tokens: 3, ..Default::default() }),
         ] {
             r.apply(d);
         }
         assert_eq!(
             r.choices[0].parts,
             vec![
-                Part::Thinking {
-                    text: "hm".into(),
-                    signature: Some("sig".into())
-                },
+                Part::Thinking { text: "hm".into(), signature: Some("sig".into()) },
                 Part::Text("Hello".into()),
-                Part::ToolCall {
-                    id: "c1".into(),
-                    name: "f".into(),
-                    arguments: "{\"a\":1}".into()
-                },
+                Part::ToolCall { id: "c1".into(), name: "f".into(), arguments: "{\"a\":1}".into() },
             ]
         );
         assert_eq!(r.choices[0].finish, Some(Finish::ToolCalls));
@@ -424,17 +348,8 @@ mod tests {
     #[test]
     fn data_urls_round_trip() {
         let i = Image::from_url("data:image/png;base64,AAAA");
-        assert_eq!(
-            i,
-            Image::Base64 {
-                media_type: "image/png".into(),
-                data: "AAAA".into()
-            }
-        );
+        assert_eq!(i, Image::Base64 { media_type: "image/png".into(), data: "AAAA".into() });
         assert_eq!(i.to_url(), "data:image/png;base64,AAAA");
-        assert_eq!(
-            Image::from_url("https://x/y.png"),
-            Image::Url("https://x/y.png".into())
-        );
+        assert_eq!(Image::from_url("https://x/y.png"), Image::Url("https://x/y.png".into()));
     }
 }

@@ -36,10 +36,7 @@ impl AdapterService {
     fn provider(&self, name: &str) -> Result<&Arc<dyn Provider>> {
         self.providers.get(name).ok_or_else(|| {
             // A routing/adapter config mismatch: the operator's problem, reported without detail to callers.
-            tracing::error!(
-                provider = name,
-                "deployment names a provider the adapter does not have"
-            );
+            tracing::error!(provider = name, "deployment names a provider the adapter does not have");
             RelayError::new(ErrorCode::Internal, "the selected deployment is misconfigured")
         })
     }

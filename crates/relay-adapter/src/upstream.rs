@@ -34,10 +34,7 @@ impl Http {
             v.set_sensitive(true);
         }
         for (k, v) in &cfg.headers {
-            auth.insert(
-                http::HeaderName::from_bytes(k.as_bytes())?,
-                http::HeaderValue::from_str(v)?,
-            );
+            auth.insert(http::HeaderName::from_bytes(k.as_bytes())?, http::HeaderValue::from_str(v)?);
         }
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
@@ -46,11 +43,7 @@ impl Http {
             .pool_max_idle_per_host(256)
             .tcp_nodelay(true)
             .build()?;
-        Ok(Self {
-            name: cfg.name.clone(),
-            client,
-            headers: auth,
-        })
+        Ok(Self { name: cfg.name.clone(), client, headers: auth })
     }
 
     pub async fn post(
@@ -62,10 +55,7 @@ impl Http {
     ) -> Result<reqwest::Response, RelayError> {
         let mut headers = self.headers.clone();
         headers.extend(extra);
-        headers.insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("application/json"),
-        );
+        headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
         if let Ok(v) = http::HeaderValue::from_str(request_id) {
             headers.insert("x-request-id", v);
         }
@@ -78,11 +68,7 @@ impl Http {
             .send()
             .await
             .map_err(|e| transport_error(&self.name, &e))?;
-        if resp.status().is_success() {
-            Ok(resp)
-        } else {
-            Err(upstream_error(&self.name, resp).await)
-        }
+        if resp.status().is_success() { Ok(resp) } else { Err(upstream_error(&self.name, resp).await) }
     }
 
     pub async fn body(&self, resp: reqwest::Response) -> Result<bytes::Bytes, RelayError> {
@@ -109,12 +95,7 @@ pub fn sse_units(
         decoder: Box<dyn Decoder>,
         over: bool,
     }
-    let st = St {
-        body: Box::pin(resp.bytes_stream()),
-        parser: SseParser::default(),
-        decoder,
-        over: false,
-    };
+    let st = St { body: Box::pin(resp.bytes_stream()), parser: SseParser::default(), decoder, over: false };
     stream::unfold(st, move |mut st| {
         let provider = provider.clone();
         async move {
@@ -143,9 +124,7 @@ pub fn sse_units(
                     st.over = true;
                 }
                 None => {
-                    units.push(Unit::End {
-                        complete: st.decoder.complete(),
-                    });
+                    units.push(Unit::End { complete: st.decoder.complete() });
                     st.over = true;
                 }
             }

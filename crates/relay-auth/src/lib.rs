@@ -30,11 +30,7 @@ pub struct AuthConfig {
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        Self {
-            pepper: Secret::default(),
-            cache_ttl_secs: 30,
-            keys: Vec::new(),
-        }
+        Self { pepper: Secret::default(), cache_ttl_secs: 30, keys: Vec::new() }
     }
 }
 
@@ -80,9 +76,7 @@ impl AuthConfig {
                 errors.push(format!("auth.keys[{i}].id: must be non-empty and unique"));
             }
             if parse_hash(&k.hash).is_none() {
-                errors.push(format!(
-                    "auth.keys[{i}].hash: expected `{HASH_PREFIX}<64 hex digits>`"
-                ));
+                errors.push(format!("auth.keys[{i}].hash: expected `{HASH_PREFIX}<64 hex digits>`"));
             }
         }
     }
@@ -138,19 +132,9 @@ impl AuthService {
                 expires_at: k.expires_at.unwrap_or(0),
                 ..Default::default()
             };
-            keys.insert(
-                hash,
-                KeyEntry {
-                    principal,
-                    enabled: k.enabled,
-                },
-            );
+            keys.insert(hash, KeyEntry { principal, enabled: k.enabled });
         }
-        Ok(Self {
-            pepper: cfg.pepper.clone(),
-            cache_ttl_secs: cfg.cache_ttl_secs,
-            keys,
-        })
+        Ok(Self { pepper: cfg.pepper.clone(), cache_ttl_secs: cfg.cache_ttl_secs, keys })
     }
 }
 
@@ -170,37 +154,24 @@ impl Authenticator for AuthService {
                 "Missing API key. Send it as `Authorization: Bearer <key>`.",
             ));
         }
-        let entry = self
-            .keys
-            .get(&digest(&self.pepper, &req.api_key))
-            .ok_or_else(invalid_key)?;
+        let entry = self.keys.get(&digest(&self.pepper, &req.api_key)).ok_or_else(invalid_key)?;
         if !entry.enabled {
-            return Err(RelayError::new(
-                ErrorCode::Unauthenticated,
-                "This API key has been disabled.",
-            ));
+            return Err(RelayError::new(ErrorCode::Unauthenticated, "This API key has been disabled."));
         }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
         let p = &entry.principal;
         if p.expires_at != 0 && p.expires_at <= now {
-            return Err(RelayError::new(
-                ErrorCode::Unauthenticated,
-                "This API key has expired.",
-            ));
+            return Err(RelayError::new(ErrorCode::Unauthenticated, "This API key has expired."));
         }
         // Never cache past expiry.
         let ttl = if p.expires_at == 0 {
             self.cache_ttl_secs
         } else {
-            self.cache_ttl_secs
-                .min(u32::try_from(p.expires_at - now).unwrap_or(u32::MAX))
+            self.cache_ttl_secs.min(u32::try_from(p.expires_at - now).unwrap_or(u32::MAX))
         };
-        Ok(AuthenticateResponse {
-            principal: Some(p.clone()),
-            cache_ttl_secs: ttl,
-        })
+        Ok(AuthenticateResponse { principal: Some(p.clone()), cache_ttl_secs: ttl })
     }
 }
 
@@ -209,11 +180,7 @@ mod tests {
     use super::*;
 
     fn cfg(keys: Vec<KeyConfig>) -> AuthConfig {
-        AuthConfig {
-            pepper: Secret::new("pepper-pepper-pepper"),
-            cache_ttl_secs: 30,
-            keys,
-        }
+        AuthConfig { pepper: Secret::new("pepper-pepper-pepper"), cache_ttl_secs: 30, keys }
     }
 
     fn key(id: &str, secret: &str) -> KeyConfig {
@@ -230,21 +197,14 @@ mod tests {
     }
 
     async fn auth(svc: &AuthService, k: &str) -> Result<AuthenticateResponse> {
-        svc.authenticate(AuthenticateRequest {
-            api_key: k.into(),
-            client_ip: String::new(),
-        })
-        .await
+        svc.authenticate(AuthenticateRequest { api_key: k.into(), client_ip: String::new() }).await
     }
 
     #[tokio::test]
     async fn valid_keys_resolve_to_their_principal() {
         let svc = AuthService::new(&cfg(vec![key("k1", "sk-one"), key("k2", "sk-two")])).unwrap();
         let p = auth(&svc, "sk-two").await.unwrap().principal.unwrap();
-        assert_eq!(
-            (p.key_id.as_str(), p.team_id.as_str(), p.org_id.as_str()),
-            ("k2", "t", "o")
-        );
+        assert_eq!((p.key_id.as_str(), p.team_id.as_str(), p.org_id.as_str()), ("k2", "t", "o"));
     }
 
     #[tokio::test]
@@ -257,11 +217,7 @@ mod tests {
         for k in ["sk-nope", "", "sk-off", "sk-old"] {
             let e = auth(&svc, k).await.unwrap_err();
             assert_eq!(e.code, ErrorCode::Unauthenticated, "{k}");
-            assert!(
-                k.is_empty() || !e.message.contains(k),
-                "secret echoed: {}",
-                e.message
-            );
+            assert!(k.is_empty() || !e.message.contains(k), "secret echoed: {}", e.message);
         }
     }
 
@@ -275,10 +231,7 @@ mod tests {
         let mut errs = vec![];
         AuthConfig {
             pepper: Secret::new("short"),
-            keys: vec![KeyConfig {
-                hash: "x".into(),
-                ..key("", "s")
-            }],
+            keys: vec![KeyConfig { hash: "x".into(), ..key("", "s") }],
             ..cfg(vec![])
         }
         .validate(&mut errs);

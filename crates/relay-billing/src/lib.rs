@@ -28,9 +28,7 @@ impl BillingService {
 
     /// The handler that records consumed events.
     pub fn recorder(&self) -> Recorder {
-        Recorder {
-            store: self.store.clone(),
-        }
+        Recorder { store: self.store.clone() }
     }
 }
 
@@ -50,15 +48,8 @@ impl Billing for BillingService {
     }
 
     async fn usage_summary(&self, req: UsageSummaryRequest) -> Result<UsageSummaryResponse> {
-        let to = if req.to_unix_ms == 0 {
-            i64::MAX
-        } else {
-            req.to_unix_ms
-        };
-        self.store
-            .summary(&req.key_id, req.from_unix_ms, to)
-            .await
-            .map_err(|e| db_unavailable(&e))
+        let to = if req.to_unix_ms == 0 { i64::MAX } else { req.to_unix_ms };
+        self.store.summary(&req.key_id, req.from_unix_ms, to).await.map_err(|e| db_unavailable(&e))
     }
 }
 

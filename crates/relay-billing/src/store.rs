@@ -69,11 +69,7 @@ fn protocol_label(p: i32) -> &'static str {
 }
 
 fn error_label(code: i32) -> &'static str {
-    if code == PbErrorCode::Unspecified as i32 {
-        ""
-    } else {
-        relay_core::ErrorCode::from_pb(code).as_str()
-    }
+    if code == PbErrorCode::Unspecified as i32 { "" } else { relay_core::ErrorCode::from_pb(code).as_str() }
 }
 
 fn i64_of(v: u64) -> i64 {
@@ -136,20 +132,14 @@ impl UsageStore {
         let now = chrono::Utc::now().timestamp_millis();
         let blob = e.encode_to_vec();
         let rows = match &self.db {
-            Db::Postgres(p) => bind_insert!(sqlx::query(INSERT), e, u, now, &blob)
-                .execute(p)
-                .await?
-                .rows_affected(),
-            Db::Sqlite(p) => bind_insert!(sqlx::query(sqlite(INSERT)), e, u, now, &blob)
-                .execute(p)
-                .await?
-                .rows_affected(),
+            Db::Postgres(p) => {
+                bind_insert!(sqlx::query(INSERT), e, u, now, &blob).execute(p).await?.rows_affected()
+            }
+            Db::Sqlite(p) => {
+                bind_insert!(sqlx::query(sqlite(INSERT)), e, u, now, &blob).execute(p).await?.rows_affected()
+            }
         };
-        Ok(if rows == 1 {
-            RecordOutcome::Inserted
-        } else {
-            RecordOutcome::Duplicate
-        })
+        Ok(if rows == 1 { RecordOutcome::Inserted } else { RecordOutcome::Duplicate })
     }
 
     pub async fn get(&self, request_id: &str) -> anyhow::Result<Option<UsageEvent>> {
@@ -178,21 +168,12 @@ impl UsageStore {
     ) -> anyhow::Result<UsageSummaryResponse> {
         let cols: [i64; 7] = match &self.db {
             Db::Postgres(p) => {
-                let r = sqlx::query(SUMMARY)
-                    .bind(key_id)
-                    .bind(from_ms)
-                    .bind(to_ms)
-                    .fetch_one(p)
-                    .await?;
+                let r = sqlx::query(SUMMARY).bind(key_id).bind(from_ms).bind(to_ms).fetch_one(p).await?;
                 columns(&r)?
             }
             Db::Sqlite(p) => {
-                let r = sqlx::query(sqlite(SUMMARY))
-                    .bind(key_id)
-                    .bind(from_ms)
-                    .bind(to_ms)
-                    .fetch_one(p)
-                    .await?;
+                let r =
+                    sqlx::query(sqlite(SUMMARY)).bind(key_id).bind(from_ms).bind(to_ms).fetch_one(p).await?;
                 columns(&r)?
             }
         };
@@ -237,11 +218,7 @@ mod tests {
             request_id: id.into(),
             key_id: key.into(),
             model: "m".into(),
-            usage: Some(TokenUsage {
-                input_tokens: input,
-                output_tokens: output,
-                ..Default::default()
-            }),
+            usage: Some(TokenUsage { input_tokens: input, output_tokens: output, ..Default::default() }),
             outcome: outcome as i32,
             started_at_unix_ms: at,
             ..Default::default()
@@ -253,19 +230,10 @@ mod tests {
         assert_eq!(store.record(&a).await.unwrap(), RecordOutcome::Inserted);
         assert_eq!(store.record(&a).await.unwrap(), RecordOutcome::Duplicate);
         let mut changed = a.clone();
-        changed.usage = Some(TokenUsage {
-            input_tokens: 999,
-            ..Default::default()
-        });
+        changed.usage = Some(TokenUsage { input_tokens: 999, ..Default::default() });
         assert_eq!(store.record(&changed).await.unwrap(), RecordOutcome::Duplicate);
-        store
-            .record(&event("req-b", "k1", Outcome::Error, 3, 0, 2000))
-            .await
-            .unwrap();
-        store
-            .record(&event("req-c", "k2", Outcome::Success, 7, 7, 2000))
-            .await
-            .unwrap();
+        store.record(&event("req-b", "k1", Outcome::Error, 3, 0, 2000)).await.unwrap();
+        store.record(&event("req-c", "k2", Outcome::Success, 7, 7, 2000)).await.unwrap();
         assert_eq!(store.get("req-a").await.unwrap().unwrap(), a);
         assert_eq!(store.get("nope").await.unwrap(), None);
         let s = store.summary("k1", 0, i64::MAX).await.unwrap();

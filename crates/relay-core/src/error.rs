@@ -168,10 +168,7 @@ impl ErrorCode {
 
     /// Unknown or unspecified codes (a newer peer) degrade to `Internal`, never to success.
     pub fn from_pb(code: i32) -> Self {
-        Self::ALL
-            .into_iter()
-            .find(|c| c.to_pb() as i32 == code)
-            .unwrap_or(Self::Internal)
+        Self::ALL.into_iter().find(|c| c.to_pb() as i32 == code).unwrap_or(Self::Internal)
     }
 
     /// Parse [`ErrorCode::as_str`] back (used for gRPC metadata).
@@ -194,13 +191,7 @@ pub struct RelayError {
 
 impl RelayError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-            upstream_status: None,
-            retry_after_secs: None,
-            param: None,
-        }
+        Self { code, message: message.into(), upstream_status: None, retry_after_secs: None, param: None }
     }
 
     pub fn invalid_request(message: impl Into<String>) -> Self {
@@ -259,11 +250,8 @@ impl RelayError {
 
     /// `{"type": "error", "error": {"type", "message"}}` as the Anthropic API answers.
     pub fn anthropic_body(&self) -> Value {
-        let kind = if self.upstream_status == Some(529) {
-            "overloaded_error"
-        } else {
-            self.code.anthropic_type()
-        };
+        let kind =
+            if self.upstream_status == Some(529) { "overloaded_error" } else { self.code.anthropic_type() };
         json!({"type": "error", "error": {"type": kind, "message": self.message}})
     }
 
@@ -297,9 +285,7 @@ mod tests {
         for code in ErrorCode::ALL {
             assert_eq!(ErrorCode::from_pb(code.to_pb() as i32), code);
             assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
-            let e = RelayError::new(code, "m")
-                .with_param("p")
-                .with_retry_after(Some(3));
+            let e = RelayError::new(code, "m").with_param("p").with_retry_after(Some(3));
             assert_eq!(RelayError::from_pb(&e.to_pb()), e);
         }
         assert_eq!(ErrorCode::from_pb(0), ErrorCode::Internal);
@@ -313,10 +299,7 @@ mod tests {
         assert_eq!(RelayError::from_upstream_status(429, "x").http_status(), 429);
         assert_eq!(RelayError::from_upstream_status(500, "x").http_status(), 502);
         assert_eq!(RelayError::from_upstream_status(503, "x").http_status(), 503);
-        assert_eq!(
-            RelayError::from_upstream_status(504, "x").code,
-            ErrorCode::UpstreamTimeout
-        );
+        assert_eq!(RelayError::from_upstream_status(504, "x").code, ErrorCode::UpstreamTimeout);
         assert!(RelayError::from_upstream_status(503, "x").code.is_retryable());
         assert!(!RelayError::from_upstream_status(400, "x").code.is_retryable());
     }

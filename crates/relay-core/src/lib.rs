@@ -75,10 +75,7 @@ impl std::fmt::Debug for Secret {
 
 /// Does `model` match any of `patterns` (exact names, `*` matches any run of characters)? Empty = all.
 pub fn model_allowed(patterns: &[String], model: &str) -> bool {
-    patterns.is_empty()
-        || patterns
-            .iter()
-            .any(|p| glob_match(p.as_bytes(), model.as_bytes()))
+    patterns.is_empty() || patterns.iter().any(|p| glob_match(p.as_bytes(), model.as_bytes()))
 }
 
 fn glob_match(p: &[u8], s: &[u8]) -> bool {

@@ -44,10 +44,7 @@ impl Db {
                 .busy_timeout(Duration::from_secs(5));
             // In-memory databases are per connection: keep exactly one.
             let max = if url.contains(":memory:") { 1 } else { 4 };
-            let pool = SqlitePoolOptions::new()
-                .max_connections(max)
-                .connect_with(opts)
-                .await?;
+            let pool = SqlitePoolOptions::new().max_connections(max).connect_with(opts).await?;
             Ok(Self::Sqlite(pool))
         } else {
             anyhow::bail!("database url must start with postgres:// or sqlite:")

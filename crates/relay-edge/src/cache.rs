@@ -12,10 +12,7 @@ pub struct TtlCache<K, V> {
 
 impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
     pub fn new(capacity: usize) -> Self {
-        Self {
-            map: RwLock::new(HashMap::new()),
-            capacity: capacity.max(1),
-        }
+        Self { map: RwLock::new(HashMap::new()), capacity: capacity.max(1) }
     }
 
     pub fn get(&self, key: &K) -> Option<V> {

@@ -58,10 +58,10 @@ impl Envelope {
     fn validate(&self, inbound: Inbound) -> Result<(), RelayError> {
         let non_empty_array = |v: &Option<Value>| matches!(v, Some(Value::Array(a)) if !a.is_empty());
         match inbound {
-            Inbound::OpenAiChat if !non_empty_array(&self.messages) => Err(RelayError::invalid_request(
-                "`messages` must be a non-empty array",
-            )
-            .with_param("messages")),
+            Inbound::OpenAiChat if !non_empty_array(&self.messages) => {
+                Err(RelayError::invalid_request("`messages` must be a non-empty array")
+                    .with_param("messages"))
+            }
             Inbound::Anthropic if !non_empty_array(&self.messages) => {
                 Err(RelayError::invalid_request("messages: Field required").with_param("messages"))
             }
@@ -71,10 +71,8 @@ impl Envelope {
             Inbound::Responses
                 if !matches!(&self.input, Some(Value::String(_))) && !non_empty_array(&self.input) =>
             {
-                Err(
-                    RelayError::invalid_request("`input` must be a string or a non-empty array")
-                        .with_param("input"),
-                )
+                Err(RelayError::invalid_request("`input` must be a string or a non-empty array")
+                    .with_param("input"))
             }
             _ => Ok(()),
         }
@@ -83,30 +81,19 @@ impl Envelope {
     fn end_user(&self) -> &str {
         self.user
             .as_deref()
-            .or_else(|| {
-                self.metadata
-                    .as_ref()
-                    .and_then(|m| m.get("user_id"))
-                    .and_then(Value::as_str)
-            })
+            .or_else(|| self.metadata.as_ref().and_then(|m| m.get("user_id")).and_then(Value::as_str))
             .unwrap_or("")
     }
 }
 
 /// Client headers an upstream of the same protocol needs (lower-case names).
 fn passthrough(inbound: Inbound, headers: &HeaderMap) -> HashMap<String, String> {
-    let names: &[&str] = if inbound == Inbound::Anthropic {
-        &["anthropic-version", "anthropic-beta"]
-    } else {
-        &[]
-    };
+    let names: &[&str] =
+        if inbound == Inbound::Anthropic { &["anthropic-version", "anthropic-beta"] } else { &[] };
     names
         .iter()
         .filter_map(|n| {
-            headers
-                .get(*n)
-                .and_then(|v| v.to_str().ok())
-                .map(|v| ((*n).to_owned(), v.to_owned()))
+            headers.get(*n).and_then(|v| v.to_str().ok()).map(|v| ((*n).to_owned(), v.to_owned()))
         })
         .collect()
 }
@@ -139,15 +126,11 @@ pub async fn responses(
 }
 
 async fn serve(edge: Edge, ctx: RequestCtx, headers: HeaderMap, body: Body, inbound: Inbound) -> Response {
-    let principal = match edge
-        .inner
-        .principals
-        .authenticate(edge.inner.services.auth.as_ref(), &headers)
-        .await
-    {
-        Ok(p) => p,
-        Err(e) => return inbound.error(e),
-    };
+    let principal =
+        match edge.inner.principals.authenticate(edge.inner.services.auth.as_ref(), &headers).await {
+            Ok(p) => p,
+            Err(e) => return inbound.error(e),
+        };
     let mut rec = UsageRecord::new(&edge, &ctx, &principal, inbound.protocol());
     match dispatch(&edge, &ctx, &principal, &headers, body, inbound, &mut rec).await {
         Ok((events, true)) => stream_response(events, rec, inbound),
@@ -175,11 +158,7 @@ async fn dispatch(
     rec.request(&model, stream, env.end_user());
     ensure_allowed(principal, &model)?;
     let route = route(edge, &model, stream).await?;
-    let wants_usage = env
-        .stream_options
-        .as_ref()
-        .and_then(|o| o.include_usage)
-        .unwrap_or(false);
+    let wants_usage = env.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
     let passthrough = passthrough(inbound, headers);
     let events = with_failover(&route.candidates, Some(rec), |dep| {
         let req = ChatRequest {
@@ -205,10 +184,9 @@ async fn open(edge: &Edge, req: ChatRequest) -> Result<ChatEventStream, RelayErr
     match events.next().await.and_then(|e| e.event) {
         Some(Event::Start(_)) => Ok(events),
         Some(Event::Error(e)) => Err(RelayError::from_pb(&e)),
-        _ => Err(RelayError::new(
-            ErrorCode::UpstreamProtocol,
-            "the adapter ended the call without an answer",
-        )),
+        _ => {
+            Err(RelayError::new(ErrorCode::UpstreamProtocol, "the adapter ended the call without an answer"))
+        }
     }
 }
 
@@ -229,24 +207,16 @@ async fn whole_response(mut events: ChatEventStream, mut rec: UsageRecord, inbou
     rec.first_byte();
     rec.succeed();
     let mut resp = (StatusCode::OK, body).into_response();
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
 }
 
 fn stream_response(events: ChatEventStream, rec: UsageRecord, inbound: Inbound) -> Response {
-    let body = Body::from_stream(ForwardStream {
-        events,
-        rec: Some(rec),
-        inbound,
-        span: tracing::Span::current(),
-    });
+    let body =
+        Body::from_stream(ForwardStream { events, rec: Some(rec), inbound, span: tracing::Span::current() });
     let mut resp = (StatusCode::OK, body).into_response();
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     resp
@@ -311,11 +281,8 @@ pub async fn count_tokens(
 ) -> Response {
     let inbound = Inbound::Anthropic;
     let result = async {
-        let principal = edge
-            .inner
-            .principals
-            .authenticate(edge.inner.services.auth.as_ref(), &headers)
-            .await?;
+        let principal =
+            edge.inner.principals.authenticate(edge.inner.services.auth.as_ref(), &headers).await?;
         let (bytes, env): (Bytes, Envelope) = read_json(body, edge.inner.cfg.max_body_bytes).await?;
         let model = required_model(env.model)?;
         ensure_allowed(&principal, &model)?;

@@ -39,11 +39,8 @@ pub fn ensure_allowed(principal: &Principal, model: &str) -> Result<(), RelayErr
     if relay_core::model_allowed(&principal.allowed_models, model) {
         Ok(())
     } else {
-        Err(RelayError::new(
-            ErrorCode::PermissionDenied,
-            format!("This key may not use model `{model}`."),
-        )
-        .with_param("model"))
+        Err(RelayError::new(ErrorCode::PermissionDenied, format!("This key may not use model `{model}`."))
+            .with_param("model"))
     }
 }
 
@@ -51,11 +48,7 @@ pub async fn route(edge: &Edge, model: &str, stream: bool) -> Result<Arc<RouteRe
     if let Some(r) = edge.inner.routes.get(&model.to_owned()) {
         return Ok(r);
     }
-    let req = RouteRequest {
-        model: model.to_owned(),
-        stream,
-        ..Default::default()
-    };
+    let req = RouteRequest { model: model.to_owned(), stream, ..Default::default() };
     let resp = Arc::new(edge.inner.services.router.route(req).await?);
     let ttl = std::time::Duration::from_millis(u64::from(resp.cache_ttl_ms));
     edge.inner.routes.insert(model.to_owned(), resp.clone(), ttl);
@@ -86,8 +79,5 @@ where
             Err(e) => return Err(e),
         }
     }
-    Err(RelayError::new(
-        ErrorCode::Unavailable,
-        "no deployment is available for this model",
-    ))
+    Err(RelayError::new(ErrorCode::Unavailable, "no deployment is available for this model"))
 }

@@ -30,15 +30,10 @@ impl Inbound {
     /// The error as an HTTP response.
     pub fn error(self, e: RelayError) -> Response {
         let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let body = if self == Self::Anthropic {
-            e.anthropic_body()
-        } else {
-            e.openai_body()
-        };
+        let body = if self == Self::Anthropic { e.anthropic_body() } else { e.openai_body() };
         let mut resp = (status, axum::Json(body)).into_response();
         if let Some(secs) = e.retry_after_secs {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp.extensions_mut().insert(e.code);
         resp

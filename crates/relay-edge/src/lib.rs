@@ -34,10 +34,7 @@ pub struct EdgeConfig {
 
 impl Default for EdgeConfig {
     fn default() -> Self {
-        Self {
-            max_body_bytes: 32 << 20,
-            auth_cache_entries: 100_000,
-        }
+        Self { max_body_bytes: 32 << 20, auth_cache_entries: 100_000 }
     }
 }
 

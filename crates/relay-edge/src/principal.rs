@@ -17,20 +17,14 @@ pub struct PrincipalCache(TtlCache<[u8; 32], Arc<Principal>>);
 
 /// The presented key: `Authorization: Bearer <key>`, else `x-api-key` (Anthropic clients), else empty.
 pub fn presented_key(headers: &HeaderMap) -> &str {
-    if let Some(v) = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
+    if let Some(v) = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
         let v = v.trim();
         if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") {
             return v[7..].trim();
         }
         return "";
     }
-    headers
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .map_or("", str::trim)
+    headers.get("x-api-key").and_then(|v| v.to_str().ok()).map_or("", str::trim)
 }
 
 impl PrincipalCache {
@@ -57,20 +51,11 @@ impl PrincipalCache {
         }
         metrics::counter!("relay_edge_auth_cache_total", "result" => "miss").increment(1);
         let resp = auth
-            .authenticate(AuthenticateRequest {
-                api_key: key.to_owned(),
-                client_ip: String::new(),
-            })
+            .authenticate(AuthenticateRequest { api_key: key.to_owned(), client_ip: String::new() })
             .await?;
-        let principal = Arc::new(
-            resp.principal
-                .ok_or_else(|| RelayError::internal("auth returned no principal"))?,
-        );
-        self.0.insert(
-            digest,
-            principal.clone(),
-            Duration::from_secs(u64::from(resp.cache_ttl_secs)),
-        );
+        let principal =
+            Arc::new(resp.principal.ok_or_else(|| RelayError::internal("auth returned no principal"))?);
+        self.0.insert(digest, principal.clone(), Duration::from_secs(u64::from(resp.cache_ttl_secs)));
         Ok(principal)
     }
 }

@@ -22,11 +22,7 @@ pub struct RequestCtx {
 pub async fn middleware(mut req: Request, next: Next) -> Response {
     let client_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok());
     let request_id = relay_core::ids::request_id_from_client(client_id);
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", |p| p.as_str())
-        .to_owned();
+    let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_owned();
     let span = tracing::info_span!(
         "http.request",
         otel.kind = "server",

@@ -38,10 +38,7 @@ async fn not_found() -> Response {
 }
 
 async fn principal(edge: &Edge, headers: &HeaderMap) -> Result<std::sync::Arc<Principal>, RelayError> {
-    edge.inner
-        .principals
-        .authenticate(edge.inner.services.auth.as_ref(), headers)
-        .await
+    edge.inner.principals.authenticate(edge.inner.services.auth.as_ref(), headers).await
 }
 
 fn model_json(m: &relay_core::pb::routing::v1::ModelInfo) -> serde_json::Value {
@@ -53,19 +50,13 @@ async fn visible_models(
     p: &Principal,
 ) -> Result<Vec<relay_core::pb::routing::v1::ModelInfo>, RelayError> {
     let all = edge.inner.services.router.list_models().await?.models;
-    Ok(all
-        .into_iter()
-        .filter(|m| relay_core::model_allowed(&p.allowed_models, &m.id))
-        .collect())
+    Ok(all.into_iter().filter(|m| relay_core::model_allowed(&p.allowed_models, &m.id)).collect())
 }
 
 async fn list_models(State(edge): State<Edge>, headers: HeaderMap) -> Response {
     // Anthropic SDKs send `anthropic-version` and expect their own list shape (and error shape).
-    let inbound = if headers.contains_key("anthropic-version") {
-        Inbound::Anthropic
-    } else {
-        Inbound::OpenAiChat
-    };
+    let inbound =
+        if headers.contains_key("anthropic-version") { Inbound::Anthropic } else { Inbound::OpenAiChat };
     let models = match principal(&edge, &headers).await {
         Ok(p) => visible_models(&edge, &p).await,
         Err(e) => Err(e),
@@ -79,10 +70,7 @@ async fn list_models(State(edge): State<Edge>, headers: HeaderMap) -> Response {
             .iter()
             .map(|m| json!({"type": "model", "id": m.id, "display_name": m.id, "created_at": "2025-01-01T00:00:00Z"}))
             .collect();
-        let (first, last) = (
-            models.first().map(|m| m.id.clone()),
-            models.last().map(|m| m.id.clone()),
-        );
+        let (first, last) = (models.first().map(|m| m.id.clone()), models.last().map(|m| m.id.clone()));
         return axum::Json(json!({"data": data, "has_more": false, "first_id": first, "last_id": last}))
             .into_response();
     }
@@ -98,11 +86,8 @@ async fn get_model(
     let p = principal(&edge, &headers).await?;
     let models = visible_models(&edge, &p).await?;
     let m = models.iter().find(|m| m.id == id).ok_or_else(|| {
-        RelayError::new(
-            ErrorCode::ModelNotFound,
-            format!("The model `{id}` does not exist."),
-        )
-        .with_param("model")
+        RelayError::new(ErrorCode::ModelNotFound, format!("The model `{id}` does not exist."))
+            .with_param("model")
     })?;
     Ok(axum::Json(model_json(m)).into_response())
 }
@@ -131,8 +116,7 @@ async fn embeddings(
             rec.first_byte();
             rec.succeed();
             let mut r = (StatusCode::OK, resp.body).into_response();
-            r.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
             Ok(r)
         }
         Err(e) => {

@@ -35,12 +35,7 @@ impl UsageRecord {
             trace_context: ctx.trace_context.clone(),
             ..Default::default()
         };
-        Self {
-            edge: edge.clone(),
-            event,
-            started: ctx.started,
-            finished: false,
-        }
+        Self { edge: edge.clone(), event, started: ctx.started, finished: false }
     }
 
     pub fn request(&mut self, model: &str, stream: bool, end_user: &str) {
@@ -85,10 +80,7 @@ impl UsageRecord {
         self.event.duration_ms = elapsed_ms(self.started);
         let event = std::mem::take(&mut self.event);
         let sink = self.edge.inner.services.usage.clone();
-        self.edge
-            .inner
-            .background
-            .spawn(async move { publish(sink.as_ref(), event).await });
+        self.edge.inner.background.spawn(async move { publish(sink.as_ref(), event).await });
     }
 }
 

@@ -31,27 +31,16 @@ impl Authenticator for FakeAuth {
             "sk-limited" => vec!["ok-*".to_owned()],
             _ => return Err(RelayError::new(ErrorCode::Unauthenticated, "Invalid API key.")),
         };
-        let principal = Principal {
-            key_id: req.api_key.clone(),
-            allowed_models: allowed,
-            ..Default::default()
-        };
-        Ok(AuthenticateResponse {
-            principal: Some(principal),
-            cache_ttl_secs: 60,
-        })
+        let principal =
+            Principal { key_id: req.api_key.clone(), allowed_models: allowed, ..Default::default() };
+        Ok(AuthenticateResponse { principal: Some(principal), cache_ttl_secs: 60 })
     }
 }
 
 struct FakeRouter;
 
 fn dep(name: &str) -> Deployment {
-    Deployment {
-        id: name.into(),
-        provider: name.into(),
-        upstream_model: name.into(),
-        weight: 1,
-    }
+    Deployment { id: name.into(), provider: name.into(), upstream_model: name.into(), weight: 1 }
 }
 
 #[async_trait::async_trait]
@@ -64,19 +53,11 @@ impl Router for FakeRouter {
             "ok-good" | "secret-model" => vec![dep("good")],
             _ => return Err(RelayError::new(ErrorCode::ModelNotFound, "no such model")),
         };
-        Ok(RouteResponse {
-            candidates,
-            cache_ttl_ms: 1000,
-        })
+        Ok(RouteResponse { candidates, cache_ttl_ms: 1000 })
     }
     async fn list_models(&self) -> Result<ListModelsResponse> {
-        let m = |id: &str| ModelInfo {
-            id: id.into(),
-            ..Default::default()
-        };
-        Ok(ListModelsResponse {
-            models: vec![m("ok-good"), m("secret-model")],
-        })
+        let m = |id: &str| ModelInfo { id: id.into(), ..Default::default() };
+        Ok(ListModelsResponse { models: vec![m("ok-good"), m("secret-model")] })
     }
 }
 
@@ -88,9 +69,7 @@ fn ev(e: Event) -> ChatEvent {
 }
 
 fn chunk(s: &str) -> ChatEvent {
-    ev(Event::Chunk(adapter::Chunk {
-        data: s.as_bytes().to_vec().into(),
-    }))
+    ev(Event::Chunk(adapter::Chunk { data: s.as_bytes().to_vec().into() }))
 }
 
 #[async_trait::async_trait]
@@ -99,27 +78,16 @@ impl Adapter for FakeAdapter {
         let name = req.deployment.unwrap().provider;
         self.0.lock().unwrap().push(name.clone());
         let start = ev(Event::Start(adapter::Start::default()));
-        let usage = ev(Event::Usage(TokenUsage {
-            input_tokens: 7,
-            output_tokens: 3,
-            ..Default::default()
-        }));
+        let usage = ev(Event::Usage(TokenUsage { input_tokens: 7, output_tokens: 3, ..Default::default() }));
         let events = match name.as_str() {
             "broken" => return Err(RelayError::from_upstream_status(500, "upstream failed")),
             "rejects" => return Err(RelayError::from_upstream_status(422, "bad schema")),
             "dies" => vec![
                 start,
                 chunk("data: {\"a\":1}\n\n"),
-                ev(Event::Error(
-                    RelayError::new(ErrorCode::UpstreamServerError, "cut").to_pb(),
-                )),
+                ev(Event::Error(RelayError::new(ErrorCode::UpstreamServerError, "cut").to_pb())),
             ],
-            _ if req.stream => vec![
-                start,
-                chunk("data: {\"x\":1}\n\n"),
-                chunk("data: [DONE]\n\n"),
-                usage,
-            ],
+            _ if req.stream => vec![start, chunk("data: {\"x\":1}\n\n"), chunk("data: [DONE]\n\n"), usage],
             _ => vec![start, chunk("{\"ok\":true}"), usage],
         };
         Ok(Box::pin(stream::iter(events)))
@@ -128,14 +96,8 @@ impl Adapter for FakeAdapter {
         Err(RelayError::internal("not used"))
     }
     async fn count_tokens(&self, req: adapter::CountTokensRequest) -> Result<adapter::CountTokensResponse> {
-        self.0
-            .lock()
-            .unwrap()
-            .push(format!("count:{}", req.deployment.unwrap().provider));
-        Ok(adapter::CountTokensResponse {
-            input_tokens: req.body.len() as u64,
-            exact: true,
-        })
+        self.0.lock().unwrap().push(format!("count:{}", req.deployment.unwrap().provider));
+        Ok(adapter::CountTokensResponse { input_tokens: req.body.len() as u64, exact: true })
     }
 }
 
@@ -167,16 +129,8 @@ fn harness(max_body: usize) -> Harness {
         adapter: adapter.clone(),
         usage: sink.clone(),
     };
-    let cfg = EdgeConfig {
-        max_body_bytes: max_body,
-        ..Default::default()
-    };
-    Harness {
-        edge: Edge::new(cfg, services),
-        auth,
-        adapter,
-        sink,
-    }
+    let cfg = EdgeConfig { max_body_bytes: max_body, ..Default::default() };
+    Harness { edge: Edge::new(cfg, services), auth, adapter, sink }
 }
 
 async fn send(
@@ -185,9 +139,7 @@ async fn send(
     path: &str,
     body: Option<Value>,
 ) -> (StatusCode, HashMap<String, String>, String) {
-    let mut req = Request::builder()
-        .uri(path)
-        .header("authorization", format!("Bearer {key}"));
+    let mut req = Request::builder().uri(path).header("authorization", format!("Bearer {key}"));
     let body = match body {
         Some(b) => {
             req = req.method("POST").header("content-type", "application/json");
@@ -195,16 +147,10 @@ async fn send(
         }
         None => Body::empty(),
     };
-    let resp = relay_edge::router(h.edge.clone())
-        .oneshot(req.body(body).unwrap())
-        .await
-        .unwrap();
+    let resp = relay_edge::router(h.edge.clone()).oneshot(req.body(body).unwrap()).await.unwrap();
     let status = resp.status();
-    let headers = resp
-        .headers()
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned()))
-        .collect();
+    let headers =
+        resp.headers().iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_owned())).collect();
     let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
     (status, headers, String::from_utf8(bytes.to_vec()).unwrap())
 }
@@ -221,13 +167,8 @@ fn chat(model: &str, stream: bool) -> Value {
 #[tokio::test]
 async fn fails_over_on_retryable_errors_before_the_first_byte() {
     let h = harness(1 << 20);
-    let (status, headers, body) = send(
-        &h,
-        "sk-all",
-        "/v1/chat/completions",
-        Some(chat("ok-failover", false)),
-    )
-    .await;
+    let (status, headers, body) =
+        send(&h, "sk-all", "/v1/chat/completions", Some(chat("ok-failover", false))).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body, "{\"ok\":true}");
     assert_eq!(headers["content-type"], "application/json");
@@ -244,13 +185,7 @@ async fn fails_over_on_retryable_errors_before_the_first_byte() {
 #[tokio::test]
 async fn non_retryable_upstream_errors_keep_their_status_and_do_not_fail_over() {
     let h = harness(1 << 20);
-    let (status, _, body) = send(
-        &h,
-        "sk-all",
-        "/v1/chat/completions",
-        Some(chat("ok-rejects", false)),
-    )
-    .await;
+    let (status, _, body) = send(&h, "sk-all", "/v1/chat/completions", Some(chat("ok-rejects", false))).await;
     assert_eq!(status, 422);
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"]["message"], "bad schema");
@@ -275,10 +210,7 @@ async fn streams_forward_bytes_and_mid_stream_errors_end_without_done() {
     assert_eq!(err["error"]["type"], "api_error");
     assert!(!body.contains("[DONE]"));
     let evs = events(&h).await;
-    assert_eq!(
-        evs.iter().map(|e| e.outcome()).collect::<Vec<_>>(),
-        [Outcome::Success, Outcome::Error]
-    );
+    assert_eq!(evs.iter().map(|e| e.outcome()).collect::<Vec<_>>(), [Outcome::Success, Outcome::Error]);
 }
 
 #[tokio::test]
@@ -287,25 +219,10 @@ async fn client_errors_are_openai_shaped_and_never_reach_the_adapter() {
     let big = json!({"model": "ok-good", "messages": [{"role": "user", "content": "x".repeat(1000)}]});
     let cases = [
         ("sk-all", Some(big), 413, "request_too_large"),
-        (
-            "sk-all",
-            Some(json!({"model": "ok-good"})),
-            400,
-            "invalid_request",
-        ),
-        (
-            "sk-all",
-            Some(json!({"messages": [{"role": "user", "content": "x"}]})),
-            400,
-            "invalid_request",
-        ),
+        ("sk-all", Some(json!({"model": "ok-good"})), 400, "invalid_request"),
+        ("sk-all", Some(json!({"messages": [{"role": "user", "content": "x"}]})), 400, "invalid_request"),
         ("sk-all", Some(chat("nope", false)), 404, "model_not_found"),
-        (
-            "sk-limited",
-            Some(chat("secret-model", false)),
-            403,
-            "permission_denied",
-        ),
+        ("sk-limited", Some(chat("secret-model", false)), 403, "permission_denied"),
         ("sk-bad", Some(chat("ok-good", false)), 401, "invalid_api_key"),
     ];
     for (key, body, want, code) in cases {
@@ -329,32 +246,21 @@ async fn keys_are_cached_and_models_are_filtered_per_key() {
     assert_eq!(status, 200);
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
-        v["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m["id"].as_str().unwrap())
-            .collect::<Vec<_>>(),
+        v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect::<Vec<_>>(),
         ["ok-good"]
     );
     let (status, _, _) = send(&h, "sk-limited", "/v1/models/secret-model", None).await;
     assert_eq!(status, 404);
     let (status, _, body) = send(&h, "sk-all", "/v1/models/secret-model", None).await;
     assert_eq!(
-        (
-            status.as_u16(),
-            serde_json::from_str::<Value>(&body).unwrap()["object"].as_str()
-        ),
+        (status.as_u16(), serde_json::from_str::<Value>(&body).unwrap()["object"].as_str()),
         (200, Some("model"))
     );
     // Three requests with sk-limited and sk-all: auth was asked once per key.
     assert_eq!(h.auth.0.load(Ordering::SeqCst), 2);
     let (status, _, body) = send(&h, "sk-all", "/v2/whatever", None).await;
     assert_eq!(status, 404);
-    assert_eq!(
-        serde_json::from_str::<Value>(&body).unwrap()["error"]["type"],
-        "not_found_error"
-    );
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["error"]["type"], "not_found_error");
 }
 
 fn anthropic(model: &str, stream: bool) -> Value {
@@ -374,35 +280,18 @@ async fn anthropic_routes_answer_in_anthropic_shape() {
             "invalid_request_error",
         ),
         ("sk-all", anthropic("nope", false), 404, "not_found_error"),
-        (
-            "sk-all",
-            anthropic("ok-rejects", false),
-            422,
-            "invalid_request_error",
-        ),
+        ("sk-all", anthropic("ok-rejects", false), 422, "invalid_request_error"),
     ] {
         let (status, _, text) = send(&h, key, "/v1/messages", Some(body)).await;
         assert_eq!(status.as_u16(), want, "{text}");
         let v: Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(
-            (v["type"].as_str(), v["error"]["type"].as_str()),
-            (Some("error"), Some(kind)),
-            "{text}"
-        );
+        assert_eq!((v["type"].as_str(), v["error"]["type"].as_str()), (Some("error"), Some(kind)), "{text}");
     }
     // A stream that dies mid-way ends with an Anthropic `event: error`.
-    let (status, _, body) = send(
-        &h,
-        "sk-all",
-        "/v1/messages?beta=true",
-        Some(anthropic("ok-dies", true)),
-    )
-    .await;
+    let (status, _, body) =
+        send(&h, "sk-all", "/v1/messages?beta=true", Some(anthropic("ok-dies", true))).await;
     assert_eq!(status, 200);
-    assert!(
-        body.ends_with("\n\n") && body.contains("event: error\ndata: {"),
-        "{body}"
-    );
+    assert!(body.ends_with("\n\n") && body.contains("event: error\ndata: {"), "{body}");
     let v: Value = serde_json::from_str(body.rsplit("data: ").next().unwrap().trim()).unwrap();
     assert_eq!(v["error"]["type"], "api_error");
     // Token counting goes to the routed deployment.
@@ -414,12 +303,7 @@ async fn anthropic_routes_answer_in_anthropic_shape() {
     )
     .await;
     assert_eq!(status, 200, "{text}");
-    assert!(
-        serde_json::from_str::<Value>(&text).unwrap()["input_tokens"]
-            .as_u64()
-            .unwrap()
-            > 0
-    );
+    assert!(serde_json::from_str::<Value>(&text).unwrap()["input_tokens"].as_u64().unwrap() > 0);
     assert!(h.adapter.0.lock().unwrap().contains(&"count:good".to_string()));
 }
 
@@ -428,17 +312,10 @@ async fn responses_route_checks_input_and_streams_errors_in_its_shape() {
     let h = harness(1 << 20);
     let (status, _, text) = send(&h, "sk-all", "/v1/responses", Some(json!({"model": "ok-good"}))).await;
     assert_eq!(status, 400);
-    assert_eq!(
-        serde_json::from_str::<Value>(&text).unwrap()["error"]["param"],
-        "input"
-    );
-    let (status, _, body) = send(
-        &h,
-        "sk-all",
-        "/v1/responses",
-        Some(json!({"model": "ok-dies", "input": "x", "stream": true})),
-    )
-    .await;
+    assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["error"]["param"], "input");
+    let (status, _, body) =
+        send(&h, "sk-all", "/v1/responses", Some(json!({"model": "ok-dies", "input": "x", "stream": true})))
+            .await;
     assert_eq!(status, 200);
     let last = body.trim_end().rsplit("\n\n").next().unwrap();
     assert!(last.starts_with("event: error\ndata: "), "{body}");

@@ -22,10 +22,7 @@ pub fn in_process_bus(capacity: usize) -> (InProcessSink, InProcessSource) {
 #[async_trait::async_trait]
 impl UsageSink for InProcessSink {
     async fn publish(&self, event: UsageEvent) -> Result<()> {
-        self.0
-            .send(event)
-            .await
-            .map_err(|_| RelayError::new(ErrorCode::Unavailable, "usage bus closed"))
+        self.0.send(event).await.map_err(|_| RelayError::new(ErrorCode::Unavailable, "usage bus closed"))
     }
 }
 
@@ -91,12 +88,7 @@ mod tests {
         let h = Collect::default();
         *h.1.lock().unwrap() = 2;
         for i in 0..5 {
-            sink.publish(UsageEvent {
-                request_id: format!("r{i}"),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+            sink.publish(UsageEvent { request_id: format!("r{i}"), ..Default::default() }).await.unwrap();
         }
         let stop = CancellationToken::new();
         stop.cancel();

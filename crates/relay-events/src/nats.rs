@@ -47,11 +47,8 @@ impl Default for NatsConfig {
 
 /// Connects and makes sure the stream exists with our settings.
 pub async fn connect_jetstream(url: &str, cfg: &NatsConfig) -> anyhow::Result<jetstream::Context> {
-    let client = async_nats::ConnectOptions::new()
-        .name("relay")
-        .retry_on_initial_connect()
-        .connect(url)
-        .await?;
+    let client =
+        async_nats::ConnectOptions::new().name("relay").retry_on_initial_connect().connect(url).await?;
     let js = jetstream::new(client);
     js.get_or_create_stream(stream::Config {
         name: cfg.stream.clone(),
@@ -75,10 +72,7 @@ pub struct NatsSink {
 
 impl NatsSink {
     pub fn new(js: jetstream::Context, cfg: &NatsConfig) -> Self {
-        Self {
-            js,
-            subject: cfg.subject.clone(),
-        }
+        Self { js, subject: cfg.subject.clone() }
     }
 }
 
@@ -86,9 +80,7 @@ impl NatsSink {
 impl UsageSink for NatsSink {
     async fn publish(&self, event: UsageEvent) -> Result<()> {
         let unavailable = |what: &str| RelayError::new(ErrorCode::Unavailable, format!("usage bus: {what}"));
-        let msg = PublishMessage::build()
-            .payload(event.encode_to_vec().into())
-            .message_id(&event.request_id);
+        let msg = PublishMessage::build().payload(event.encode_to_vec().into()).message_id(&event.request_id);
         let ack = self
             .js
             .send_publish(self.subject.clone(), msg)

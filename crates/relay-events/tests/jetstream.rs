@@ -29,21 +29,13 @@ impl UsageHandler for Flaky {
 }
 
 fn event(id: &str) -> UsageEvent {
-    UsageEvent {
-        schema_version: 1,
-        request_id: id.into(),
-        ..Default::default()
-    }
+    UsageEvent { schema_version: 1, request_id: id.into(), ..Default::default() }
 }
 
 async fn wait_for(seen: &Arc<Mutex<Vec<String>>>, n: usize) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     while seen.lock().unwrap().len() < n {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "only {:?}",
-            seen.lock().unwrap()
-        );
+        assert!(tokio::time::Instant::now() < deadline, "only {:?}", seen.lock().unwrap());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -66,11 +58,7 @@ async fn dedupes_acks_redelivers_and_resumes() {
     sink.publish(event("a")).await.unwrap();
     sink.publish(event("a")).await.unwrap(); // same Nats-Msg-Id: dropped by the server
     sink.publish(event("b")).await.unwrap();
-    js.publish(cfg.subject.clone(), "not protobuf \u{1}\u{2}".into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    js.publish(cfg.subject.clone(), "not protobuf \u{1}\u{2}".into()).await.unwrap().await.unwrap();
     sink.publish(event("c")).await.unwrap();
 
     let h = Flaky::default();
@@ -84,11 +72,7 @@ async fn dedupes_acks_redelivers_and_resumes() {
     task.await.unwrap();
     let mut seen = h.seen.lock().unwrap().clone();
     seen.sort();
-    assert_eq!(
-        seen,
-        ["a", "b", "c"],
-        "each event handled exactly once after success"
-    );
+    assert_eq!(seen, ["a", "b", "c"], "each event handled exactly once after success");
 
     // The durable consumer resumes: only new events are delivered to the next run.
     sink.publish(event("d")).await.unwrap();

@@ -39,21 +39,14 @@ pub struct GrpcAuth(generated::auth::auth_service_client::AuthServiceClient<Trac
 
 impl GrpcAuth {
     pub fn new(ch: Channel) -> Self {
-        Self(generated::auth::auth_service_client::AuthServiceClient::new(
-            traced(ch),
-        ))
+        Self(generated::auth::auth_service_client::AuthServiceClient::new(traced(ch)))
     }
 }
 
 #[async_trait::async_trait]
 impl Authenticator for GrpcAuth {
     async fn authenticate(&self, req: auth::AuthenticateRequest) -> Result<auth::AuthenticateResponse> {
-        let r = self
-            .0
-            .clone()
-            .authenticate(req)
-            .await
-            .map_err(|s| from_status(&s, "auth"))?;
+        let r = self.0.clone().authenticate(req).await.map_err(|s| from_status(&s, "auth"))?;
         Ok(r.into_inner())
     }
 }
@@ -72,12 +65,7 @@ impl GrpcRouter {
 #[async_trait::async_trait]
 impl Router for GrpcRouter {
     async fn route(&self, req: routing::RouteRequest) -> Result<routing::RouteResponse> {
-        let r = self
-            .0
-            .clone()
-            .route(req)
-            .await
-            .map_err(|s| from_status(&s, "routing"))?;
+        let r = self.0.clone().route(req).await.map_err(|s| from_status(&s, "routing"))?;
         Ok(r.into_inner())
     }
     async fn list_models(&self) -> Result<routing::ListModelsResponse> {
@@ -110,39 +98,21 @@ impl GrpcAdapter {
 #[async_trait::async_trait]
 impl Adapter for GrpcAdapter {
     async fn chat(&self, req: adapter::ChatRequest) -> Result<ChatEventStream> {
-        let stream = self
-            .0
-            .clone()
-            .chat(req)
-            .await
-            .map_err(|s| from_status(&s, "adapter"))?
-            .into_inner();
+        let stream = self.0.clone().chat(req).await.map_err(|s| from_status(&s, "adapter"))?.into_inner();
         // A transport failure mid-stream becomes a typed Error event; tonic ends the stream after it.
         Ok(Box::pin(stream.map(|item| match item {
             Ok(ev) => ev,
             Err(s) => adapter::ChatEvent {
-                event: Some(adapter::chat_event::Event::Error(
-                    from_status(&s, "adapter").to_pb(),
-                )),
+                event: Some(adapter::chat_event::Event::Error(from_status(&s, "adapter").to_pb())),
             },
         })))
     }
     async fn embed(&self, req: adapter::EmbedRequest) -> Result<adapter::EmbedResponse> {
-        let r = self
-            .0
-            .clone()
-            .embed(req)
-            .await
-            .map_err(|s| from_status(&s, "adapter"))?;
+        let r = self.0.clone().embed(req).await.map_err(|s| from_status(&s, "adapter"))?;
         Ok(r.into_inner())
     }
     async fn count_tokens(&self, req: adapter::CountTokensRequest) -> Result<adapter::CountTokensResponse> {
-        let r = self
-            .0
-            .clone()
-            .count_tokens(req)
-            .await
-            .map_err(|s| from_status(&s, "adapter"))?;
+        let r = self.0.clone().count_tokens(req).await.map_err(|s| from_status(&s, "adapter"))?;
         Ok(r.into_inner())
     }
 }
@@ -161,24 +131,14 @@ impl GrpcBilling {
 #[async_trait::async_trait]
 impl Billing for GrpcBilling {
     async fn get_usage(&self, req: billing::GetUsageRequest) -> Result<events::UsageEvent> {
-        let r = self
-            .0
-            .clone()
-            .get_usage(req)
-            .await
-            .map_err(|s| from_status(&s, "billing"))?;
+        let r = self.0.clone().get_usage(req).await.map_err(|s| from_status(&s, "billing"))?;
         Ok(r.into_inner())
     }
     async fn usage_summary(
         &self,
         req: billing::UsageSummaryRequest,
     ) -> Result<billing::UsageSummaryResponse> {
-        let r = self
-            .0
-            .clone()
-            .usage_summary(req)
-            .await
-            .map_err(|s| from_status(&s, "billing"))?;
+        let r = self.0.clone().usage_summary(req).await.map_err(|s| from_status(&s, "billing"))?;
         Ok(r.into_inner())
     }
 }

@@ -33,9 +33,7 @@ fn grpc_code(code: ErrorCode) -> Code {
 pub fn to_status(err: &RelayError) -> Status {
     let mut status = Status::new(grpc_code(err.code), err.message.clone());
     let bytes = err.to_pb().encode_to_vec();
-    status
-        .metadata_mut()
-        .insert_bin(ERROR_KEY, tonic::metadata::MetadataValue::from_bytes(&bytes));
+    status.metadata_mut().insert_bin(ERROR_KEY, tonic::metadata::MetadataValue::from_bytes(&bytes));
     status
 }
 
@@ -67,9 +65,7 @@ mod tests {
     #[test]
     fn typed_errors_survive_the_trip() {
         for code in ErrorCode::ALL {
-            let e = RelayError::new(code, "boom")
-                .with_upstream_status(503)
-                .with_retry_after(Some(7));
+            let e = RelayError::new(code, "boom").with_upstream_status(503).with_retry_after(Some(7));
             let s = to_status(&e);
             assert_eq!(from_status(&s, "x"), e);
         }

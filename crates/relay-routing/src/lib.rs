@@ -24,10 +24,7 @@ pub struct RoutingConfig {
 
 impl Default for RoutingConfig {
     fn default() -> Self {
-        Self {
-            cache_ttl_ms: 1000,
-            models: Vec::new(),
-        }
+        Self { cache_ttl_ms: 1000, models: Vec::new() }
     }
 }
 
@@ -90,10 +87,7 @@ impl RoutingConfig {
                 if let Some(known) = providers
                     && !known.contains(&d.provider.as_str())
                 {
-                    errors.push(format!(
-                        "{at}.deployments[{j}]: unknown provider `{}`",
-                        d.provider
-                    ));
+                    errors.push(format!("{at}.deployments[{j}]: unknown provider `{}`", d.provider));
                 }
             }
         }
@@ -131,20 +125,12 @@ impl RoutingService {
                 Kind::Chat => ModelKind::Chat,
                 Kind::Embedding => ModelKind::Embedding,
             };
-            let info = ModelInfo {
-                id: m.name.clone(),
-                owned_by: m.owned_by.clone(),
-                created,
-                kind: kind as i32,
-            };
+            let info =
+                ModelInfo { id: m.name.clone(), owned_by: m.owned_by.clone(), created, kind: kind as i32 };
             order.push(m.name.clone());
             models.insert(m.name.clone(), Model { info, candidates });
         }
-        Self {
-            cache_ttl_ms: cfg.cache_ttl_ms,
-            models,
-            order,
-        }
+        Self { cache_ttl_ms: cfg.cache_ttl_ms, models, order }
     }
 }
 
@@ -152,26 +138,15 @@ impl RoutingService {
 impl Router for RoutingService {
     async fn route(&self, req: RouteRequest) -> Result<RouteResponse> {
         let model = self.models.get(&req.model).ok_or_else(|| {
-            RelayError::new(
-                ErrorCode::ModelNotFound,
-                format!("The model `{}` does not exist.", req.model),
-            )
-            .with_param("model")
+            RelayError::new(ErrorCode::ModelNotFound, format!("The model `{}` does not exist.", req.model))
+                .with_param("model")
         })?;
-        Ok(RouteResponse {
-            candidates: model.candidates.clone(),
-            cache_ttl_ms: self.cache_ttl_ms,
-        })
+        Ok(RouteResponse { candidates: model.candidates.clone(), cache_ttl_ms: self.cache_ttl_ms })
     }
 
     async fn list_models(&self) -> Result<ListModelsResponse> {
         Ok(ListModelsResponse {
-            models: self
-                .order
-                .iter()
-                .filter_map(|n| self.models.get(n))
-                .map(|m| m.info.clone())
-                .collect(),
+            models: self.order.iter().filter_map(|n| self.models.get(n)).map(|m| m.info.clone()).collect(),
         })
     }
 }
@@ -181,11 +156,7 @@ mod tests {
     use super::*;
 
     fn cfg() -> RoutingConfig {
-        let dep = |p: &str, m: &str| DeploymentConfig {
-            provider: p.into(),
-            model: m.into(),
-            weight: 1,
-        };
+        let dep = |p: &str, m: &str| DeploymentConfig { provider: p.into(), model: m.into(), weight: 1 };
         RoutingConfig {
             cache_ttl_ms: 500,
             models: vec![
@@ -208,34 +179,18 @@ mod tests {
     #[tokio::test]
     async fn routes_in_configured_order() {
         let svc = RoutingService::new(&cfg());
-        let r = svc
-            .route(RouteRequest {
-                model: "b".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let r = svc.route(RouteRequest { model: "b".into(), ..Default::default() }).await.unwrap();
         let ids: Vec<_> = r.candidates.iter().map(|d| d.id.as_str()).collect();
         assert_eq!(ids, ["x@p1", "y@p2"]);
         assert_eq!(r.cache_ttl_ms, 500);
-        let models: Vec<_> = svc
-            .list_models()
-            .await
-            .unwrap()
-            .models
-            .into_iter()
-            .map(|m| m.id)
-            .collect();
+        let models: Vec<_> = svc.list_models().await.unwrap().models.into_iter().map(|m| m.id).collect();
         assert_eq!(models, ["b", "a"]);
     }
 
     #[tokio::test]
     async fn unknown_model_is_model_not_found() {
         let e = RoutingService::new(&cfg())
-            .route(RouteRequest {
-                model: "zz".into(),
-                ..Default::default()
-            })
+            .route(RouteRequest { model: "zz".into(), ..Default::default() })
             .await
             .unwrap_err();
         assert_eq!(e.code, ErrorCode::ModelNotFound);

@@ -25,17 +25,10 @@ pub fn router(readiness: Readiness) -> Router {
     Router::new()
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route(
-            "/metrics",
-            get(|| async { relay_telemetry::prometheus().render() }),
-        )
+        .route("/metrics", get(|| async { relay_telemetry::prometheus().render() }))
         .with_state(readiness)
 }
 
 async fn readyz(State(r): State<Readiness>) -> (StatusCode, &'static str) {
-    if r.is_ready() {
-        (StatusCode::OK, "ready")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
-    }
+    if r.is_ready() { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") }
 }

@@ -63,10 +63,8 @@ impl ConfigSource {
         // Sorted so overrides apply deterministically.
         let overrides: BTreeMap<_, _> = env.iter().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
         for (key, raw) in overrides {
-            let path: Vec<String> = key[ENV_PREFIX.len()..]
-                .split("__")
-                .map(|s| s.to_ascii_lowercase())
-                .collect();
+            let path: Vec<String> =
+                key[ENV_PREFIX.len()..].split("__").map(|s| s.to_ascii_lowercase()).collect();
             if path.iter().any(String::is_empty) {
                 errors.push(format!("{key}: empty path segment"));
                 continue;
@@ -86,14 +84,7 @@ impl ConfigSource {
     }
 
     fn checked(table: Table, errors: ConfigErrors) -> Result<Self, ConfigErrors> {
-        if errors.is_empty() {
-            Ok(Self {
-                table,
-                taken: Vec::new(),
-            })
-        } else {
-            Err(errors)
-        }
+        if errors.is_empty() { Ok(Self { table, taken: Vec::new() }) } else { Err(errors) }
     }
 
     fn parse_text(text: &str, origin: &str, errors: &mut ConfigErrors) -> Table {
@@ -116,11 +107,7 @@ impl ConfigSource {
             Ok(v) => v,
             Err(e) => {
                 let path = e.path().to_string();
-                let at = if path == "." {
-                    name.to_owned()
-                } else {
-                    format!("{name}.{path}")
-                };
+                let at = if path == "." { name.to_owned() } else { format!("{name}.{path}") };
                 errors.push(format!("{at}: {}", e.into_inner().to_string().trim()));
                 T::default()
             }
@@ -131,10 +118,7 @@ impl ConfigSource {
     pub fn finish(self, errors: &mut ConfigErrors) {
         for key in self.table.keys() {
             if !self.taken.iter().any(|t| t == key) {
-                errors.push(format!(
-                    "{key}: unknown section (known: {})",
-                    self.taken.join(", ")
-                ));
+                errors.push(format!("{key}: unknown section (known: {})", self.taken.join(", ")));
             }
         }
     }
@@ -151,12 +135,8 @@ fn set_path(table: &mut Table, path: &[String], value: Value) -> Result<(), Stri
     let (last, parents) = path.split_last().ok_or("empty key")?;
     let mut cur = table;
     for seg in parents {
-        let entry = cur
-            .entry(seg.clone())
-            .or_insert_with(|| Value::Table(Table::new()));
-        cur = entry
-            .as_table_mut()
-            .ok_or_else(|| format!("`{seg}` is not a table"))?;
+        let entry = cur.entry(seg.clone()).or_insert_with(|| Value::Table(Table::new()));
+        cur = entry.as_table_mut().ok_or_else(|| format!("`{seg}` is not a table"))?;
     }
     cur.insert(last.clone(), value);
     Ok(())
@@ -182,10 +162,7 @@ mod tests {
     }
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]

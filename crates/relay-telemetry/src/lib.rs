@@ -74,13 +74,8 @@ pub fn init(cfg: &TelemetryConfig, service_name: &str) -> anyhow::Result<Telemet
     global::set_text_map_propagator(TraceContextPropagator::new());
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cfg.log_filter.clone());
     let fmt = match cfg.log_format {
-        LogFormat::Text => tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .boxed(),
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
-            .with_writer(std::io::stderr)
-            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).boxed(),
     }
     .with_filter(EnvFilter::try_new(filter)?);
 
@@ -102,24 +97,16 @@ pub fn init(cfg: &TelemetryConfig, service_name: &str) -> anyhow::Result<Telemet
         .build();
     let provider = SdkTracerProvider::builder()
         .with_span_processor(batch)
-        .with_resource(
-            Resource::builder()
-                .with_service_name(service_name.to_owned())
-                .build(),
-        )
+        .with_resource(Resource::builder().with_service_name(service_name.to_owned()).build())
         .build();
     let tracer = provider.tracer("relay");
     global::set_tracer_provider(provider.clone());
     // The exporter's own gRPC client must not trace itself (each export would create more spans).
-    let otel = tracing_opentelemetry::layer()
-        .with_tracer(tracer)
-        .with_filter(EnvFilter::try_new(
-            "info,h2=off,hyper=off,hyper_util=off,tonic=off,tower=off,reqwest=off",
-        )?);
+    let otel = tracing_opentelemetry::layer().with_tracer(tracer).with_filter(EnvFilter::try_new(
+        "info,h2=off,hyper=off,hyper_util=off,tonic=off,tower=off,reqwest=off",
+    )?);
     tracing_subscriber::registry().with(fmt).with(otel).try_init()?;
-    Ok(Telemetry {
-        provider: Some(provider),
-    })
+    Ok(Telemetry { provider: Some(provider) })
 }
 
 // === propagation ===
@@ -141,10 +128,9 @@ pub struct HeaderInjector<'a>(pub &'a mut http::HeaderMap);
 
 impl Injector for HeaderInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
-        if let (Ok(name), Ok(val)) = (
-            http::HeaderName::from_bytes(key.as_bytes()),
-            http::HeaderValue::from_str(&value),
-        ) {
+        if let (Ok(name), Ok(val)) =
+            (http::HeaderName::from_bytes(key.as_bytes()), http::HeaderValue::from_str(&value))
+        {
             self.0.insert(name, val);
         }
     }
@@ -182,12 +168,7 @@ pub fn set_parent(span: &tracing::Span, cx: Context) {
 /// The trace id of the current span, as 32 hex digits (all zeros when not sampled or no exporter).
 pub fn current_trace_id() -> String {
     use opentelemetry::trace::TraceContextExt as _;
-    tracing::Span::current()
-        .context()
-        .span()
-        .span_context()
-        .trace_id()
-        .to_string()
+    tracing::Span::current().context().span().span_context().trace_id().to_string()
 }
 
 // === metrics ===

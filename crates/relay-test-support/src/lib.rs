@@ -27,9 +27,7 @@ pub fn env_service(name: &str) -> Option<String> {
 /// A new, empty, migrated database on the server of `url`, unique to this call.
 pub async fn fresh_postgres(url: &str) -> relay_db::Db {
     let url = fresh_postgres_url(url).await;
-    let db = relay_db::Db::connect(&url)
-        .await
-        .expect("connect to fresh database");
+    let db = relay_db::Db::connect(&url).await.expect("connect to fresh database");
     db.migrate().await.expect("migrate fresh database");
     db
 }
@@ -38,9 +36,7 @@ pub async fn fresh_postgres(url: &str) -> relay_db::Db {
 pub async fn fresh_postgres_url(url: &str) -> String {
     use sqlx::Connection as _;
     let name = format!("relay_test_{}", uuid::Uuid::now_v7().simple());
-    let mut admin = sqlx::PgConnection::connect(url)
-        .await
-        .expect("connect to DATABASE_URL");
+    let mut admin = sqlx::PgConnection::connect(url).await.expect("connect to DATABASE_URL");
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
         .execute(&mut admin)
         .await
@@ -51,9 +47,5 @@ pub async fn fresh_postgres_url(url: &str) -> String {
 
 /// A free TCP port on loopback (for processes that must be told their port up front).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

@@ -53,20 +53,13 @@ impl MockOpenAi {
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Self {
-            base_url: format!("http://{addr}/v1"),
-            shared,
-            task,
-        }
+        Self { base_url: format!("http://{addr}/v1"), shared, task }
     }
 
     /// Every request received whose body mentions `needle`.
     pub fn requests_containing(&self, needle: &str) -> Vec<Recorded> {
         let log = self.shared.log.lock().unwrap();
-        log.iter()
-            .filter(|r| r.body.to_string().contains(needle))
-            .cloned()
-            .collect()
+        log.iter().filter(|r| r.body.to_string().contains(needle)).cloned().collect()
     }
 }
 
@@ -96,20 +89,13 @@ fn strip_directives(text: &str) -> (String, Vec<(String, String)>) {
 }
 
 fn knob(knobs: &[(String, String)], name: &str) -> Option<u64> {
-    knobs
-        .iter()
-        .find(|(k, _)| k == name)
-        .and_then(|(_, v)| v.parse().ok())
+    knobs.iter().find(|(k, _)| k == name).and_then(|(_, v)| v.parse().ok())
 }
 
 fn content_text(c: &Value) -> String {
     match c {
         Value::String(s) => s.clone(),
-        Value::Array(a) => a
-            .iter()
-            .filter_map(|p| p["text"].as_str())
-            .collect::<Vec<_>>()
-            .join(" "),
+        Value::Array(a) => a.iter().filter_map(|p| p["text"].as_str()).collect::<Vec<_>>().join(" "),
         _ => String::new(),
     }
 }
@@ -124,10 +110,7 @@ fn record(shared: &Shared, path: &str, headers: &HeaderMap, body: &Value) {
 
 fn error(status: u16, message: &str) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (
-        status,
-        axum::Json(json!({"error": {"message": message, "type": "mock_error", "code": null}})),
-    )
+    (status, axum::Json(json!({"error": {"message": message, "type": "mock_error", "code": null}})))
         .into_response()
 }
 
@@ -137,11 +120,7 @@ async fn chat(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> 
     };
     record(&shared, "/v1/chat/completions", &headers, &req);
     let messages = req["messages"].as_array().cloned().unwrap_or_default();
-    let last_user = messages
-        .iter()
-        .rev()
-        .find(|m| m["role"] == "user")
-        .map(|m| content_text(&m["content"]));
+    let last_user = messages.iter().rev().find(|m| m["role"] == "user").map(|m| content_text(&m["content"]));
     let (_, knobs) = strip_directives(last_user.as_deref().unwrap_or(""));
     if let Some(status) = knob(&knobs, "status") {
         return error(status as u16, &format!("mock forced status {status}"));
@@ -151,18 +130,10 @@ async fn chat(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> 
     let tokens: Vec<String> = parts
         .iter()
         .enumerate()
-        .map(|(i, p)| {
-            if i + 1 < parts.len() {
-                format!("{p} ")
-            } else {
-                (*p).into()
-            }
-        })
+        .map(|(i, p)| if i + 1 < parts.len() { format!("{p} ") } else { (*p).into() })
         .collect();
-    let input_words: usize = messages
-        .iter()
-        .map(|m| content_text(&m["content"]).split_whitespace().count())
-        .sum();
+    let input_words: usize =
+        messages.iter().map(|m| content_text(&m["content"]).split_whitespace().count()).sum();
     let (prompt, completion) = (1000 + input_words as u64, tokens.len() as u64);
     let usage = json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion});
     let model = req["model"].as_str().unwrap_or("mock").to_owned();
@@ -181,10 +152,8 @@ async fn chat(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> 
     events.extend(tokens.iter().map(|t| chunk(json!({"content": t}), Value::Null)));
     events.push(chunk(json!({}), json!("stop")));
     if req["stream_options"]["include_usage"] == json!(true) {
-        events.push(
-            json!({"id": id, "object": "chat.completion.chunk", "created": 1, "model": model,
-                           "choices": [], "usage": usage}),
-        );
+        events.push(json!({"id": id, "object": "chat.completion.chunk", "created": 1, "model": model,
+                           "choices": [], "usage": usage}));
     }
     let mut frames: Vec<String> = events.iter().map(|e| format!("data: {e}\n\n")).collect();
     frames.push("data: [DONE]\n\n".into());
@@ -199,10 +168,7 @@ async fn chat(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> 
         }
         Some((Ok::<_, std::io::Error>(Bytes::from(frame)), it))
     });
-    Response::builder()
-        .header("content-type", "text/event-stream")
-        .body(Body::from_stream(stream))
-        .unwrap()
+    Response::builder().header("content-type", "text/event-stream").body(Body::from_stream(stream)).unwrap()
 }
 
 async fn embeddings(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {

@@ -45,25 +45,15 @@ async fn build_local(cfg: &Config) -> anyhow::Result<Local> {
     };
     let billing = match cfg.runs("billing") {
         true => {
-            let db = relay_db::Db::connect(&cfg.database.url)
-                .await
-                .context("connecting to the database")?;
+            let db = relay_db::Db::connect(&cfg.database.url).await.context("connecting to the database")?;
             if cfg.database.migrate_on_start {
                 db.migrate().await.context("applying migrations")?;
             }
-            Some((
-                relay_billing::BillingService::new(relay_billing::UsageStore::new(db.clone())),
-                db,
-            ))
+            Some((relay_billing::BillingService::new(relay_billing::UsageStore::new(db.clone())), db))
         }
         false => None,
     };
-    Ok(Local {
-        auth,
-        router,
-        adapter,
-        billing,
-    })
+    Ok(Local { auth, router, adapter, billing })
 }
 
 fn remote<T: ?Sized>(
@@ -97,19 +87,13 @@ pub async fn run(
                 Arc::new(relay_events::NatsSink::new(js.clone(), &cfg.bus.jetstream)) as Arc<dyn UsageSink>
             });
             let source = cfg.runs("billing").then(|| {
-                UsageSource::Nats(Box::new(relay_events::NatsSource::new(
-                    js,
-                    cfg.bus.jetstream.clone(),
-                )))
+                UsageSource::Nats(Box::new(relay_events::NatsSource::new(js, cfg.bus.jetstream.clone())))
             });
             (sink, source)
         }
         None => {
             let (sink, source) = relay_events::in_process_bus(4096);
-            (
-                Some(Arc::new(sink) as Arc<dyn UsageSink>),
-                Some(UsageSource::InProcess(source)),
-            )
+            (Some(Arc::new(sink) as Arc<dyn UsageSink>), Some(UsageSource::InProcess(source)))
         }
     };
 
@@ -119,9 +103,7 @@ pub async fn run(
         false => None,
     };
     // gRPC only when this process serves a backend to other processes.
-    let serves_backend = ["auth", "routing", "adapter", "billing"]
-        .iter()
-        .any(|s| cfg.runs(s));
+    let serves_backend = ["auth", "routing", "adapter", "billing"].iter().any(|s| cfg.runs(s));
     let grpc = match &cfg.server.grpc_listen {
         Some(a) if serves_backend => Some(bind(a).await?),
         _ => None,
@@ -174,10 +156,7 @@ pub async fn run(
         let stop = shutdown.clone();
         servers.push(tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-            routes
-                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-                .await
-                .context("gRPC server")
+            routes.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await.context("gRPC server")
         }));
     }
     let admin_stop = CancellationToken::new();
@@ -185,9 +164,7 @@ pub async fn run(
     let admin_task = {
         let stop = admin_stop.clone();
         tokio::spawn(async move {
-            axum::serve(admin, admin_app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
+            axum::serve(admin, admin_app).with_graceful_shutdown(stop.cancelled_owned()).await
         })
     };
 
@@ -223,10 +200,7 @@ pub async fn run(
     })
     .await;
     if !drained {
-        tracing::warn!(
-            grace_secs = grace.as_secs(),
-            "grace period over; in-flight requests were cut"
-        );
+        tracing::warn!(grace_secs = grace.as_secs(), "grace period over; in-flight requests were cut");
     }
     if let Some(edge) = &edge_handle {
         edge.flush().await;
@@ -263,7 +237,5 @@ async fn wait_first(servers: &mut Vec<tokio::task::JoinHandle<anyhow::Result<()>
 }
 
 async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))
+    TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))
 }

@@ -41,21 +41,13 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
             "--config" => config = Some(PathBuf::from(it.next().ok_or("--config needs a file")?)),
             "--services" => {
                 let v = it.next().ok_or("--services needs a list")?;
-                services = Some(
-                    v.split(',')
-                        .map(|s| s.trim().to_owned())
-                        .filter(|s| !s.is_empty())
-                        .collect(),
-                );
+                services =
+                    Some(v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect());
             }
             other => return Err(format!("unknown argument `{other}`")),
         }
     }
-    Ok(Args {
-        command,
-        config,
-        services,
-    })
+    Ok(Args { command, config, services })
 }
 
 /// Runs the CLI and returns the process exit code.
@@ -67,10 +59,7 @@ pub fn main_with(args: Vec<String>, env: HashMap<String, String>) -> i32 {
             return EXIT_CONFIG;
         }
     };
-    let file = args
-        .config
-        .clone()
-        .or_else(|| env.get("RELAY_CONFIG").map(PathBuf::from));
+    let file = args.config.clone().or_else(|| env.get("RELAY_CONFIG").map(PathBuf::from));
     let mut env = env;
     if let Some(services) = &args.services {
         // `--services` wins over file and environment, and goes through the same validation.

@@ -69,10 +69,7 @@ pub struct DatabaseConfig {
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        Self {
-            url: "sqlite://relay.db".into(),
-            migrate_on_start: true,
-        }
+        Self { url: "sqlite://relay.db".into(), migrate_on_start: true }
     }
 }
 
@@ -131,9 +128,7 @@ impl Config {
         .flatten()
         {
             if addr.parse::<std::net::SocketAddr>().is_err() {
-                e.push(format!(
-                    "server: `{addr}` is not a socket address like 127.0.0.1:8080"
-                ));
+                e.push(format!("server: `{addr}` is not a socket address like 127.0.0.1:8080"));
             }
         }
         let backends = ["auth", "routing", "adapter", "billing"];
@@ -147,9 +142,7 @@ impl Config {
                 ("adapter", &self.remote.adapter),
             ] {
                 if !self.runs(name) && addr.is_none() {
-                    e.push(format!(
-                        "remote.{name}: required, since the edge runs here and {name} does not"
-                    ));
+                    e.push(format!("remote.{name}: required, since the edge runs here and {name} does not"));
                 }
             }
         }
@@ -165,11 +158,7 @@ impl Config {
         if self.runs("routing") {
             let names: Vec<&str> = self.adapter.provider_names().collect();
             // Provider names can only be checked when this file also configures the adapter.
-            let known = if self.adapter.providers.is_empty() {
-                None
-            } else {
-                Some(names.as_slice())
-            };
+            let known = if self.adapter.providers.is_empty() { None } else { Some(names.as_slice()) };
             self.routing.validate(known, &mut e);
         }
         if self.runs("billing")
@@ -188,10 +177,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
     }
 
     #[test]
@@ -220,10 +206,7 @@ mod tests {
     fn split_deployment_needs_addresses_and_a_bus() {
         let errs = Config::load(
             None,
-            &env(&[
-                ("RELAY__SERVER__SERVICES", "[\"edge\"]"),
-                ("RELAY__AUTH__PEPPER", "x"),
-            ]),
+            &env(&[("RELAY__SERVER__SERVICES", "[\"edge\"]"), ("RELAY__AUTH__PEPPER", "x")]),
         )
         .unwrap_err()
         .to_string();

@@ -25,28 +25,17 @@ pub fn parse(o: &Map<String, Value>) -> Result<Request, RelayError> {
     match o.get("system") {
         None | Some(Value::Null) => {}
         Some(Value::String(s)) => r.system.push(s.clone()),
-        Some(Value::Array(blocks)) => r
-            .system
-            .extend(blocks.iter().filter_map(|b| opt_str(b.get("text")))),
+        Some(Value::Array(blocks)) => r.system.extend(blocks.iter().filter_map(|b| opt_str(b.get("text")))),
         Some(_) => {
-            return Err(bad(
-                "system",
-                "system must be a string or an array of text blocks",
-            ));
+            return Err(bad("system", "system must be a string or an array of text blocks"));
         }
     }
     for (i, m) in msgs.iter().enumerate() {
         let at = format!("messages.{i}");
         let parts = blocks(m.get("content"), &at)?;
         match m.get("role").and_then(Value::as_str) {
-            Some("user") => r.messages.push(Message {
-                role: Role::User,
-                parts,
-            }),
-            Some("assistant") => r.messages.push(Message {
-                role: Role::Assistant,
-                parts,
-            }),
+            Some("user") => r.messages.push(Message { role: Role::User, parts }),
+            Some("assistant") => r.messages.push(Message { role: Role::Assistant, parts }),
             // A mid-conversation system turn: upstreams without one get it hoisted into the system prompt.
             Some("system") => r.system.push(ir::text_of(&parts)),
             other => return Err(bad(&at, format!("{at}.role: unexpected role {other:?}"))),
@@ -96,9 +85,7 @@ pub fn parse(o: &Map<String, Value>) -> Result<Request, RelayError> {
     if let Some(effort) = output_config.and_then(|c| opt_str(c.get("effort"))) {
         r.reasoning.get_or_insert_with(Default::default).effort = Some(effort);
     }
-    let format = output_config
-        .and_then(|c| c.get("format"))
-        .or_else(|| o.get("output_format"));
+    let format = output_config.and_then(|c| c.get("format")).or_else(|| o.get("output_format"));
     if let Some(f) = format.filter(|f| f.get("type").and_then(Value::as_str) == Some("json_schema")) {
         r.response_format = Some(ir::ResponseFormat::JsonSchema {
             name: "response".into(),
@@ -116,10 +103,7 @@ fn blocks(content: Option<&Value>, at: &str) -> Result<Vec<Part>, RelayError> {
         Some(Value::String(s)) => return Ok(vec![Part::Text(s.clone())]),
         Some(Value::Array(a)) => a,
         _ => {
-            return Err(bad(
-                at,
-                format!("{at}.content must be a string or an array of blocks"),
-            ));
+            return Err(bad(at, format!("{at}.content must be a string or an array of blocks")));
         }
     };
     let mut parts = Vec::new();
@@ -146,9 +130,9 @@ fn blocks(content: Option<&Value>, at: &str) -> Result<Vec<Part>, RelayError> {
                 text: opt_str(b.get("thinking")).unwrap_or_default(),
                 signature: opt_str(b.get("signature")),
             },
-            "redacted_thinking" => Part::RedactedThinking {
-                data: opt_str(b.get("data")).unwrap_or_default(),
-            },
+            "redacted_thinking" => {
+                Part::RedactedThinking { data: opt_str(b.get("data")).unwrap_or_default() }
+            }
             other => {
                 return Err(bad(
                     at,
@@ -168,10 +152,7 @@ fn image(source: Option<&Value>, at: &str) -> Result<Image, RelayError> {
             data: opt_str(s.get("data")).unwrap_or_default(),
         }),
         Some("url") => Ok(Image::Url(opt_str(s.get("url")).unwrap_or_default())),
-        other => Err(bad(
-            at,
-            format!("{at}.source.type {other:?} is not base64 or url"),
-        )),
+        other => Err(bad(at, format!("{at}.source.type {other:?} is not base64 or url"))),
     }
 }
 
@@ -268,25 +249,16 @@ impl Encoder {
         self.started = true;
         let message = json!({"id": message_id(&self.ctx), "type": "message", "role": "assistant", "model": self.ctx.model,
             "content": [], "stop_reason": null, "stop_sequence": null, "usage": usage_json(&self.usage)});
-        out.push(sse(
-            Some("message_start"),
-            &json!({"type": "message_start", "message": message}),
-        ));
+        out.push(sse(Some("message_start"), &json!({"type": "message_start", "message": message})));
     }
 
     fn close(&mut self, out: &mut Vec<Bytes>, keep_tools: bool) {
         if let Some(Open::Text(i) | Open::Thinking(i)) = self.open.take() {
-            out.push(sse(
-                Some("content_block_stop"),
-                &json!({"type": "content_block_stop", "index": i}),
-            ));
+            out.push(sse(Some("content_block_stop"), &json!({"type": "content_block_stop", "index": i})));
         }
         if !keep_tools {
             for i in std::mem::take(&mut self.open_tools) {
-                out.push(sse(
-                    Some("content_block_stop"),
-                    &json!({"type": "content_block_stop", "index": i}),
-                ));
+                out.push(sse(Some("content_block_stop"), &json!({"type": "content_block_stop", "index": i})));
             }
         }
     }
@@ -341,10 +313,7 @@ impl StreamEncoder for Encoder {
                         i
                     }
                 };
-                out.push(Self::block_delta(
-                    index,
-                    json!({"type": "text_delta", "text": text}),
-                ));
+                out.push(Self::block_delta(index, json!({"type": "text_delta", "text": text})));
             }
             Delta::Thinking { text, .. } => {
                 let index = match self.open {
@@ -357,10 +326,7 @@ impl StreamEncoder for Encoder {
                         i
                     }
                 };
-                out.push(Self::block_delta(
-                    index,
-                    json!({"type": "thinking_delta", "thinking": text}),
-                ));
+                out.push(Self::block_delta(index, json!({"type": "thinking_delta", "thinking": text})));
             }
             Delta::ThinkingSignature { signature, .. } => {
                 if let Some(Open::Thinking(i)) = self.open {
@@ -373,25 +339,17 @@ impl StreamEncoder for Encoder {
             Delta::RedactedThinking { data, .. } => {
                 self.close(out, false);
                 let i = self.open_block(json!({"type": "redacted_thinking", "data": data}), out);
-                out.push(sse(
-                    Some("content_block_stop"),
-                    &json!({"type": "content_block_stop", "index": i}),
-                ));
+                out.push(sse(Some("content_block_stop"), &json!({"type": "content_block_stop", "index": i})));
             }
             Delta::ToolCallStart { id, name, .. } => {
                 self.close(out, true);
-                let i = self.open_block(
-                    json!({"type": "tool_use", "id": id, "name": name, "input": {}}),
-                    out,
-                );
+                let i =
+                    self.open_block(json!({"type": "tool_use", "id": id, "name": name, "input": {}}), out);
                 self.tools.push(i);
                 self.open_tools.push(i);
             }
             Delta::ToolCallArgs { index, fragment, .. } => {
-                if let Some(&block) = self
-                    .tools
-                    .get(*index as usize)
-                    .filter(|b| self.open_tools.contains(b))
+                if let Some(&block) = self.tools.get(*index as usize).filter(|b| self.open_tools.contains(b))
                 {
                     out.push(Self::block_delta(
                         block,
@@ -434,27 +392,16 @@ mod tests {
         let r = parse(body.as_object().unwrap()).unwrap();
         assert_eq!(r.system, ["You are Claude Code.", "ctx", "mid-turn note"]);
         assert_eq!(r.tools.len(), 1, "server tools are dropped");
-        assert_eq!(
-            (r.tool_choice.clone(), r.parallel_tool_calls),
-            (ToolChoice::Required, Some(false))
-        );
+        assert_eq!((r.tool_choice.clone(), r.parallel_tool_calls), (ToolChoice::Required, Some(false)));
         assert_eq!(r.reasoning.clone().unwrap().budget_tokens, Some(2000));
         assert_eq!(r.user.as_deref(), Some("u"));
         assert_eq!(
             r.messages[1].parts[1],
-            Part::ToolCall {
-                id: "toolu_1".into(),
-                name: "f".into(),
-                arguments: "{\"a\":1}".into()
-            }
+            Part::ToolCall { id: "toolu_1".into(), name: "f".into(), arguments: "{\"a\":1}".into() }
         );
         assert_eq!(
             r.messages[2].parts[0],
-            Part::ToolResult {
-                id: "toolu_1".into(),
-                content: "ok".into(),
-                is_error: false
-            }
+            Part::ToolResult { id: "toolu_1".into(), content: "ok".into(), is_error: false }
         );
     }
 
@@ -475,52 +422,22 @@ mod tests {
 
     #[test]
     fn stream_blocks_open_and_close_in_order() {
-        let ctx = AnswerCtx {
-            request_id: "r".into(),
-            model: "m".into(),
-            created: 0,
-            include_usage: false,
-        };
+        let ctx = AnswerCtx { request_id: "r".into(), model: "m".into(), created: 0, include_usage: false };
         let mut enc = Encoder::new(ctx);
         let mut out = Vec::new();
         for d in [
-            Delta::Text {
-                choice: 0,
-                text: "Calling f.".into(),
-            },
-            Delta::ToolCallStart {
-                choice: 0,
-                index: 0,
-                id: "c".into(),
-                name: "f".into(),
-            },
-            Delta::ToolCallArgs {
-                choice: 0,
-                index: 0,
-                fragment: "{\"a\":".into(),
-            },
-            Delta::ToolCallArgs {
-                choice: 0,
-                index: 0,
-                fragment: "1}".into(),
-            },
-            Delta::Finish {
-                choice: 0,
-                reason: Finish::ToolCalls,
-            },
-            Delta::Usage(TokenUsage {
-                input_tokens: 10,
-                output_tokens: 20,
-                ..Default::default()
-            }),
+            Delta::Text { choice: 0, text: "Calling f.".into() },
+            Delta::ToolCallStart { choice: 0, index: 0, id: "c".into(), name: "f".into() },
+            Delta::ToolCallArgs { choice: 0, index: 0, fragment: "{\"a\":".into() },
+            Delta::ToolCallArgs { choice: 0, index: 0, fragment: "1}".into() },
+            Delta::Finish { choice: 0, reason: Finish::ToolCalls },
+            Delta::Usage(TokenUsage { input_tokens: 10, output_tokens: 20, ..Default::default() }),
         ] {
             enc.delta(&d, &mut out);
         }
         enc.finish(&mut out);
-        let types: Vec<String> = events(&out)
-            .iter()
-            .map(|e| e["type"].as_str().unwrap().to_owned())
-            .collect();
+        let types: Vec<String> =
+            events(&out).iter().map(|e| e["type"].as_str().unwrap().to_owned()).collect();
         assert_eq!(
             types,
             [

@@ -33,9 +33,8 @@ pub trait StreamEncoder: Send {
 pub fn parse_request(protocol: Protocol, body: &[u8]) -> Result<Request, RelayError> {
     let v: Value = serde_json::from_slice(body)
         .map_err(|e| RelayError::invalid_request(format!("request body is not valid JSON: {e}")))?;
-    let obj = v
-        .as_object()
-        .ok_or_else(|| RelayError::invalid_request("request body must be a JSON object"))?;
+    let obj =
+        v.as_object().ok_or_else(|| RelayError::invalid_request("request body must be a JSON object"))?;
     match protocol {
         Protocol::OpenaiChat => openai_chat::parse(obj),
         Protocol::AnthropicMessages => anthropic::parse(obj),
@@ -91,10 +90,7 @@ pub(crate) fn opt_u64(v: Option<&Value>, param: &str) -> Result<Option<u64>, Rel
 pub(crate) fn opt_f64(v: Option<&Value>, param: &str) -> Result<Option<f64>, RelayError> {
     match v {
         None | Some(Value::Null) => Ok(None),
-        Some(x) => x
-            .as_f64()
-            .map(Some)
-            .ok_or_else(|| bad(param, format!("`{param}` must be a number"))),
+        Some(x) => x.as_f64().map(Some).ok_or_else(|| bad(param, format!("`{param}` must be a number"))),
     }
 }
 
@@ -115,10 +111,7 @@ pub(crate) fn string_list(v: Option<&Value>, param: &str) -> Result<Vec<String>,
                     .ok_or_else(|| bad(param, format!("`{param}` must hold strings")))
             })
             .collect(),
-        Some(_) => Err(bad(
-            param,
-            format!("`{param}` must be a string or an array of strings"),
-        )),
+        Some(_) => Err(bad(param, format!("`{param}` must be a string or an array of strings"))),
     }
 }
 

@@ -16,10 +16,7 @@ pub fn parse(o: &Map<String, Value>) -> Result<Request, RelayError> {
         .and_then(Value::as_array)
         .filter(|a| !a.is_empty())
         .ok_or_else(|| bad("messages", "`messages` must be a non-empty array"))?;
-    let mut r = Request {
-        model: opt_str(o.get("model")).unwrap_or_default(),
-        ..Default::default()
-    };
+    let mut r = Request { model: opt_str(o.get("model")).unwrap_or_default(), ..Default::default() };
     for (i, m) in msgs.iter().enumerate() {
         let at = format!("messages[{i}]");
         let role = m
@@ -31,23 +28,12 @@ pub fn parse(o: &Map<String, Value>) -> Result<Request, RelayError> {
             "user" => push(&mut r.messages, Role::User, content_parts(m.get("content"), &at)?),
             "assistant" => {
                 let mut parts = Vec::new();
-                if let Some(t) = m
-                    .get("reasoning_content")
-                    .and_then(Value::as_str)
-                    .filter(|t| !t.is_empty())
+                if let Some(t) = m.get("reasoning_content").and_then(Value::as_str).filter(|t| !t.is_empty())
                 {
-                    parts.push(Part::Thinking {
-                        text: t.to_owned(),
-                        signature: None,
-                    });
+                    parts.push(Part::Thinking { text: t.to_owned(), signature: None });
                 }
                 parts.extend(content_parts(m.get("content"), &at)?);
-                for (j, tc) in m
-                    .get("tool_calls")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                    .enumerate()
+                for (j, tc) in m.get("tool_calls").and_then(Value::as_array).into_iter().flatten().enumerate()
                 {
                     let f = tc
                         .get("function")
@@ -64,15 +50,7 @@ pub fn parse(o: &Map<String, Value>) -> Result<Request, RelayError> {
                 let id = opt_str(m.get("tool_call_id")).or_else(|| opt_str(m.get("name")));
                 let id = id.ok_or_else(|| bad(&at, format!("{at}.tool_call_id is required")))?;
                 let content = plain_text(m.get("content"), &at)?;
-                push(
-                    &mut r.messages,
-                    Role::User,
-                    vec![Part::ToolResult {
-                        id,
-                        content,
-                        is_error: false,
-                    }],
-                );
+                push(&mut r.messages, Role::User, vec![Part::ToolResult { id, content, is_error: false }]);
             }
             other => {
                 return Err(bad(
@@ -82,25 +60,11 @@ pub fn parse(o: &Map<String, Value>) -> Result<Request, RelayError> {
             }
         }
     }
-    for (i, t) in o
-        .get("tools")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .enumerate()
-    {
-        let f = t
-            .get("function")
-            .ok_or_else(|| bad("tools", format!("tools[{i}].function is required")))?;
+    for (i, t) in o.get("tools").and_then(Value::as_array).into_iter().flatten().enumerate() {
+        let f = t.get("function").ok_or_else(|| bad("tools", format!("tools[{i}].function is required")))?;
         r.tools.push(tool(f, &format!("tools[{i}]"))?);
     }
-    for (i, f) in o
-        .get("functions")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .enumerate()
-    {
+    for (i, f) in o.get("functions").and_then(Value::as_array).into_iter().flatten().enumerate() {
         r.tools.push(tool(f, &format!("functions[{i}]"))?);
     }
     r.tool_choice = tool_choice(o.get("tool_choice").or_else(|| o.get("function_call")))?;
@@ -113,10 +77,8 @@ pub fn parse(o: &Map<String, Value>) -> Result<Request, RelayError> {
     r.stop = string_list(o.get("stop"), "stop")?;
     r.n = opt_u64(o.get("n"), "n")?.map(|n| n.min(128) as u32);
     r.response_format = response_format(o.get("response_format"))?;
-    r.reasoning = opt_str(o.get("reasoning_effort")).map(|e| ir::Reasoning {
-        effort: Some(e),
-        budget_tokens: None,
-    });
+    r.reasoning =
+        opt_str(o.get("reasoning_effort")).map(|e| ir::Reasoning { effort: Some(e), budget_tokens: None });
     r.parallel_tool_calls = o.get("parallel_tool_calls").and_then(Value::as_bool);
     r.user = opt_str(o.get("user"));
     r.stream = o.get("stream").and_then(Value::as_bool).unwrap_or(false);
@@ -158,16 +120,10 @@ fn content_parts(content: Option<&Value>, at: &str) -> Result<Vec<Part>, RelayEr
                     url.map(|u| Part::Image(Image::from_url(u)))
                         .ok_or_else(|| bad(at, format!("{at}.content[{j}].image_url.url is required")))
                 }
-                other => Err(bad(
-                    at,
-                    format!("{at}.content[{j}]: unsupported content part type {other:?}"),
-                )),
+                other => Err(bad(at, format!("{at}.content[{j}]: unsupported content part type {other:?}"))),
             })
             .collect(),
-        Some(_) => Err(bad(
-            at,
-            format!("{at}.content must be a string or an array of parts"),
-        )),
+        Some(_) => Err(bad(at, format!("{at}.content must be a string or an array of parts"))),
     }
 }
 
@@ -198,8 +154,7 @@ fn tool_choice(v: Option<&Value>) -> Result<ToolChoice, RelayError> {
                 .or_else(|| o.get("name"))
                 .and_then(Value::as_str);
             ToolChoice::Function(
-                name.ok_or_else(|| bad("tool_choice", "tool_choice.function.name is required"))?
-                    .into(),
+                name.ok_or_else(|| bad("tool_choice", "tool_choice.function.name is required"))?.into(),
             )
         }
     })
@@ -223,10 +178,7 @@ fn response_format(v: Option<&Value>) -> Result<Option<ir::ResponseFormat>, Rela
             })
         }
         other => {
-            return Err(bad(
-                "response_format",
-                format!("unsupported response_format type {other:?}"),
-            ));
+            return Err(bad("response_format", format!("unsupported response_format type {other:?}")));
         }
     })
 }
@@ -308,12 +260,7 @@ pub struct Encoder {
 impl Encoder {
     pub fn new(ctx: AnswerCtx) -> Self {
         let id = completion_id(&ctx);
-        Self {
-            ctx,
-            id,
-            started: Vec::new(),
-            usage: TokenUsage::default(),
-        }
+        Self { ctx, id, started: Vec::new(), usage: TokenUsage::default() }
     }
 
     fn chunk(&self, choice: u32, delta: Value, finish: Option<Finish>) -> Bytes {
@@ -345,21 +292,12 @@ impl StreamEncoder for Encoder {
                 self.start(*choice, out);
                 out.push(self.chunk(*choice, json!({"reasoning_content": text}), None));
             }
-            Delta::ToolCallStart {
-                choice,
-                index,
-                id,
-                name,
-            } => {
+            Delta::ToolCallStart { choice, index, id, name } => {
                 self.start(*choice, out);
                 let call = json!([{"index": index, "id": id, "type": "function", "function": {"name": name, "arguments": ""}}]);
                 out.push(self.chunk(*choice, json!({"tool_calls": call}), None));
             }
-            Delta::ToolCallArgs {
-                choice,
-                index,
-                fragment,
-            } => {
+            Delta::ToolCallArgs { choice, index, fragment } => {
                 let call = json!([{"index": index, "function": {"arguments": fragment}}]);
                 out.push(self.chunk(*choice, json!({"tool_calls": call}), None));
             }
@@ -410,36 +348,19 @@ mod tests {
         assert_eq!(r.messages.len(), 3);
         assert_eq!(
             r.messages[0].parts[1],
-            Part::Image(Image::Base64 {
-                media_type: "image/png".into(),
-                data: "QQ==".into()
-            })
+            Part::Image(Image::Base64 { media_type: "image/png".into(), data: "QQ==".into() })
         );
         assert_eq!(
             r.messages[1].parts,
-            [Part::ToolCall {
-                id: "c1".into(),
-                name: "f".into(),
-                arguments: "{\"a\":1}".into()
-            }]
+            [Part::ToolCall { id: "c1".into(), name: "f".into(), arguments: "{\"a\":1}".into() }]
         );
-        assert_eq!(
-            r.messages[2].parts.len(),
-            2,
-            "consecutive tool results are one user turn"
-        );
+        assert_eq!(r.messages[2].parts.len(), 2, "consecutive tool results are one user turn");
         assert_eq!(r.tool_choice, ToolChoice::Function("f".into()));
         assert_eq!(
             (r.max_tokens, r.n, r.stop.clone(), r.user.as_deref()),
             (Some(9), Some(2), vec!["X".to_string()], Some("u1"))
         );
-        assert!(matches!(
-            r.response_format,
-            Some(ir::ResponseFormat::JsonSchema {
-                strict: Some(true),
-                ..
-            })
-        ));
+        assert!(matches!(r.response_format, Some(ir::ResponseFormat::JsonSchema { strict: Some(true), .. })));
         assert_eq!(r.reasoning.unwrap().effort.as_deref(), Some("high"));
     }
 
@@ -448,18 +369,9 @@ mod tests {
         for (body, param) in [
             (json!({"model": "m"}), "messages"),
             (json!({"messages": [{"content": "x"}]}), "messages[0]"),
-            (
-                json!({"messages": [{"role": "wizard", "content": "x"}]}),
-                "messages[0]",
-            ),
-            (
-                json!({"messages": [{"role": "user", "content": [{"type": "video"}]}]}),
-                "messages[0]",
-            ),
-            (
-                json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}),
-                "max_tokens",
-            ),
+            (json!({"messages": [{"role": "wizard", "content": "x"}]}), "messages[0]"),
+            (json!({"messages": [{"role": "user", "content": [{"type": "video"}]}]}), "messages[0]"),
+            (json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}), "max_tokens"),
             (
                 json!({"messages": [{"role": "user", "content": "x"}], "tool_choice": "sometimes"}),
                 "tool_choice",

@@ -17,18 +17,14 @@ pub fn parse(o: &Map<String, Value>) -> Result<Request, RelayError> {
             "previous_response_id is not supported: Relay keeps no conversation state; send the whole conversation in `input`",
         ));
     }
-    let mut r = Request {
-        model: opt_str(o.get("model")).unwrap_or_default(),
-        ..Default::default()
-    };
+    let mut r = Request { model: opt_str(o.get("model")).unwrap_or_default(), ..Default::default() };
     if let Some(i) = opt_str(o.get("instructions")).filter(|s| !s.is_empty()) {
         r.system.push(i);
     }
     match o.get("input") {
-        Some(Value::String(s)) => r.messages.push(Message {
-            role: Role::User,
-            parts: vec![Part::Text(s.clone())],
-        }),
+        Some(Value::String(s)) => {
+            r.messages.push(Message { role: Role::User, parts: vec![Part::Text(s.clone())] })
+        }
         Some(Value::Array(items)) => {
             for (i, item) in items.iter().enumerate() {
                 input_item(&mut r, item, &format!("input[{i}]"))?;
@@ -72,10 +68,7 @@ pub fn parse(o: &Map<String, Value>) -> Result<Request, RelayError> {
     r.reasoning = o
         .get("reasoning")
         .and_then(|v| opt_str(v.get("effort")))
-        .map(|e| ir::Reasoning {
-            effort: Some(e),
-            budget_tokens: None,
-        });
+        .map(|e| ir::Reasoning { effort: Some(e), budget_tokens: None });
     if let Some(f) = o.get("text").and_then(|t| t.get("format")) {
         r.response_format = match f.get("type").and_then(Value::as_str) {
             Some("json_object") => Some(ir::ResponseFormat::JsonObject),
@@ -145,10 +138,7 @@ fn input_item(r: &mut Request, item: &Value, at: &str) -> Result<(), RelayError>
         // Encrypted reasoning only means something to the model that wrote it.
         "reasoning" => {}
         other => {
-            return Err(bad(
-                "input",
-                format!("{at}: item type `{other}` is not supported"),
-            ));
+            return Err(bad("input", format!("{at}: item type `{other}` is not supported")));
         }
     }
     Ok(())
@@ -169,10 +159,7 @@ fn content(c: Option<&Value>, at: &str) -> Result<Vec<Part>, RelayError> {
                 Some("input_image") => opt_str(p.get("image_url"))
                     .map(|u| Part::Image(Image::from_url(&u)))
                     .ok_or_else(|| bad("input", format!("{at}.content[{j}].image_url is required"))),
-                other => Err(bad(
-                    "input",
-                    format!("{at}.content[{j}]: unsupported content type {other:?}"),
-                )),
+                other => Err(bad("input", format!("{at}.content[{j}]: unsupported content type {other:?}"))),
             })
             .collect(),
         Some(_) => Err(bad("input", format!("{at}.content must be a string or an array"))),
@@ -226,11 +213,7 @@ fn reasoning_item(id: &str, text: &str) -> Value {
 }
 
 fn status_of(f: Option<Finish>) -> &'static str {
-    if f == Some(Finish::Length) {
-        "incomplete"
-    } else {
-        "completed"
-    }
+    if f == Some(Finish::Length) { "incomplete" } else { "completed" }
 }
 
 pub fn whole(ctx: &AnswerCtx, r: &Response) -> Bytes {
@@ -242,13 +225,9 @@ pub fn whole(ctx: &AnswerCtx, r: &Response) -> Bytes {
         .filter_map(|(n, p)| match p {
             Part::Text(t) if !t.is_empty() => Some(message_item(&item_id("msg", ctx, n), t, "completed")),
             Part::Thinking { text, .. } => Some(reasoning_item(&item_id("rs", ctx, n), text)),
-            Part::ToolCall { id, name, arguments } => Some(call_item(
-                &item_id("fc", ctx, n),
-                id,
-                name,
-                arguments,
-                "completed",
-            )),
+            Part::ToolCall { id, name, arguments } => {
+                Some(call_item(&item_id("fc", ctx, n), id, name, arguments, "completed"))
+            }
             _ => None,
         })
         .collect();
@@ -257,20 +236,9 @@ pub fn whole(ctx: &AnswerCtx, r: &Response) -> Bytes {
 
 #[derive(Debug)]
 enum Item {
-    Message {
-        id: String,
-        text: String,
-    },
-    Reasoning {
-        id: String,
-        text: String,
-    },
-    Call {
-        id: String,
-        call_id: String,
-        name: String,
-        arguments: String,
-    },
+    Message { id: String, text: String },
+    Reasoning { id: String, text: String },
+    Call { id: String, call_id: String, name: String, arguments: String },
 }
 
 pub struct Encoder {
@@ -321,12 +289,7 @@ impl Encoder {
         match &self.items[i] {
             Item::Message { id, text } => message_item(id, text, status),
             Item::Reasoning { id, text } => reasoning_item(id, text),
-            Item::Call {
-                id,
-                call_id,
-                name,
-                arguments,
-            } => call_item(id, call_id, name, arguments, status),
+            Item::Call { id, call_id, name, arguments } => call_item(id, call_id, name, arguments, status),
         }
     }
 
@@ -343,11 +306,7 @@ impl Encoder {
         if let Some(a) = added.get_mut("arguments") {
             *a = json!("");
         }
-        self.emit(
-            out,
-            "response.output_item.added",
-            json!({"output_index": i, "item": added}),
-        );
+        self.emit(out, "response.output_item.added", json!({"output_index": i, "item": added}));
         if let Item::Message { id, .. } = &self.items[i] {
             let id = id.clone();
             self.emit(
@@ -394,11 +353,7 @@ impl Encoder {
             }
         }
         let item = self.item_json(i, "completed");
-        self.emit(
-            out,
-            "response.output_item.done",
-            json!({"output_index": i, "item": item}),
-        );
+        self.emit(out, "response.output_item.done", json!({"output_index": i, "item": item}));
     }
 
     fn close(&mut self, out: &mut Vec<Bytes>, keep_calls: bool) {
@@ -434,18 +389,12 @@ impl StreamEncoder for Encoder {
         let n = self.items.len();
         match d {
             Delta::Text { text, .. } => {
-                let i = match self
-                    .open
-                    .filter(|i| matches!(self.items[*i], Item::Message { .. }))
-                {
+                let i = match self.open.filter(|i| matches!(self.items[*i], Item::Message { .. })) {
                     Some(i) => i,
                     None => {
                         self.close(out, false);
                         let i = self.add(
-                            Item::Message {
-                                id: item_id("msg", &self.ctx, n),
-                                text: String::new(),
-                            },
+                            Item::Message { id: item_id("msg", &self.ctx, n), text: String::new() },
                             out,
                         );
                         self.open = Some(i);
@@ -464,18 +413,12 @@ impl StreamEncoder for Encoder {
                 );
             }
             Delta::Thinking { text, .. } => {
-                let i = match self
-                    .open
-                    .filter(|i| matches!(self.items[*i], Item::Reasoning { .. }))
-                {
+                let i = match self.open.filter(|i| matches!(self.items[*i], Item::Reasoning { .. })) {
                     Some(i) => i,
                     None => {
                         self.close(out, false);
                         let i = self.add(
-                            Item::Reasoning {
-                                id: item_id("rs", &self.ctx, n),
-                                text: String::new(),
-                            },
+                            Item::Reasoning { id: item_id("rs", &self.ctx, n), text: String::new() },
                             out,
                         );
                         self.open = Some(i);
@@ -508,11 +451,7 @@ impl StreamEncoder for Encoder {
                 self.open_calls.push(i);
             }
             Delta::ToolCallArgs { index, fragment, .. } => {
-                let Some(&i) = self
-                    .calls
-                    .get(*index as usize)
-                    .filter(|i| self.open_calls.contains(i))
-                else {
+                let Some(&i) = self.calls.get(*index as usize).filter(|i| self.open_calls.contains(i)) else {
                     return;
                 };
                 let Item::Call { id, arguments, .. } = &mut self.items[i] else {
@@ -535,15 +474,9 @@ impl StreamEncoder for Encoder {
         self.start(out);
         self.close(out, false);
         let status = status_of(self.finish);
-        let output: Vec<Value> = (0..self.items.len())
-            .map(|i| self.item_json(i, "completed"))
-            .collect();
+        let output: Vec<Value> = (0..self.items.len()).map(|i| self.item_json(i, "completed")).collect();
         let resp = envelope(&self.ctx, status, output, Some(&self.usage));
-        let kind = if status == "incomplete" {
-            "response.incomplete"
-        } else {
-            "response.completed"
-        };
+        let kind = if status == "incomplete" { "response.incomplete" } else { "response.completed" };
         self.emit(out, kind, json!({"response": resp}));
     }
 }
@@ -577,68 +510,31 @@ mod tests {
         );
         assert_eq!(
             r.messages[2].parts[0],
-            Part::ToolResult {
-                id: "call_1".into(),
-                content: "a.txt".into(),
-                is_error: false
-            }
+            Part::ToolResult { id: "call_1".into(), content: "a.txt".into(), is_error: false }
         );
-        assert_eq!(
-            (r.max_tokens, r.response_format),
-            (Some(50), Some(ir::ResponseFormat::JsonObject))
-        );
+        assert_eq!((r.max_tokens, r.response_format), (Some(50), Some(ir::ResponseFormat::JsonObject)));
     }
 
     #[test]
     fn previous_response_id_is_refused_clearly() {
-        let e = parse(
-            json!({"model": "m", "input": "x", "previous_response_id": "resp_1"})
-                .as_object()
-                .unwrap(),
-        )
-        .unwrap_err();
+        let e =
+            parse(json!({"model": "m", "input": "x", "previous_response_id": "resp_1"}).as_object().unwrap())
+                .unwrap_err();
         assert_eq!(e.param.as_deref(), Some("previous_response_id"));
     }
 
     #[test]
     fn stream_events_are_ordered_and_numbered() {
-        let ctx = AnswerCtx {
-            request_id: "r".into(),
-            model: "m".into(),
-            created: 0,
-            include_usage: false,
-        };
+        let ctx = AnswerCtx { request_id: "r".into(), model: "m".into(), created: 0, include_usage: false };
         let mut enc = Encoder::new(ctx);
         let mut out = Vec::new();
         for d in [
-            Delta::Text {
-                choice: 0,
-                text: "hi ".into(),
-            },
-            Delta::Text {
-                choice: 0,
-                text: "there".into(),
-            },
-            Delta::ToolCallStart {
-                choice: 0,
-                index: 0,
-                id: "call_9".into(),
-                name: "f".into(),
-            },
-            Delta::ToolCallArgs {
-                choice: 0,
-                index: 0,
-                fragment: "{}".into(),
-            },
-            Delta::Finish {
-                choice: 0,
-                reason: Finish::ToolCalls,
-            },
-            Delta::Usage(TokenUsage {
-                input_tokens: 3,
-                output_tokens: 4,
-                ..Default::default()
-            }),
+            Delta::Text { choice: 0, text: "hi ".into() },
+            Delta::Text { choice: 0, text: "there".into() },
+            Delta::ToolCallStart { choice: 0, index: 0, id: "call_9".into(), name: "f".into() },
+            Delta::ToolCallArgs { choice: 0, index: 0, fragment: "{}".into() },
+            Delta::Finish { choice: 0, reason: Finish::ToolCalls },
+            Delta::Usage(TokenUsage { input_tokens: 3, output_tokens: 4, ..Default::default() }),
         ] {
             enc.delta(&d, &mut out);
         }
@@ -670,11 +566,7 @@ mod tests {
                 "response.completed"
             ]
         );
-        assert!(
-            evs.iter()
-                .enumerate()
-                .all(|(i, e)| e["sequence_number"] == i as u64)
-        );
+        assert!(evs.iter().enumerate().all(|(i, e)| e["sequence_number"] == i as u64));
         let done = evs.last().unwrap();
         assert_eq!(done["response"]["output"][0]["content"][0]["text"], "hi there");
         assert_eq!(done["response"]["output"][1]["call_id"], "call_9");

@@ -30,18 +30,12 @@ pub fn provider(cfg: &ProviderConfig) -> anyhow::Result<HttpProvider<Anthropic>>
     if let Some(key) = &cfg.api_key {
         auth.insert("x-api-key", http::HeaderValue::from_str(key.expose())?);
     }
-    let base_url = cfg
-        .base_url
-        .clone()
-        .unwrap_or_else(|| "https://api.anthropic.com".into());
+    let base_url = cfg.base_url.clone().unwrap_or_else(|| "https://api.anthropic.com".into());
     let dialect = Anthropic {
         base_url: base_url.trim_end_matches('/').to_owned(),
         version: cfg.api_version.clone().unwrap_or_else(|| "2023-06-01".into()),
     };
-    Ok(HttpProvider {
-        http: Http::new(cfg, auth)?,
-        dialect,
-    })
+    Ok(HttpProvider { http: Http::new(cfg, auth)?, dialect })
 }
 
 #[async_trait::async_trait]
@@ -64,10 +58,7 @@ impl Dialect for Anthropic {
         if let Ok(v) = http::HeaderValue::from_str(version) {
             h.insert("anthropic-version", v);
         }
-        if let Some(Ok(v)) = passthrough
-            .get("anthropic-beta")
-            .map(|b| http::HeaderValue::from_str(b))
-        {
+        if let Some(Ok(v)) = passthrough.get("anthropic-beta").map(|b| http::HeaderValue::from_str(b)) {
             h.insert("anthropic-beta", v);
         }
         h
@@ -90,20 +81,16 @@ impl Dialect for Anthropic {
         let mut tools = 0;
         for b in v["content"].as_array().ok_or(())? {
             match b["type"].as_str() {
-                Some("text") => out.push(Delta::Text {
-                    choice: 0,
-                    text: b["text"].as_str().unwrap_or("").to_owned(),
-                }),
+                Some("text") => {
+                    out.push(Delta::Text { choice: 0, text: b["text"].as_str().unwrap_or("").to_owned() })
+                }
                 Some("thinking") => {
                     out.push(Delta::Thinking {
                         choice: 0,
                         text: b["thinking"].as_str().unwrap_or("").to_owned(),
                     });
                     if let Some(s) = b["signature"].as_str().filter(|s| !s.is_empty()) {
-                        out.push(Delta::ThinkingSignature {
-                            choice: 0,
-                            signature: s.to_owned(),
-                        });
+                        out.push(Delta::ThinkingSignature { choice: 0, signature: s.to_owned() });
                     }
                 }
                 Some("redacted_thinking") => out.push(Delta::RedactedThinking {
@@ -115,12 +102,7 @@ impl Dialect for Anthropic {
                         b["id"].as_str().unwrap_or("").to_owned(),
                         b["name"].as_str().unwrap_or("").to_owned(),
                     );
-                    out.push(Delta::ToolCallStart {
-                        choice: 0,
-                        index: tools,
-                        id,
-                        name,
-                    });
+                    out.push(Delta::ToolCallStart { choice: 0, index: tools, id, name });
                     out.push(Delta::ToolCallArgs {
                         choice: 0,
                         index: tools,
@@ -156,20 +138,10 @@ impl Dialect for Anthropic {
             b.to_string().into_bytes()
         };
         let url = format!("{}/v1/messages/count_tokens", self.base_url);
-        let resp = http
-            .post(
-                &url,
-                &req.request_id,
-                self.headers(&req.passthrough_headers),
-                body,
-            )
-            .await?;
+        let resp = http.post(&url, &req.request_id, self.headers(&req.passthrough_headers), body).await?;
         let v: Value = serde_json::from_slice(&http.body(resp).await?).map_err(|_| http.invalid_answer())?;
         let input_tokens = v["input_tokens"].as_u64().ok_or_else(|| http.invalid_answer())?;
-        Ok(CountTokensResponse {
-            input_tokens,
-            exact: true,
-        })
+        Ok(CountTokensResponse { input_tokens, exact: true })
     }
 }
 
@@ -212,11 +184,7 @@ fn block(p: &Part) -> Option<Value> {
         Part::ToolCall { id, name, arguments } => {
             json!({"type": "tool_use", "id": id, "name": name, "input": args_object(arguments)})
         }
-        Part::ToolResult {
-            id,
-            content,
-            is_error,
-        } => {
+        Part::ToolResult { id, content, is_error } => {
             let mut b = json!({"type": "tool_result", "tool_use_id": id, "content": content});
             if *is_error {
                 b["is_error"] = json!(true);
@@ -224,10 +192,9 @@ fn block(p: &Part) -> Option<Value> {
             b
         }
         // Anthropic only accepts thinking it signed itself.
-        Part::Thinking {
-            text,
-            signature: Some(s),
-        } => json!({"type": "thinking", "thinking": text, "signature": s}),
+        Part::Thinking { text, signature: Some(s) } => {
+            json!({"type": "thinking", "thinking": text, "signature": s})
+        }
         Part::Thinking { signature: None, .. } => return None,
         Part::RedactedThinking { data } => json!({"type": "redacted_thinking", "data": data}),
     })
@@ -297,17 +264,11 @@ pub fn build(ir: &Request, model: &str, stream: bool) -> Value {
         if max_tokens <= budget {
             max_tokens = budget + DEFAULT_MAX_TOKENS;
         }
-        b.insert(
-            "thinking".into(),
-            json!({"type": "enabled", "budget_tokens": budget}),
-        );
+        b.insert("thinking".into(), json!({"type": "enabled", "budget_tokens": budget}));
     }
     b.insert("max_tokens".into(), json!(max_tokens));
     if let Some(ir::ResponseFormat::JsonSchema { schema, .. }) = &ir.response_format {
-        b.insert(
-            "output_config".into(),
-            json!({"format": {"type": "json_schema", "schema": schema}}),
-        );
+        b.insert("output_config".into(), json!({"format": {"type": "json_schema", "schema": schema}}));
     }
     if !ir.stop.is_empty() {
         b.insert("stop_sequences".into(), json!(ir.stop));
@@ -352,10 +313,7 @@ impl Decoder for StreamDecoder {
             return Ok(vec![]);
         }
         let v: Value = serde_json::from_str(&ev.data).map_err(|_| {
-            RelayError::new(
-                ErrorCode::UpstreamProtocol,
-                "upstream sent an invalid stream event",
-            )
+            RelayError::new(ErrorCode::UpstreamProtocol, "upstream sent an invalid stream event")
         })?;
         let mut out = Vec::new();
         match v["type"].as_str().or(ev.event.as_deref()) {
@@ -373,10 +331,7 @@ impl Decoder for StreamDecoder {
                 let kind = match b["type"].as_str() {
                     Some("text") => {
                         if let Some(t) = b["text"].as_str().filter(|t| !t.is_empty()) {
-                            out.push(Delta::Text {
-                                choice: 0,
-                                text: t.to_owned(),
-                            });
+                            out.push(Delta::Text { choice: 0, text: t.to_owned() });
                         }
                         Block::Text
                     }
@@ -395,12 +350,7 @@ impl Decoder for StreamDecoder {
                             b["id"].as_str().unwrap_or("").to_owned(),
                             b["name"].as_str().unwrap_or("").to_owned(),
                         );
-                        out.push(Delta::ToolCallStart {
-                            choice: 0,
-                            index: i,
-                            id,
-                            name,
-                        });
+                        out.push(Delta::ToolCallStart { choice: 0, index: i, id, name });
                         Block::Tool(i)
                     }
                     _ => Block::Other,
@@ -408,41 +358,27 @@ impl Decoder for StreamDecoder {
                 self.blocks.insert(index, kind);
             }
             Some("content_block_delta") => {
-                let kind = self
-                    .blocks
-                    .get(&v["index"].as_u64().unwrap_or(0))
-                    .copied()
-                    .unwrap_or(Block::Other);
+                let kind =
+                    self.blocks.get(&v["index"].as_u64().unwrap_or(0)).copied().unwrap_or(Block::Other);
                 let d = &v["delta"];
                 let s = |k: &str| d[k].as_str().unwrap_or("").to_owned();
                 match (d["type"].as_str(), kind) {
-                    (Some("text_delta"), _) => out.push(Delta::Text {
-                        choice: 0,
-                        text: s("text"),
-                    }),
-                    (Some("thinking_delta"), _) => out.push(Delta::Thinking {
-                        choice: 0,
-                        text: s("thinking"),
-                    }),
-                    (Some("signature_delta"), _) => out.push(Delta::ThinkingSignature {
-                        choice: 0,
-                        signature: s("signature"),
-                    }),
-                    (Some("input_json_delta"), Block::Tool(index)) if !s("partial_json").is_empty() => out
-                        .push(Delta::ToolCallArgs {
-                            choice: 0,
-                            index,
-                            fragment: s("partial_json"),
-                        }),
+                    (Some("text_delta"), _) => out.push(Delta::Text { choice: 0, text: s("text") }),
+                    (Some("thinking_delta"), _) => {
+                        out.push(Delta::Thinking { choice: 0, text: s("thinking") })
+                    }
+                    (Some("signature_delta"), _) => {
+                        out.push(Delta::ThinkingSignature { choice: 0, signature: s("signature") })
+                    }
+                    (Some("input_json_delta"), Block::Tool(index)) if !s("partial_json").is_empty() => {
+                        out.push(Delta::ToolCallArgs { choice: 0, index, fragment: s("partial_json") })
+                    }
                     _ => {}
                 }
             }
             Some("message_delta") => {
                 if let Some(r) = v["delta"]["stop_reason"].as_str() {
-                    out.push(Delta::Finish {
-                        choice: 0,
-                        reason: finish_of(r),
-                    });
+                    out.push(Delta::Finish { choice: 0, reason: finish_of(r) });
                 }
                 out.push(Delta::Usage(usage_of(&v["usage"])));
             }

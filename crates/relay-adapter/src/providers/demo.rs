@@ -28,9 +28,7 @@ pub struct Demo {
 
 impl Demo {
     pub fn new(cfg: &ProviderConfig) -> Self {
-        Self {
-            chunk_delay: Duration::from_millis(cfg.chunk_delay_ms),
-        }
+        Self { chunk_delay: Duration::from_millis(cfg.chunk_delay_ms) }
     }
 }
 
@@ -38,17 +36,7 @@ impl Demo {
 pub fn reply_tokens(text: &str) -> Vec<String> {
     let parts: Vec<&str> = text.split(' ').collect();
     let n = parts.len();
-    parts
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            if i + 1 < n {
-                format!("{p} ")
-            } else {
-                (*p).to_owned()
-            }
-        })
-        .collect()
+    parts.iter().enumerate().map(|(i, p)| if i + 1 < n { format!("{p} ") } else { (*p).to_owned() }).collect()
 }
 
 struct Plan {
@@ -71,24 +59,14 @@ fn words(ir: &ir::Request) -> u64 {
 }
 
 fn plan(req: &ir::Request) -> Plan {
-    let last_user = req
-        .messages
-        .iter()
-        .rev()
-        .find(|m| m.role == ir::Role::User)
-        .map(|m| ir::text_of(&m.parts));
+    let last_user =
+        req.messages.iter().rev().find(|m| m.role == ir::Role::User).map(|m| ir::text_of(&m.parts));
     let mut text = match last_user {
         Some(t) => format!("You said: {}", t.trim()),
         None => "Hello from Relay's demo provider.".to_owned(),
     };
     let mut reason = Finish::Stop;
-    if let Some(cut) = req
-        .stop
-        .iter()
-        .filter(|s| !s.is_empty())
-        .filter_map(|s| text.find(s.as_str()))
-        .min()
-    {
+    if let Some(cut) = req.stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min() {
         text.truncate(cut);
         reason = Finish::StopSequence;
     }
@@ -99,16 +77,9 @@ fn plan(req: &ir::Request) -> Plan {
         tokens.truncate(max as usize);
         reason = Finish::Length;
     }
-    let usage = TokenUsage {
-        input_tokens: words(req),
-        output_tokens: tokens.len() as u64,
-        ..Default::default()
-    };
-    Plan {
-        tokens,
-        reason,
-        usage,
-    }
+    let usage =
+        TokenUsage { input_tokens: words(req), output_tokens: tokens.len() as u64, ..Default::default() };
+    Plan { tokens, reason, usage }
 }
 
 #[async_trait::async_trait]
@@ -119,40 +90,21 @@ impl Provider for Demo {
 
     async fn count_tokens(&self, req: CountTokensRequest) -> Result<CountTokensResponse> {
         let ir = inbound::parse_count_request(req.protocol(), &req.body)?;
-        Ok(CountTokensResponse {
-            input_tokens: words(&ir),
-            exact: true,
-        })
+        Ok(CountTokensResponse { input_tokens: words(&ir), exact: true })
     }
 
     async fn chat(&self, req: ChatRequest) -> Result<ChatEventStream> {
         let ir = inbound::parse_request(req.protocol(), &req.body)?;
         let plan = plan(&ir);
         let model = upstream_model(req.deployment.as_ref());
-        let output = Output::Converted {
-            protocol: req.protocol(),
-            ctx: answer_ctx(&req),
-        };
-        let mut deltas: Vec<Delta> = plan
-            .tokens
-            .iter()
-            .map(|t| Delta::Text {
-                choice: 0,
-                text: t.clone(),
-            })
-            .collect();
-        deltas.push(Delta::Finish {
-            choice: 0,
-            reason: plan.reason,
-        });
+        let output = Output::Converted { protocol: req.protocol(), ctx: answer_ctx(&req) };
+        let mut deltas: Vec<Delta> =
+            plan.tokens.iter().map(|t| Delta::Text { choice: 0, text: t.clone() }).collect();
+        deltas.push(Delta::Finish { choice: 0, reason: plan.reason });
         deltas.push(Delta::Usage(plan.usage));
         let head = stream::iter([start(&model)]);
         if !req.stream {
-            return Ok(Box::pin(head.chain(stream::iter(whole_answer(
-                Bytes::new(),
-                deltas,
-                output,
-            )))));
+            return Ok(Box::pin(head.chain(stream::iter(whole_answer(Bytes::new(), deltas, output)))));
         }
         let delay = self.chunk_delay;
         let units = stream::iter(deltas)
@@ -160,10 +112,7 @@ impl Provider for Demo {
                 if !delay.is_zero() && matches!(d, Delta::Text { .. }) {
                     tokio::time::sleep(delay).await;
                 }
-                Unit::Event {
-                    raw: Bytes::new(),
-                    deltas: vec![d],
-                }
+                Unit::Event { raw: Bytes::new(), deltas: vec![d] }
             })
             .chain(stream::iter([Unit::End { complete: true }]));
         Ok(Box::pin(head.chain(stream_answer(units, output))))
@@ -184,10 +133,8 @@ impl Provider for Demo {
                 a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()
             }
             _ => {
-                return Err(
-                    RelayError::invalid_request("input must be a string or an array of strings")
-                        .with_param("input"),
-                );
+                return Err(RelayError::invalid_request("input must be a string or an array of strings")
+                    .with_param("input"));
             }
         };
         let base64 = parsed.encoding_format.as_deref() == Some("base64");
@@ -211,10 +158,7 @@ impl Provider for Demo {
                           "usage": {"prompt_tokens": tokens, "total_tokens": tokens}});
         Ok(EmbedResponse {
             body: body.to_string().into_bytes().into(),
-            usage: Some(TokenUsage {
-                input_tokens: tokens,
-                ..Default::default()
-            }),
+            usage: Some(TokenUsage { input_tokens: tokens, ..Default::default() }),
         })
     }
 }
@@ -253,15 +197,11 @@ mod tests {
         assert_eq!(p.reason, Finish::Stop);
         assert_eq!((p.usage.input_tokens, p.usage.output_tokens), (4, 4));
 
-        let p = plan(&req(
-            json!({"max_tokens": 2, "messages": [{"role": "user", "content": "a b c"}]}),
-        ));
+        let p = plan(&req(json!({"max_tokens": 2, "messages": [{"role": "user", "content": "a b c"}]})));
         assert_eq!(p.tokens.concat(), "You said: ");
         assert_eq!(p.reason, Finish::Length);
 
-        let p = plan(&req(
-            json!({"stop": ["STOP"], "messages": [{"role": "user", "content": "a STOP b"}]}),
-        ));
+        let p = plan(&req(json!({"stop": ["STOP"], "messages": [{"role": "user", "content": "a STOP b"}]})));
         assert_eq!(p.tokens.concat(), "You said: a ");
         assert_eq!(p.reason, Finish::StopSequence);
     }

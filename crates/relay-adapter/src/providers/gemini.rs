@@ -25,15 +25,11 @@ pub fn provider(cfg: &ProviderConfig) -> anyhow::Result<HttpProvider<Gemini>> {
     if let Some(key) = &cfg.api_key {
         auth.insert("x-goog-api-key", http::HeaderValue::from_str(key.expose())?);
     }
-    let base_url = cfg
-        .base_url
-        .clone()
-        .unwrap_or_else(|| "https://generativelanguage.googleapis.com/v1beta".into());
+    let base_url =
+        cfg.base_url.clone().unwrap_or_else(|| "https://generativelanguage.googleapis.com/v1beta".into());
     Ok(HttpProvider {
         http: Http::new(cfg, auth)?,
-        dialect: Gemini {
-            base_url: base_url.trim_end_matches('/').to_owned(),
-        },
+        dialect: Gemini { base_url: base_url.trim_end_matches('/').to_owned() },
     })
 }
 
@@ -74,10 +70,7 @@ impl Dialect for Gemini {
         let mut d = StreamDecoder::default();
         let mut out = d.response(&v);
         if !d.finished {
-            out.push(Delta::Finish {
-                choice: 0,
-                reason: Finish::Stop,
-            });
+            out.push(Delta::Finish { choice: 0, reason: Finish::Stop });
         }
         Ok(out)
     }
@@ -92,10 +85,8 @@ impl Dialect for Gemini {
                 a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()
             }
             _ => {
-                return Err(
-                    RelayError::invalid_request("input must be a string or an array of strings")
-                        .with_param("input"),
-                );
+                return Err(RelayError::invalid_request("input must be a string or an array of strings")
+                    .with_param("input"));
             }
         };
         let requests: Vec<Value> = inputs
@@ -104,12 +95,7 @@ impl Dialect for Gemini {
             .collect();
         let payload = json!({"requests": requests}).to_string().into_bytes();
         let resp = http
-            .post(
-                &self.url(&model, "batchEmbedContents"),
-                &req.request_id,
-                HeaderMap::new(),
-                payload,
-            )
+            .post(&self.url(&model, "batchEmbedContents"), &req.request_id, HeaderMap::new(), payload)
             .await?;
         let v: Value = serde_json::from_slice(&http.body(resp).await?).map_err(|_| http.invalid_answer())?;
         let base64 = body["encoding_format"].as_str() == Some("base64");
@@ -137,10 +123,7 @@ impl Dialect for Gemini {
             .collect();
         // Gemini does not count embedding tokens; the usage reported is zero rather than a guess.
         let out = json!({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": 0, "total_tokens": 0}});
-        Ok(EmbedResponse {
-            body: out.to_string().into(),
-            usage: Some(TokenUsage::default()),
-        })
+        Ok(EmbedResponse { body: out.to_string().into(), usage: Some(TokenUsage::default()) })
     }
 
     async fn count_tokens(
@@ -150,23 +133,12 @@ impl Dialect for Gemini {
         req: &CountTokensRequest,
     ) -> Result<CountTokensResponse> {
         let model = upstream_model(req.deployment.as_ref());
-        let payload = json!({"contents": build(ir)["contents"]})
-            .to_string()
-            .into_bytes();
-        let resp = http
-            .post(
-                &self.url(&model, "countTokens"),
-                &req.request_id,
-                HeaderMap::new(),
-                payload,
-            )
-            .await?;
+        let payload = json!({"contents": build(ir)["contents"]}).to_string().into_bytes();
+        let resp =
+            http.post(&self.url(&model, "countTokens"), &req.request_id, HeaderMap::new(), payload).await?;
         let v: Value = serde_json::from_slice(&http.body(resp).await?).map_err(|_| http.invalid_answer())?;
         let n = v["totalTokens"].as_u64().ok_or_else(|| http.invalid_answer())?;
-        Ok(CountTokensResponse {
-            input_tokens: n,
-            exact: true,
-        })
+        Ok(CountTokensResponse { input_tokens: n, exact: true })
     }
 }
 
@@ -211,10 +183,7 @@ pub fn build(ir: &Request) -> Value {
     let mut b = Map::new();
     b.insert("contents".into(), Value::Array(contents));
     if !ir.system.is_empty() {
-        b.insert(
-            "systemInstruction".into(),
-            json!({"parts": [{"text": ir.system.join("\n\n")}]}),
-        );
+        b.insert("systemInstruction".into(), json!({"parts": [{"text": ir.system.join("\n\n")}]}));
     }
     if !ir.tools.is_empty() {
         let decls: Vec<Value> = ir
@@ -258,9 +227,7 @@ pub fn build(ir: &Request) -> Value {
     }
     put(
         "thinkingConfig",
-        ir.reasoning
-            .as_ref()
-            .map(|r| json!({"thinkingBudget": r.budget(), "includeThoughts": true})),
+        ir.reasoning.as_ref().map(|r| json!({"thinkingBudget": r.budget(), "includeThoughts": true})),
     );
     if !g.is_empty() {
         b.insert("generationConfig".into(), Value::Object(g));
@@ -312,50 +279,32 @@ impl StreamDecoder {
             for p in c["content"]["parts"].as_array().into_iter().flatten() {
                 if let Some(t) = p["text"].as_str() {
                     if p["thought"].as_bool() == Some(true) {
-                        out.push(Delta::Thinking {
-                            choice,
-                            text: t.to_owned(),
-                        });
+                        out.push(Delta::Thinking { choice, text: t.to_owned() });
                     } else if !t.is_empty() {
-                        out.push(Delta::Text {
-                            choice,
-                            text: t.to_owned(),
-                        });
+                        out.push(Delta::Text { choice, text: t.to_owned() });
                     }
                 }
                 if let Some(fc) = p.get("functionCall") {
                     let n = self.calls.entry(choice).or_default();
                     let index = *n;
                     *n += 1;
-                    let id = fc["id"].as_str().map_or_else(
-                        || format!("call_{}", uuid::Uuid::now_v7().simple()),
-                        str::to_owned,
-                    );
+                    let id = fc["id"]
+                        .as_str()
+                        .map_or_else(|| format!("call_{}", uuid::Uuid::now_v7().simple()), str::to_owned);
                     out.push(Delta::ToolCallStart {
                         choice,
                         index,
                         id,
                         name: fc["name"].as_str().unwrap_or("").to_owned(),
                     });
-                    let args = if fc["args"].is_null() {
-                        "{}".to_owned()
-                    } else {
-                        fc["args"].to_string()
-                    };
-                    out.push(Delta::ToolCallArgs {
-                        choice,
-                        index,
-                        fragment: args,
-                    });
+                    let args = if fc["args"].is_null() { "{}".to_owned() } else { fc["args"].to_string() };
+                    out.push(Delta::ToolCallArgs { choice, index, fragment: args });
                 }
             }
             if let Some(r) = c["finishReason"].as_str() {
                 self.finished = true;
                 let had_calls = self.calls.get(&choice).is_some_and(|n| *n > 0);
-                out.push(Delta::Finish {
-                    choice,
-                    reason: finish_of(r, had_calls),
-                });
+                out.push(Delta::Finish { choice, reason: finish_of(r, had_calls) });
             }
         }
         if v["usageMetadata"].is_object() {
@@ -371,10 +320,7 @@ impl Decoder for StreamDecoder {
             return Ok(vec![]);
         }
         let v: Value = serde_json::from_str(&ev.data).map_err(|_| {
-            RelayError::new(
-                ErrorCode::UpstreamProtocol,
-                "upstream sent an invalid stream event",
-            )
+            RelayError::new(ErrorCode::UpstreamProtocol, "upstream sent an invalid stream event")
         })?;
         if v.get("error").is_some() {
             return Err(in_band_error("gemini", &v));

@@ -54,10 +54,7 @@ pub trait Dialect: Send + Sync + 'static {
     fn whole(&self, body: &[u8]) -> std::result::Result<Vec<Delta>, ()>;
     async fn embed(&self, http: &Http, req: EmbedRequest) -> Result<EmbedResponse> {
         let _ = req;
-        Err(RelayError::invalid_request(format!(
-            "provider `{}` has no embeddings API",
-            http.name
-        )))
+        Err(RelayError::invalid_request(format!("provider `{}` has no embeddings API", http.name)))
     }
     async fn count_tokens(
         &self,
@@ -66,10 +63,7 @@ pub trait Dialect: Send + Sync + 'static {
         req: &CountTokensRequest,
     ) -> Result<CountTokensResponse> {
         let _ = (http, req);
-        Ok(CountTokensResponse {
-            input_tokens: estimate_tokens(ir),
-            exact: false,
-        })
+        Ok(CountTokensResponse { input_tokens: estimate_tokens(ir), exact: false })
     }
 }
 
@@ -98,22 +92,12 @@ impl<D: Dialect> Provider for HttpProvider<D> {
         let headers = self.dialect.headers(&req.passthrough_headers);
         let resp = self
             .http
-            .post(
-                &self.dialect.chat_url(&model, req.stream),
-                &req.request_id,
-                headers,
-                body,
-            )
+            .post(&self.dialect.chat_url(&model, req.stream), &req.request_id, headers, body)
             .await?;
         let output = if native {
-            Output::Native {
-                drop_usage_only: protocol == Protocol::OpenaiChat && !req.client_wants_usage,
-            }
+            Output::Native { drop_usage_only: protocol == Protocol::OpenaiChat && !req.client_wants_usage }
         } else {
-            Output::Converted {
-                protocol,
-                ctx: answer_ctx(&req),
-            }
+            Output::Converted { protocol, ctx: answer_ctx(&req) }
         };
         let head = stream::iter([start(&model)]);
         if req.stream {
@@ -203,10 +187,7 @@ pub fn chunk(data: Bytes) -> ChatEvent {
 }
 
 pub fn finish(choice_index: u32, reason: pb::FinishReason) -> ChatEvent {
-    ev(Event::Finish(pb::Finish {
-        choice_index,
-        reason: reason as i32,
-    }))
+    ev(Event::Finish(pb::Finish { choice_index, reason: reason as i32 }))
 }
 
 pub fn usage(u: TokenUsage) -> ChatEvent {
@@ -256,25 +237,15 @@ async fn read_limited(mut resp: reqwest::Response) -> Vec<u8> {
 /// `error.message` (OpenAI / Anthropic) or `error.message` inside a list (Gemini), if present.
 fn provider_message(body: &[u8]) -> Option<String> {
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let err = if v.is_array() {
-        v.get(0)?.get("error")?
-    } else {
-        v.get("error")?
-    };
-    let msg = err
-        .get("message")
-        .and_then(|m| m.as_str())
-        .or_else(|| err.as_str())?;
+    let err = if v.is_array() { v.get(0)?.get("error")? } else { v.get("error")? };
+    let msg = err.get("message").and_then(|m| m.as_str()).or_else(|| err.as_str())?;
     Some(msg.chars().take(2000).collect())
 }
 
 /// Maps a transport failure (no HTTP answer) to a typed error without leaking addresses.
 pub fn transport_error(provider: &str, e: &reqwest::Error) -> RelayError {
     if e.is_timeout() {
-        RelayError::new(
-            ErrorCode::UpstreamTimeout,
-            format!("upstream provider `{provider}` timed out"),
-        )
+        RelayError::new(ErrorCode::UpstreamTimeout, format!("upstream provider `{provider}` timed out"))
     } else {
         RelayError::new(
             ErrorCode::UpstreamUnreachable,
@@ -297,10 +268,7 @@ mod tests {
             provider_message(br#"{"type":"error","error":{"type":"x","message":"nope"}}"#).as_deref(),
             Some("nope")
         );
-        assert_eq!(
-            provider_message(br#"[{"error":{"code":400,"message":"gem"}}]"#).as_deref(),
-            Some("gem")
-        );
+        assert_eq!(provider_message(br#"[{"error":{"code":400,"message":"gem"}}]"#).as_deref(), Some("gem"));
         assert_eq!(provider_message(b"<html>502</html>"), None);
     }
 }

@@ -39,20 +39,9 @@ pub fn provider(cfg: &ProviderConfig) -> anyhow::Result<HttpProvider<OpenAi>> {
             );
         }
     }
-    let base_url = cfg
-        .base_url
-        .clone()
-        .unwrap_or_default()
-        .trim_end_matches('/')
-        .to_owned();
+    let base_url = cfg.base_url.clone().unwrap_or_default().trim_end_matches('/').to_owned();
     let azure_api_version = azure.then(|| cfg.api_version.clone().unwrap_or_else(|| "2024-10-21".into()));
-    Ok(HttpProvider {
-        http: Http::new(cfg, auth)?,
-        dialect: OpenAi {
-            base_url,
-            azure_api_version,
-        },
-    })
+    Ok(HttpProvider { http: Http::new(cfg, auth)?, dialect: OpenAi { base_url, azure_api_version } })
 }
 
 impl OpenAi {
@@ -67,11 +56,7 @@ impl OpenAi {
 #[async_trait::async_trait]
 impl Dialect for OpenAi {
     fn system(&self) -> &'static str {
-        if self.azure_api_version.is_some() {
-            "az.ai.openai"
-        } else {
-            "openai"
-        }
+        if self.azure_api_version.is_some() { "az.ai.openai" } else { "openai" }
     }
 
     fn native(&self) -> Protocol {
@@ -100,41 +85,23 @@ impl Dialect for OpenAi {
 
     fn whole(&self, body: &[u8]) -> std::result::Result<Vec<Delta>, ()> {
         let v: Value = serde_json::from_slice(body).map_err(|_| ())?;
-        let mut out = vec![Delta::Meta {
-            id: str_of(&v["id"]),
-            model: str_of(&v["model"]),
-        }];
+        let mut out = vec![Delta::Meta { id: str_of(&v["id"]), model: str_of(&v["model"]) }];
         for (i, c) in v["choices"].as_array().ok_or(())?.iter().enumerate() {
             let choice = c["index"].as_u64().unwrap_or(i as u64) as u32;
             let m = &c["message"];
             if let Some(t) = m["reasoning_content"].as_str().filter(|t| !t.is_empty()) {
-                out.push(Delta::Thinking {
-                    choice,
-                    text: t.to_owned(),
-                });
+                out.push(Delta::Thinking { choice, text: t.to_owned() });
             }
             if let Some(t) = m["content"].as_str() {
-                out.push(Delta::Text {
-                    choice,
-                    text: t.to_owned(),
-                });
+                out.push(Delta::Text { choice, text: t.to_owned() });
             }
             for (j, tc) in m["tool_calls"].as_array().into_iter().flatten().enumerate() {
                 let index = j as u32;
                 let id = str_of(&tc["id"]).unwrap_or_default();
                 let name = str_of(&tc["function"]["name"]).unwrap_or_default();
-                out.push(Delta::ToolCallStart {
-                    choice,
-                    index,
-                    id,
-                    name,
-                });
+                out.push(Delta::ToolCallStart { choice, index, id, name });
                 let fragment = str_of(&tc["function"]["arguments"]).unwrap_or_default();
-                out.push(Delta::ToolCallArgs {
-                    choice,
-                    index,
-                    fragment,
-                });
+                out.push(Delta::ToolCallArgs { choice, index, fragment });
             }
             out.push(Delta::Finish {
                 choice,
@@ -148,24 +115,15 @@ impl Dialect for OpenAi {
     async fn embed(&self, http: &Http, req: EmbedRequest) -> Result<EmbedResponse> {
         let model = upstream_model(req.deployment.as_ref());
         let body = body_for_upstream(&req.body, &model)?.into_bytes();
-        let resp = http
-            .post(
-                &self.url(&model, "embeddings"),
-                &req.request_id,
-                HeaderMap::new(),
-                body,
-            )
-            .await?;
+        let resp =
+            http.post(&self.url(&model, "embeddings"), &req.request_id, HeaderMap::new(), body).await?;
         let bytes = http.body(resp).await?;
         let v: Value = serde_json::from_slice(&bytes).map_err(|_| http.invalid_answer())?;
         let usage = TokenUsage {
             input_tokens: v["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
             ..Default::default()
         };
-        Ok(EmbedResponse {
-            body: bytes,
-            usage: Some(usage),
-        })
+        Ok(EmbedResponse { body: bytes, usage: Some(usage) })
     }
 }
 
@@ -280,10 +238,7 @@ pub fn build(ir: &Request, model: &str, stream: bool) -> Value {
     put("n", ir.n.filter(|n| *n > 1).map(|n| json!(n)));
     put("stop", (!ir.stop.is_empty()).then(|| json!(ir.stop)));
     put("user", ir.user.as_ref().map(|u| json!(u)));
-    put(
-        "reasoning_effort",
-        ir.reasoning.as_ref().map(|r| json!(r.effort())),
-    );
+    put("reasoning_effort", ir.reasoning.as_ref().map(|r| json!(r.effort())));
     put("response_format", ir.response_format.as_ref().map(|f| match f {
         ir::ResponseFormat::JsonObject => json!({"type": "json_object"}),
         ir::ResponseFormat::JsonSchema { name, schema, strict } => {
@@ -326,25 +281,16 @@ impl Decoder for StreamDecoder {
         }
         let mut out = Vec::new();
         if v["id"].is_string() {
-            out.push(Delta::Meta {
-                id: str_of(&v["id"]),
-                model: str_of(&v["model"]),
-            });
+            out.push(Delta::Meta { id: str_of(&v["id"]), model: str_of(&v["model"]) });
         }
         for c in v["choices"].as_array().into_iter().flatten() {
             let choice = c["index"].as_u64().unwrap_or(0) as u32;
             let d = &c["delta"];
             if let Some(t) = d["reasoning_content"].as_str().filter(|t| !t.is_empty()) {
-                out.push(Delta::Thinking {
-                    choice,
-                    text: t.to_owned(),
-                });
+                out.push(Delta::Thinking { choice, text: t.to_owned() });
             }
             if let Some(t) = d["content"].as_str().filter(|t| !t.is_empty()) {
-                out.push(Delta::Text {
-                    choice,
-                    text: t.to_owned(),
-                });
+                out.push(Delta::Text { choice, text: t.to_owned() });
             }
             for tc in d["tool_calls"].as_array().into_iter().flatten() {
                 let index = tc["index"].as_u64().unwrap_or(0) as u32;
@@ -353,27 +299,15 @@ impl Decoder for StreamDecoder {
                     started.push(index);
                     let id = str_of(&tc["id"]).unwrap_or_else(|| format!("call_{choice}_{index}"));
                     let name = str_of(&tc["function"]["name"]).unwrap_or_default();
-                    out.push(Delta::ToolCallStart {
-                        choice,
-                        index,
-                        id,
-                        name,
-                    });
+                    out.push(Delta::ToolCallStart { choice, index, id, name });
                 }
                 if let Some(a) = tc["function"]["arguments"].as_str().filter(|a| !a.is_empty()) {
-                    out.push(Delta::ToolCallArgs {
-                        choice,
-                        index,
-                        fragment: a.to_owned(),
-                    });
+                    out.push(Delta::ToolCallArgs { choice, index, fragment: a.to_owned() });
                 }
             }
             if let Some(r) = c["finish_reason"].as_str() {
                 self.finished = true;
-                out.push(Delta::Finish {
-                    choice,
-                    reason: finish_of(r),
-                });
+                out.push(Delta::Finish { choice, reason: finish_of(r) });
             }
         }
         if v["usage"].is_object() {
