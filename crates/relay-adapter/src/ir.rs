@@ -129,18 +129,6 @@ impl Reasoning {
             _ => 8192,
         })
     }
-
-    /// An effort for providers that need one, from the budget when only that was given.
-    pub fn effort(&self) -> String {
-        self.effort.clone().unwrap_or_else(|| {
-            match self.budget_tokens.unwrap_or(8192) {
-                0..=2048 => "low",
-                2049..=12_000 => "medium",
-                _ => "high",
-            }
-            .to_owned()
-        })
-    }
 }
 
 impl Request {

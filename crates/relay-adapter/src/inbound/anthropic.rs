@@ -128,7 +128,8 @@ fn blocks(content: Option<&Value>, at: &str) -> Result<Vec<Part>, RelayError> {
             },
             "thinking" => Part::Thinking {
                 text: opt_str(b.get("thinking")).unwrap_or_default(),
-                signature: opt_str(b.get("signature")),
+                // An empty signature (thinking that came from another provider) is no signature.
+                signature: opt_str(b.get("signature")).filter(|s| !s.is_empty()),
             },
             "redacted_thinking" => {
                 Part::RedactedThinking { data: opt_str(b.get("data")).unwrap_or_default() }

@@ -238,7 +238,9 @@ pub fn build(ir: &Request, model: &str, stream: bool) -> Value {
     put("n", ir.n.filter(|n| *n > 1).map(|n| json!(n)));
     put("stop", (!ir.stop.is_empty()).then(|| json!(ir.stop)));
     put("user", ir.user.as_ref().map(|u| json!(u)));
-    put("reasoning_effort", ir.reasoning.as_ref().map(|r| json!(r.effort())));
+    // Only an effort the client named: many compatible servers reject the field, and non-reasoning models
+    // reject it too, so a thinking budget from another protocol is not turned into one.
+    put("reasoning_effort", ir.reasoning.as_ref().and_then(|r| r.effort.as_ref()).map(|e| json!(e)));
     put("response_format", ir.response_format.as_ref().map(|f| match f {
         ir::ResponseFormat::JsonObject => json!({"type": "json_object"}),
         ir::ResponseFormat::JsonSchema { name, schema, strict } => {

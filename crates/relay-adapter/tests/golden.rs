@@ -1,0 +1,324 @@
+//! Golden tests for every inbound × upstream pair, whole and streamed.
+//!
+//! Each case sends a client request (tests/golden/requests/<inbound>.json: system prompts, multi-turn,
+//! images, tool calls and results, sampling and limits) through the adapter to a recording upstream that
+//! replays a provider answer (tests/golden/upstream/: thinking, text, a streamed tool call, cached and
+//! reasoning usage). The converted upstream request and the client's answer must equal the files in
+//! tests/golden/<inbound>_to_<upstream>_<mode>/. Same protocol in and out must be byte-exact instead.
+//! `UPDATE_GOLDEN=1 cargo test -p relay-adapter --test golden` rewrites the files (review the diff).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::http::HeaderMap;
+use futures_util::StreamExt;
+use relay_adapter::{AdapterConfig, AdapterService};
+use relay_core::contracts::Adapter;
+use relay_core::pb::adapter::v1::{ChatRequest, chat_event::Event};
+use relay_core::pb::common::v1::{Protocol, TokenUsage};
+use relay_core::pb::routing::v1::Deployment;
+use serde_json::{Value, json};
+
+const INBOUND: [(&str, Protocol); 3] = [
+    ("openai", Protocol::OpenaiChat),
+    ("anthropic", Protocol::AnthropicMessages),
+    ("responses", Protocol::OpenaiResponses),
+];
+const UPSTREAMS: [&str; 3] = ["openai", "anthropic", "gemini"];
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
+}
+
+#[derive(Clone, Default)]
+struct Upstream {
+    reply: Arc<Mutex<(u16, String)>>,
+    seen: Arc<Mutex<Vec<(String, HeaderMap, Bytes)>>>,
+}
+
+async fn upstream() -> (Upstream, String) {
+    let up = Upstream::default();
+    let state = up.clone();
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri, headers: HeaderMap, body: Bytes| {
+        let state = state.clone();
+        async move {
+            state.seen.lock().unwrap().push((uri.to_string(), headers, body));
+            let (status, text) = state.reply.lock().unwrap().clone();
+            let kind = if text.starts_with('{') { "application/json" } else { "text/event-stream" };
+            axum::http::Response::builder()
+                .status(status)
+                .header("content-type", kind)
+                .header("retry-after", "7")
+                .body(axum::body::Body::from(text))
+                .unwrap()
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (up, format!("http://{addr}"))
+}
+
+fn adapter(base: &str) -> AdapterService {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cfg: AdapterConfig = serde_json::from_value(json!({"providers": [
+        {"name": "openai", "kind": "openai", "base_url": format!("{base}/v1"), "api_key": "k-openai"},
+        {"name": "anthropic", "kind": "anthropic", "base_url": base, "api_key": "k-anthropic"},
+        {"name": "gemini", "kind": "gemini", "base_url": format!("{base}/v1beta"), "api_key": "k-gemini"},
+    ]}))
+    .unwrap();
+    AdapterService::new(&cfg).unwrap()
+}
+
+fn request(protocol: Protocol, upstream: &str, body: Bytes, stream: bool) -> ChatRequest {
+    ChatRequest {
+        request_id: "req-golden".into(),
+        protocol: protocol as i32,
+        body,
+        deployment: Some(Deployment {
+            id: format!("up-model@{upstream}"),
+            provider: upstream.into(),
+            upstream_model: "up-model".into(),
+            weight: 1,
+        }),
+        stream,
+        client_wants_usage: true,
+        passthrough_headers: [("anthropic-beta".to_string(), "beta-flag-1".to_string())].into(),
+        client_model: "client-model".into(),
+    }
+}
+
+struct Answer {
+    bytes: Vec<u8>,
+    usage: Option<TokenUsage>,
+    finishes: Vec<i32>,
+    errors: Vec<String>,
+}
+
+async fn call(a: &AdapterService, req: ChatRequest) -> Answer {
+    let mut events = a.chat(req).await.unwrap();
+    let mut out = Answer { bytes: vec![], usage: None, finishes: vec![], errors: vec![] };
+    while let Some(ev) = events.next().await {
+        match ev.event.unwrap() {
+            Event::Chunk(c) => out.bytes.extend_from_slice(&c.data),
+            Event::Usage(u) => out.usage = Some(u),
+            Event::Finish(f) => out.finishes.push(f.reason),
+            Event::Error(e) => out.errors.push(e.message),
+            Event::Start(_) => {}
+        }
+    }
+    out
+}
+
+/// Timestamps and generated ids vary per run; everything else must not.
+fn normalize(v: &mut Value) {
+    match v {
+        Value::Object(o) => {
+            for (k, x) in o.iter_mut() {
+                if k == "created" || k == "created_at" {
+                    *x = json!(0);
+                } else {
+                    normalize(x);
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(normalize),
+        Value::String(s) if s.starts_with("call_") && s.len() == 37 => *s = "call_<generated>".into(),
+        _ => {}
+    }
+}
+
+/// The client answer as stable text: whole answers pretty-printed; streams one event per line block.
+fn render(bytes: &[u8], stream: bool) -> String {
+    let text = String::from_utf8(bytes.to_vec()).unwrap();
+    if !stream {
+        let mut v: Value = serde_json::from_str(&text).unwrap();
+        normalize(&mut v);
+        return serde_json::to_string_pretty(&v).unwrap() + "\n";
+    }
+    let mut out = String::new();
+    for event in text.split("\n\n").filter(|e| !e.trim().is_empty()) {
+        for line in event.lines() {
+            match line.strip_prefix("data: ").map(serde_json::from_str::<Value>) {
+                Some(Ok(mut v)) => {
+                    normalize(&mut v);
+                    out.push_str(&format!("data: {v}\n"));
+                }
+                _ => out.push_str(&format!("{line}\n")),
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn check(path: &Path, actual: &str) -> Option<String> {
+    if std::env::var("UPDATE_GOLDEN").is_ok_and(|v| v == "1") {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, actual).unwrap();
+        return None;
+    }
+    let expected = std::fs::read_to_string(path).unwrap_or_default();
+    (expected != actual)
+        .then(|| format!("{} differs (UPDATE_GOLDEN=1 to regenerate):\n{actual}", path.display()))
+}
+
+const EXACT_USAGE: (u64, u64, u64) = (120, 30, 100);
+
+#[tokio::test]
+async fn every_conversion_pair_matches_its_golden_files() {
+    let (up, base) = upstream().await;
+    let a = adapter(&base);
+    let mut failures = Vec::new();
+    for (inbound, protocol) in INBOUND {
+        let client = std::fs::read(dir().join(format!("requests/{inbound}.json"))).unwrap();
+        for upstream_kind in UPSTREAMS {
+            if (inbound, upstream_kind) == ("openai", "openai")
+                || (inbound, upstream_kind) == ("anthropic", "anthropic")
+            {
+                continue; // byte-exact pass-through, tested below
+            }
+            for stream in [false, true] {
+                let mode = if stream { "stream" } else { "whole" };
+                let fixture = if stream {
+                    format!("{upstream_kind}_stream.txt")
+                } else {
+                    format!("{upstream_kind}_whole.json")
+                };
+                *up.reply.lock().unwrap() =
+                    (200, std::fs::read_to_string(dir().join("upstream").join(fixture)).unwrap());
+                up.seen.lock().unwrap().clear();
+                let mut body: Value = serde_json::from_slice(&client).unwrap();
+                body["stream"] = json!(stream);
+                let ans = call(&a, request(protocol, upstream_kind, body.to_string().into(), stream)).await;
+                let case = dir().join(format!("{inbound}_to_{upstream_kind}_{mode}"));
+                assert!(ans.errors.is_empty(), "{inbound}->{upstream_kind} {mode}: {:?}", ans.errors);
+                let (url, headers, sent) = up.seen.lock().unwrap().pop().unwrap();
+                let sent: Value = serde_json::from_slice(&sent).unwrap();
+                let request_doc = json!({"url": url, "body": sent});
+                failures.extend(check(
+                    &case.join("upstream_request.json"),
+                    &(serde_json::to_string_pretty(&request_doc).unwrap() + "\n"),
+                ));
+                failures.extend(check(&case.join("client_response.txt"), &render(&ans.bytes, stream)));
+                // Credentials are the upstream's own, never the client's.
+                let auth = ["authorization", "x-api-key", "x-goog-api-key"]
+                    .iter()
+                    .filter_map(|h| headers.get(*h))
+                    .count();
+                assert_eq!(auth, 1, "{inbound}->{upstream_kind}: one credential header");
+                let u = ans.usage.unwrap();
+                assert_eq!(
+                    (u.input_tokens, u.output_tokens, u.cached_input_tokens),
+                    EXACT_USAGE,
+                    "{inbound}->{upstream_kind} {mode}"
+                );
+                assert_eq!(
+                    ans.finishes,
+                    [relay_core::pb::adapter::v1::FinishReason::ToolCalls as i32],
+                    "{inbound}->{upstream_kind} {mode}"
+                );
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[tokio::test]
+async fn same_protocol_is_forwarded_byte_for_byte() {
+    let (up, base) = upstream().await;
+    let a = adapter(&base);
+    // Odd spacing, key order, number formats, unknown fields, cache_control and signatures must survive.
+    let openai = br#"{ "model" :"client-model","messages":[{"role":"user","content":"hi","x_vendor":{"b":1.50,"a":[1e3]}}],
+        "logit_bias":{"50256":-100},"stream":true,"seed":7 }"#;
+    let anthropic = br#"{"model":"client-model","max_tokens":64,"stream":true,"context_management":{"edits":[{"type":"clear_tool_uses_20250919"}]},
+        "messages":[{"role":"user","content":[{"type":"text","text":"hi","cache_control":{"type":"ephemeral","ttl":"1h"}}]},
+        {"role":"assistant","content":[{"type":"thinking","thinking":"t","signature":"EqQBCkYIBxgCKkD+/=="}]}],"unknown_field":[1,2.0]}"#;
+    for (protocol, provider, body, fixture) in [
+        (Protocol::OpenaiChat, "openai", &openai[..], "openai_stream.txt"),
+        (Protocol::AnthropicMessages, "anthropic", &anthropic[..], "anthropic_stream.txt"),
+    ] {
+        let reply = std::fs::read_to_string(dir().join("upstream").join(fixture)).unwrap();
+        *up.reply.lock().unwrap() = (200, reply.clone());
+        up.seen.lock().unwrap().clear();
+        let ans = call(&a, request(protocol, provider, Bytes::copy_from_slice(body), true)).await;
+        let (_, headers, sent) = up.seen.lock().unwrap().pop().unwrap();
+        let mut expected =
+            String::from_utf8(body.to_vec()).unwrap().replacen("\"client-model\"", "\"up-model\"", 1);
+        if protocol == Protocol::OpenaiChat {
+            // The one addition: ask for the usage chunk so usage is exact.
+            let end = expected.rfind('}').unwrap();
+            expected.insert_str(end, ",\"stream_options\":{\"include_usage\":true}");
+        } else {
+            assert_eq!(headers["anthropic-beta"], "beta-flag-1", "beta flags reach Anthropic");
+            assert_eq!(headers["anthropic-version"], "2023-06-01");
+        }
+        assert_eq!(String::from_utf8(sent.to_vec()).unwrap(), expected, "{provider}: request bytes");
+        assert_eq!(String::from_utf8(ans.bytes).unwrap(), reply, "{provider}: answer bytes");
+        let u = ans.usage.unwrap();
+        assert_eq!((u.input_tokens, u.output_tokens, u.cached_input_tokens), EXACT_USAGE);
+    }
+}
+
+#[tokio::test]
+async fn upstream_errors_keep_status_and_retry_after() {
+    let (up, base) = upstream().await;
+    let a = adapter(&base);
+    let client = std::fs::read(dir().join("requests/anthropic.json")).unwrap();
+    for (status, code) in [
+        (429, "UpstreamRateLimited"),
+        (400, "UpstreamClientError"),
+        (529, "UpstreamServerError"),
+        (500, "UpstreamServerError"),
+    ] {
+        *up.reply.lock().unwrap() =
+            (status, r#"{"type":"error","error":{"type":"x","message":"upstream says no"}}"#.into());
+        for upstream_kind in UPSTREAMS {
+            let Err(e) = a
+                .chat(request(Protocol::AnthropicMessages, upstream_kind, client.clone().into(), true))
+                .await
+            else {
+                panic!("{upstream_kind} {status}: no error")
+            };
+            assert_eq!(format!("{:?}", e.code), code);
+            assert_eq!(e.upstream_status, Some(status));
+            assert_eq!(e.retry_after_secs, Some(7));
+            assert_eq!(e.message.contains("upstream says no"), status < 500, "5xx bodies are not relayed");
+        }
+    }
+}
+
+#[tokio::test]
+async fn truncated_and_failing_streams_end_in_errors() {
+    let (up, base) = upstream().await;
+    let a = adapter(&base);
+    let client: Bytes = std::fs::read(dir().join("requests/openai.json")).unwrap().into();
+    for upstream_kind in UPSTREAMS {
+        let full =
+            std::fs::read_to_string(dir().join(format!("upstream/{upstream_kind}_stream.txt"))).unwrap();
+        // Cut after the first event: no [DONE] / message_stop / finish reason.
+        let sep = if upstream_kind == "gemini" { "\r\n\r\n" } else { "\n\n" };
+        let first = full.split(sep).next().unwrap().to_owned() + sep;
+        *up.reply.lock().unwrap() = (200, first);
+        for inbound in [Protocol::OpenaiChat, Protocol::AnthropicMessages] {
+            let body = if inbound == Protocol::OpenaiChat {
+                client.clone()
+            } else {
+                std::fs::read(dir().join("requests/anthropic.json")).unwrap().into()
+            };
+            let ans = call(&a, request(inbound, upstream_kind, body, true)).await;
+            assert_eq!(ans.errors.len(), 1, "{upstream_kind}: a truncated stream must end in an error");
+            assert!(ans.usage.is_none());
+            let text = String::from_utf8_lossy(&ans.bytes);
+            assert!(!text.contains("[DONE]") && !text.contains("message_stop"), "{upstream_kind}: {text}");
+        }
+    }
+    // An in-band error event mid-stream.
+    let mid = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":5}}}\n\n\
+               event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n";
+    *up.reply.lock().unwrap() = (200, mid.into());
+    let ans = call(&a, request(Protocol::OpenaiChat, "anthropic", client.clone(), true)).await;
+    assert_eq!(ans.errors.len(), 1);
+}
