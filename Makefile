@@ -1,5 +1,5 @@
 # Thin wrappers. The two that matter: `make run` and `make test`.
-.PHONY: run test lint fmt conformance migrate build release
+.PHONY: run test lint fmt conformance real-clients migrate build release
 
 run:            ## Relay embedded (all five services, SQLite, demo route) on http://127.0.0.1:8080
 	cargo run --bin relay -- serve --config deploy/config/relay.dev.toml
@@ -16,6 +16,9 @@ fmt:
 
 conformance:    ## the shared conformance suite against a fresh embedded relay (SUITE=<dir> to pick a copy)
 	bash scripts/conformance.sh $(ARGS)
+
+real-clients:   ## Claude Code and Codex CLI through Relay on the OpenAI, Anthropic and Gemini routes of the mock
+	bash scripts/real-clients.sh
 
 migrate:        ## apply migrations to $$RELAY__DATABASE__URL
 	cargo run --bin relay -- migrate

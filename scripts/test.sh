@@ -47,6 +47,12 @@ check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 SUITE="${SUITE:-$ROOT/../shared/conformance}"
 if [ -x "$SUITE/run.sh" ]; then
   "$ROOT/scripts/conformance.sh" ${CONFORMANCE_ARGS:-}
+  # Claude Code and Codex CLI through Relay on every upstream (pinned versions from npm).
+  if command -v npm >/dev/null; then
+    "$ROOT/scripts/real-clients.sh"
+  else
+    echo "test.sh: SKIP real-client check: npm not found"
+  fi
 else
   echo "test.sh: SKIP conformance: no suite at $SUITE (set SUITE=<dir>)"
 fi

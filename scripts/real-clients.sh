@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The agentic CLIs people point at relays, through Relay, on every upstream: Claude Code (`claude -p`,
+# Anthropic Messages in) and Codex CLI (`codex exec`, OpenAI Responses in), each against the OpenAI,
+# Anthropic and Gemini routes of the conformance mock. The mock answers the first turn with a call to the
+# first tool offered; a turn counts when the CLI ran the tool, sent its result back through Relay and printed
+# the mock's `TOOL_RESULT:` answer. CLIs are installed from npm into .cache/clis.
+set -euo pipefail
+source "$(dirname "$0")/relay-for-mock.sh"
+SUITE="${SUITE:-$ROOT/../shared/conformance}"
+CLIS="$ROOT/.cache/clis"
+if [ ! -x "$CLIS/node_modules/.bin/claude" ] || [ ! -x "$CLIS/node_modules/.bin/codex" ]; then
+  mkdir -p "$CLIS"
+  (cd "$CLIS" && npm init -y >/dev/null && npm install --no-audit --no-fund @anthropic-ai/claude-code@2.1.197 @openai/codex@0.169.0 >/dev/null)
+  (cd "$CLIS/node_modules/@anthropic-ai/claude-code" && node install.cjs >/dev/null)
+fi
+(cd "$SUITE" && [ -x .venv/bin/python ] || { python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt; })
+"$SUITE/.venv/bin/python" "$SUITE/mock_upstream.py" --host 127.0.0.1 --port "$MOCK_PORT" >/dev/null 2>&1 &
+MOCK_PID=$!
+relay_on_exit() { kill $MOCK_PID 2>/dev/null || true; }
+relay_start
+
+WORK="$(mktemp -d /tmp/relay-clis.XXXXXX)"
+mkdir -p "$WORK/codex-home"
+cat >"$WORK/codex-home/config.toml" <<TOML
+model_provider = "relay"
+[model_providers.relay]
+name = "Relay"
+base_url = "$RELAY_URL/v1"
+env_key = "RELAY_KEY"
+wire_api = "responses"
+TOML
+export RELAY_KEY ANTHROPIC_BASE_URL="$RELAY_URL" ANTHROPIC_API_KEY="$RELAY_KEY" CODEX_HOME="$WORK/codex-home"
+export DISABLE_TELEMETRY=1 DISABLE_AUTOUPDATER=1 CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1
+cd "$WORK"
+failed=0
+for route in openai anthropic gemini; do
+  for cli in claude codex; do
+    if [ $cli = claude ]; then
+      out=$(timeout 180 "$CLIS/node_modules/.bin/claude" -p "hello via relay" --model "relay-$route" 2>&1 || true)
+    else
+      out=$(timeout 180 "$CLIS/node_modules/.bin/codex" exec --skip-git-repo-check -m "relay-$route" "hello via relay" </dev/null 2>&1 || true)
+    fi
+    if grep -q "TOOL_RESULT:" <<<"$out"; then
+      echo "real-clients: $cli via relay-$route: tool-calling turn completed"
+    else
+      echo "real-clients: $cli via relay-$route: FAILED"; tail -20 <<<"$out"; failed=1
+    fi
+  done
+done
+exit $failed
