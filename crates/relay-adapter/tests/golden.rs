@@ -322,3 +322,63 @@ async fn truncated_and_failing_streams_end_in_errors() {
     let ans = call(&a, request(Protocol::OpenaiChat, "anthropic", client.clone(), true)).await;
     assert_eq!(ans.errors.len(), 1);
 }
+
+#[tokio::test]
+async fn azure_uses_deployment_urls_and_api_key() {
+    let (up, base) = upstream().await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cfg: AdapterConfig = serde_json::from_value(json!({"providers": [{"name": "az", "kind": "azure",
+        "base_url": format!("{base}/openai"), "api_key": "k-azure", "api_version": "2024-10-21"}]}))
+    .unwrap();
+    let a = AdapterService::new(&cfg).unwrap();
+    *up.reply.lock().unwrap() =
+        (200, std::fs::read_to_string(dir().join("upstream/openai_whole.json")).unwrap());
+    let body = Bytes::from_static(br#"{"model":"client-model","messages":[{"role":"user","content":"hi"}]}"#);
+    let ans = call(&a, request(Protocol::OpenaiChat, "az", body, false)).await;
+    assert!(ans.errors.is_empty());
+    let (url, headers, _) = up.seen.lock().unwrap().pop().unwrap();
+    assert_eq!(url, "/openai/deployments/up-model/chat/completions?api-version=2024-10-21");
+    assert_eq!(headers["api-key"], "k-azure");
+    assert!(headers.get("authorization").is_none());
+}
+
+#[tokio::test]
+async fn gemini_embeddings_come_back_openai_shaped() {
+    let (up, base) = upstream().await;
+    let a = adapter(&base);
+    *up.reply.lock().unwrap() =
+        (200, r#"{"embeddings":[{"values":[0.5,-1.0]},{"values":[0.25,2.0]}]}"#.into());
+    for (format, expect) in [("float", json!([0.5, -1.0])), ("base64", json!("AAAAPwAAgL8="))] {
+        let req = relay_core::pb::adapter::v1::EmbedRequest {
+            request_id: "r".into(),
+            body: json!({"model": "m", "input": ["a", "b"], "encoding_format": format}).to_string().into(),
+            deployment: Some(Deployment {
+                id: "e@gemini".into(),
+                provider: "gemini".into(),
+                upstream_model: "text-embedding-004".into(),
+                weight: 1,
+            }),
+        };
+        let resp = a.embed(req).await.unwrap();
+        let v: Value = serde_json::from_slice(&resp.body).unwrap();
+        assert_eq!(v["object"], "list");
+        assert_eq!(v["data"][0]["embedding"], expect, "{format}");
+        assert_eq!(v["data"][1]["index"], 1);
+        let (url, headers, sent) = up.seen.lock().unwrap().pop().unwrap();
+        assert_eq!(url, "/v1beta/models/text-embedding-004:batchEmbedContents");
+        assert_eq!(headers["x-goog-api-key"], "k-gemini");
+        let sent: Value = serde_json::from_slice(&sent).unwrap();
+        assert_eq!(sent["requests"][1]["content"]["parts"][0]["text"], "b");
+    }
+}
+
+#[tokio::test]
+async fn n_above_one_is_refused_where_the_upstream_has_one_choice() {
+    let (_up, base) = upstream().await;
+    let a = adapter(&base);
+    let body = Bytes::from_static(br#"{"model":"m","n":2,"messages":[{"role":"user","content":"hi"}]}"#);
+    let Err(e) = a.chat(request(Protocol::OpenaiChat, "anthropic", body, false)).await else {
+        panic!("accepted n=2")
+    };
+    assert_eq!(e.param.as_deref(), Some("n"));
+}

@@ -65,6 +65,12 @@ impl Dialect for Anthropic {
     }
 
     fn build(&self, ir: &Request, model: &str, stream: bool) -> Result<Value> {
+        if ir.n.is_some_and(|n| n > 1) {
+            return Err(RelayError::invalid_request(
+                "this model's upstream returns one choice: `n` must be 1",
+            )
+            .with_param("n"));
+        }
         Ok(build(ir, model, stream))
     }
 
