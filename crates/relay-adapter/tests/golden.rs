@@ -82,6 +82,7 @@ fn request(protocol: Protocol, upstream: &str, body: Bytes, stream: bool) -> Cha
             provider: upstream.into(),
             upstream_model: "up-model".into(),
             weight: 1,
+            ..Default::default()
         }),
         stream,
         client_wants_usage: true,
@@ -357,6 +358,7 @@ async fn gemini_embeddings_come_back_openai_shaped() {
                 provider: "gemini".into(),
                 upstream_model: "text-embedding-004".into(),
                 weight: 1,
+                ..Default::default()
             }),
         };
         let resp = a.embed(req).await.unwrap();

@@ -5,7 +5,7 @@ use relay_core::pb::billing::v1::UsageSummaryResponse;
 use relay_core::pb::common::v1::{ErrorCode as PbErrorCode, Protocol, TokenUsage};
 use relay_core::pb::events::v1::{Outcome, UsageEvent};
 use relay_db::Db;
-use sqlx::{AssertSqlSafe, Row};
+use sqlx::Row;
 
 #[derive(Clone, Debug)]
 pub struct UsageStore {
@@ -45,9 +45,6 @@ const SUMMARY: &str = "SELECT COUNT(*) AS requests, \
     CAST(COALESCE(SUM(reasoning_tokens), 0) AS BIGINT) AS reasoning \
     FROM usage_records WHERE key_id = $1 AND started_at_ms >= $2 AND started_at_ms < $3";
 
-fn sqlite(sql: &str) -> AssertSqlSafe<String> {
-    AssertSqlSafe(sql.replace('$', "?"))
-}
 
 fn outcome_label(o: i32) -> &'static str {
     match Outcome::try_from(o).unwrap_or(Outcome::Unspecified) {
@@ -136,7 +133,7 @@ impl UsageStore {
                 bind_insert!(sqlx::query(INSERT), e, u, now, &blob).execute(p).await?.rows_affected()
             }
             Db::Sqlite(p) => {
-                bind_insert!(sqlx::query(sqlite(INSERT)), e, u, now, &blob).execute(p).await?.rows_affected()
+                bind_insert!(sqlx::query(relay_db::sqlite_sql(INSERT)), e, u, now, &blob).execute(p).await?.rows_affected()
             }
         };
         Ok(if rows == 1 { RecordOutcome::Inserted } else { RecordOutcome::Duplicate })
@@ -150,7 +147,7 @@ impl UsageStore {
                 .await?
                 .map(|r| r.try_get(0))
                 .transpose()?,
-            Db::Sqlite(p) => sqlx::query(sqlite(GET))
+            Db::Sqlite(p) => sqlx::query(relay_db::sqlite_sql(GET))
                 .bind(request_id)
                 .fetch_optional(p)
                 .await?
@@ -173,7 +170,7 @@ impl UsageStore {
             }
             Db::Sqlite(p) => {
                 let r =
-                    sqlx::query(sqlite(SUMMARY)).bind(key_id).bind(from_ms).bind(to_ms).fetch_one(p).await?;
+                    sqlx::query(relay_db::sqlite_sql(SUMMARY)).bind(key_id).bind(from_ms).bind(to_ms).fetch_one(p).await?;
                 columns(&r)?
             }
         };

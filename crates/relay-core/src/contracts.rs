@@ -49,6 +49,40 @@ pub trait UsageSink: Send + Sync + 'static {
     async fn publish(&self, event: events::UsageEvent) -> Result<()>;
 }
 
+/// What one request asks of the rate limits and budgets of its scopes (key, team, org).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Admission {
+    pub request_id: String,
+    /// When it was admitted (UTC unix ms): picks the minute window and budget period, at admission and at
+    /// settlement alike.
+    pub at_ms: i64,
+    pub scopes: Vec<auth::Scope>,
+    /// Tokens held against tokens-per-minute until settled: an upper bound of input plus `max_tokens`.
+    pub tokens: u64,
+    /// Money held against budgets until settled (integer micro-units): `tokens` at the highest price
+    /// among the candidate deployments.
+    pub cost_micros: i64,
+}
+
+/// `x-ratelimit-*` headers for the response (the key's own limits).
+pub type RateHeaders = Vec<(&'static str, String)>;
+
+/// A refusal, with the headers that explain it.
+#[derive(Debug, Clone)]
+pub struct Denial {
+    pub error: RelayError,
+    pub headers: RateHeaders,
+}
+
+/// Rate limits and budgets, enforced before dispatch and settled to real usage after.
+#[async_trait::async_trait]
+pub trait Limiter: Send + Sync + 'static {
+    /// Admits the request and holds its reservation, or refuses it. Nothing is held on refusal.
+    async fn admit(&self, a: &Admission) -> std::result::Result<RateHeaders, Denial>;
+    /// Releases the reservation and books what was really used (zero for a failed request).
+    async fn settle(&self, a: &Admission, tokens: u64, cost_micros: i64);
+}
+
 /// The set of services one edge talks to, however they are deployed.
 #[derive(Clone)]
 pub struct Services {
@@ -56,4 +90,5 @@ pub struct Services {
     pub router: Arc<dyn Router>,
     pub adapter: Arc<dyn Adapter>,
     pub usage: Arc<dyn UsageSink>,
+    pub limiter: Arc<dyn Limiter>,
 }

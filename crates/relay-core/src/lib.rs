@@ -78,6 +78,67 @@ pub fn model_allowed(patterns: &[String], model: &str) -> bool {
     patterns.is_empty() || patterns.iter().any(|p| glob_match(p.as_bytes(), model.as_bytes()))
 }
 
+/// What `usage` costs at `price`, in integer micro-units, rounded up (never under-charge). Cached input is
+/// charged at its own price when the deployment has one.
+pub fn cost_micros(usage: &pb::common::v1::TokenUsage, price: &pb::routing::v1::Price) -> i64 {
+    let cached = usage.cached_input_tokens.min(usage.input_tokens);
+    let cached_price = if price.cached_input_per_mtok_micros > 0 {
+        price.cached_input_per_mtok_micros
+    } else {
+        price.input_per_mtok_micros
+    };
+    let total = i128::from(usage.input_tokens - cached) * i128::from(price.input_per_mtok_micros)
+        + i128::from(cached) * i128::from(cached_price)
+        + i128::from(usage.output_tokens) * i128::from(price.output_per_mtok_micros);
+    i64::try_from((total + 999_999).div_euclid(1_000_000)).unwrap_or(i64::MAX)
+}
+
+/// Is `ip` inside any of `allowlist` (IPs or CIDRs, v4 or v6)? Empty list = anywhere; an unparseable
+/// address is never allowed by a non-empty list.
+pub fn ip_allowed(allowlist: &[String], ip: &str) -> bool {
+    if allowlist.is_empty() {
+        return true;
+    }
+    let Ok(ip) = ip.parse::<std::net::IpAddr>() else { return false };
+    allowlist.iter().any(|entry| {
+        let (net, bits) = match entry.split_once('/') {
+            Some((n, b)) => (n, b.parse::<u32>().ok()),
+            None => (entry.as_str(), None),
+        };
+        match (net.parse::<std::net::IpAddr>(), ip) {
+            (Ok(std::net::IpAddr::V4(n)), std::net::IpAddr::V4(a)) => {
+                prefix_eq(u32::from(n).into(), u32::from(a).into(), bits.unwrap_or(32), 32)
+            }
+            (Ok(std::net::IpAddr::V6(n)), std::net::IpAddr::V6(a)) => {
+                prefix_eq(u128::from(n), u128::from(a), bits.unwrap_or(128), 128)
+            }
+            _ => false,
+        }
+    })
+}
+
+/// Is `entry` an IP address or a CIDR (v4 or v6) with a prefix that fits?
+pub fn is_ip_or_cidr(entry: &str) -> bool {
+    let (net, bits) = match entry.split_once('/') {
+        Some((n, b)) => (n, Some(b)),
+        None => (entry, None),
+    };
+    match (net.parse::<std::net::IpAddr>(), bits.map(str::parse::<u32>)) {
+        (Ok(_), None) => true,
+        (Ok(std::net::IpAddr::V4(_)), Some(Ok(b))) => b <= 32,
+        (Ok(std::net::IpAddr::V6(_)), Some(Ok(b))) => b <= 128,
+        _ => false,
+    }
+}
+
+fn prefix_eq(net: u128, addr: u128, bits: u32, width: u32) -> bool {
+    if bits > width {
+        return false;
+    }
+    let shift = width - bits;
+    shift >= 128 || (net >> shift) == (addr >> shift)
+}
+
 fn glob_match(p: &[u8], s: &[u8]) -> bool {
     match p.split_first() {
         None => s.is_empty(),
@@ -95,6 +156,48 @@ mod tests {
         let s = Secret::new("sk-live-123");
         assert_eq!(format!("{s:?}"), "\"***\"");
         assert_eq!(s.expose(), "sk-live-123");
+    }
+
+    #[test]
+    fn ip_allowlists_match_addresses_and_cidrs() {
+        let list = vec!["10.1.0.0/16".to_string(), "192.168.1.7".to_string(), "2001:db8::/32".to_string()];
+        assert!(ip_allowed(&list, "10.1.200.3"));
+        assert!(!ip_allowed(&list, "10.2.0.1"));
+        assert!(ip_allowed(&list, "192.168.1.7"));
+        assert!(!ip_allowed(&list, "192.168.1.8"));
+        assert!(ip_allowed(&list, "2001:db8:1::5"));
+        assert!(!ip_allowed(&list, "2001:db9::1"));
+        assert!(!ip_allowed(&list, "not-an-ip"));
+        assert!(ip_allowed(&[], "anything"));
+        assert!(ip_allowed(&["0.0.0.0/0".to_string()], "8.8.8.8"));
+        assert!(!ip_allowed(&["1.2.3.4/33".to_string()], "1.2.3.4"));
+        assert!(is_ip_or_cidr("10.0.0.0/8") && is_ip_or_cidr("::1") && is_ip_or_cidr("2001:db8::/128"));
+        assert!(
+            !is_ip_or_cidr("10.0.0.0/33") && !is_ip_or_cidr("example.com") && !is_ip_or_cidr("10.0.0.1/x")
+        );
+    }
+
+    #[test]
+    fn costs_round_up_and_discount_cached_input() {
+        use pb::common::v1::TokenUsage;
+        use pb::routing::v1::Price;
+        let price = Price {
+            input_per_mtok_micros: 2_500_000,
+            output_per_mtok_micros: 10_000_000,
+            cached_input_per_mtok_micros: 1_250_000,
+            currency: "USD".into(),
+        };
+        let u = TokenUsage {
+            input_tokens: 1000,
+            output_tokens: 500,
+            cached_input_tokens: 400,
+            ..Default::default()
+        };
+        // 600 × 2.5 + 400 × 1.25 + 500 × 10 = 1500 + 500 + 5000 micros
+        assert_eq!(cost_micros(&u, &price), 7000);
+        let one = TokenUsage { input_tokens: 1, ..Default::default() };
+        assert_eq!(cost_micros(&one, &price), 3, "2.5 micros rounds up");
+        assert_eq!(cost_micros(&TokenUsage::default(), &price), 0);
     }
 
     #[test]

@@ -92,6 +92,32 @@ fn migrator(files: &'static [(i64, &'static str, &'static str)]) -> Migrator {
     )
 }
 
+/// The SQLite form of a query written with Postgres placeholders (`$1` → `?1`; both are positional).
+pub fn sqlite_sql(sql: &str) -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(sql.replace('$', "?"))
+}
+
+/// Runs one query on either backend: `db_query!(db, SQL, [binds..], fetch_optional, map_fn)`. `SQL` uses
+/// `$n` placeholders; `map_fn` is a function generic over the row type, called with the method's result.
+#[macro_export]
+macro_rules! db_query {
+    ($db:expr, $sql:expr, [$($b:expr),* $(,)?], $method:ident, $map:expr) => {
+        {
+            let sql: &str = &$sql;
+            match $db {
+                $crate::Db::Postgres(pool) => {
+                    let r = ::sqlx::query(::sqlx::AssertSqlSafe(sql.to_owned()))$(.bind($b))*.$method(pool).await?;
+                    $map(r)
+                }
+                $crate::Db::Sqlite(pool) => {
+                    let r = ::sqlx::query($crate::sqlite_sql(sql))$(.bind($b))*.$method(pool).await?;
+                    $map(r)
+                }
+            }
+        }
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

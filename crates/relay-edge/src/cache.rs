@@ -23,6 +23,12 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
         }
     }
 
+    /// Drops every entry `keep` refuses.
+    pub fn retain(&self, keep: impl Fn(&V) -> bool) {
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, (v, _)| keep(v));
+    }
+
     pub fn insert(&self, key: K, value: V, ttl: Duration) {
         if ttl.is_zero() {
             return;

@@ -12,7 +12,7 @@ use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::{Stream, StreamExt};
-use relay_core::contracts::ChatEventStream;
+use relay_core::contracts::{ChatEventStream, RateHeaders};
 use relay_core::pb::adapter::v1::{ChatRequest, CountTokensRequest, chat_event::Event};
 use relay_core::pb::auth::v1::Principal;
 use relay_core::{ErrorCode, RelayError};
@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::Edge;
-use crate::dispatch::{ensure_allowed, read_json, required_model, route, with_failover};
+use crate::dispatch::{admission, admit, ensure_allowed, read_json, required_model, route, with_failover};
 use crate::error::Inbound;
 use crate::request::RequestCtx;
 use crate::usage::UsageRecord;
@@ -37,6 +37,10 @@ struct Envelope {
     input: Option<Value>,
     #[serde(default)]
     max_tokens: Option<Value>,
+    #[serde(default)]
+    max_completion_tokens: Option<Value>,
+    #[serde(default)]
+    max_output_tokens: Option<Value>,
     #[serde(default)]
     stream: Option<bool>,
     #[serde(default)]
@@ -76,6 +80,13 @@ impl Envelope {
             }
             _ => Ok(()),
         }
+    }
+
+    /// The answer-length limit the client set, in whichever protocol field.
+    fn max_output(&self) -> Option<u64> {
+        [&self.max_completion_tokens, &self.max_tokens, &self.max_output_tokens]
+            .iter()
+            .find_map(|v| v.as_ref()?.as_u64())
     }
 
     fn end_user(&self) -> &str {
@@ -126,20 +137,28 @@ pub async fn responses(
 }
 
 async fn serve(edge: Edge, ctx: RequestCtx, headers: HeaderMap, body: Body, inbound: Inbound) -> Response {
-    let principal =
-        match edge.inner.principals.authenticate(edge.inner.services.auth.as_ref(), &headers).await {
-            Ok(p) => p,
-            Err(e) => return inbound.error(e),
-        };
+    let principal = match edge.principal(&ctx, &headers).await {
+        Ok(p) => p,
+        Err(e) => return inbound.error(e),
+    };
     let mut rec = UsageRecord::new(&edge, &ctx, &principal, inbound.protocol());
     match dispatch(&edge, &ctx, &principal, &headers, body, inbound, &mut rec).await {
-        Ok((events, true)) => stream_response(events, rec, inbound),
-        Ok((events, false)) => whole_response(events, rec, inbound).await,
-        Err(e) => {
+        Ok((events, true, rate)) => with_rate_headers(stream_response(events, rec, inbound), &rate),
+        Ok((events, false, rate)) => with_rate_headers(whole_response(events, rec, inbound).await, &rate),
+        Err((e, rate)) => {
             rec.fail(&e, e.http_status());
-            inbound.error(e)
+            with_rate_headers(inbound.error(e), &rate)
         }
     }
+}
+
+fn with_rate_headers(mut resp: Response, rate: &RateHeaders) -> Response {
+    for (name, value) in rate {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            resp.headers_mut().insert(*name, v);
+        }
+    }
+    resp
 }
 
 async fn dispatch(
@@ -150,14 +169,18 @@ async fn dispatch(
     body: Body,
     inbound: Inbound,
     rec: &mut UsageRecord,
-) -> Result<(ChatEventStream, bool), RelayError> {
-    let (bytes, env): (Bytes, Envelope) = read_json(body, edge.inner.cfg.max_body_bytes).await?;
-    let model = required_model(env.model.clone())?;
-    env.validate(inbound)?;
+) -> Result<(ChatEventStream, bool, RateHeaders), (RelayError, RateHeaders)> {
+    let plain = |e: RelayError| (e, Vec::new());
+    let (bytes, env): (Bytes, Envelope) =
+        read_json(body, edge.inner.cfg.max_body_bytes).await.map_err(plain)?;
+    let model = required_model(env.model.clone()).map_err(plain)?;
+    env.validate(inbound).map_err(plain)?;
     let stream = env.stream.unwrap_or(false);
     rec.request(&model, stream, env.end_user());
-    ensure_allowed(principal, &model)?;
-    let route = route(edge, &model, stream).await?;
+    ensure_allowed(principal, &model).map_err(plain)?;
+    let route = route(edge, &model, stream).await.map_err(plain)?;
+    let lease = admission(ctx, principal, bytes.len(), env.max_output(), &route.candidates);
+    let rate = admit(edge, rec, lease).await.map_err(|d| (d.error, d.headers))?;
     let wants_usage = env.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
     let passthrough = passthrough(inbound, headers);
     let events = with_failover(&route.candidates, Some(rec), |dep| {
@@ -173,8 +196,9 @@ async fn dispatch(
         };
         open(edge, req)
     })
-    .await?;
-    Ok((events, stream))
+    .await
+    .map_err(|e| (e, rate.clone()))?;
+    Ok((events, stream, rate))
 }
 
 /// Calls the adapter and waits for the upstream to accept (the `Start` event). A failure before that is
@@ -281,8 +305,7 @@ pub async fn count_tokens(
 ) -> Response {
     let inbound = Inbound::Anthropic;
     let result = async {
-        let principal =
-            edge.inner.principals.authenticate(edge.inner.services.auth.as_ref(), &headers).await?;
+        let principal = edge.principal(&ctx, &headers).await?;
         let (bytes, env): (Bytes, Envelope) = read_json(body, edge.inner.cfg.max_body_bytes).await?;
         let model = required_model(env.model)?;
         ensure_allowed(&principal, &model)?;

@@ -81,3 +81,56 @@ where
     }
     Err(RelayError::new(ErrorCode::Unavailable, "no deployment is available for this model"))
 }
+
+/// The reservation a request holds while it runs: every input byte may be a token (byte-level BPE
+/// tokenizers never make a token of less than a byte, so this bounds the real count), plus the answer's
+/// limit (the request's, else the largest any candidate deployment gives), at the highest candidate price.
+pub fn admission(
+    ctx: &crate::request::RequestCtx,
+    principal: &Principal,
+    body_bytes: usize,
+    max_output: Option<u64>,
+    candidates: &[Deployment],
+) -> relay_core::contracts::Admission {
+    let input = u64::try_from(body_bytes).unwrap_or(u64::MAX);
+    let output =
+        max_output.unwrap_or_else(|| candidates.iter().map(|d| d.max_output_tokens).max().unwrap_or(4096));
+    let usage = relay_core::pb::common::v1::TokenUsage {
+        input_tokens: input,
+        output_tokens: output,
+        ..Default::default()
+    };
+    let cost_micros = candidates
+        .iter()
+        .filter_map(|d| d.price.as_ref())
+        .map(|p| relay_core::cost_micros(&usage, p))
+        .max()
+        .unwrap_or(0);
+    relay_core::contracts::Admission {
+        request_id: ctx.request_id.clone(),
+        at_ms: chrono_ms(),
+        scopes: principal.scopes.clone(),
+        tokens: input.saturating_add(output),
+        cost_micros,
+    }
+}
+
+fn chrono_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Admits a request against its scopes' limits and budgets; the reservation is settled by the usage record.
+pub async fn admit(
+    edge: &Edge,
+    rec: &mut UsageRecord,
+    a: relay_core::contracts::Admission,
+) -> Result<relay_core::contracts::RateHeaders, relay_core::contracts::Denial> {
+    if a.scopes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let headers = edge.inner.services.limiter.admit(&a).await?;
+    rec.hold(a);
+    Ok(headers)
+}

@@ -30,11 +30,13 @@ pub struct EdgeConfig {
     pub max_body_bytes: usize,
     /// Most authenticated keys kept in the local cache.
     pub auth_cache_entries: usize,
+    /// Take the client address from the first `X-Forwarded-For` entry (only behind a proxy you run).
+    pub trust_forwarded_for: bool,
 }
 
 impl Default for EdgeConfig {
     fn default() -> Self {
-        Self { max_body_bytes: 32 << 20, auth_cache_entries: 100_000 }
+        Self { max_body_bytes: 32 << 20, auth_cache_entries: 100_000, trust_forwarded_for: false }
     }
 }
 
@@ -65,6 +67,22 @@ impl Edge {
                 background: TaskTracker::new(),
             }),
         }
+    }
+
+    /// Applies an access change announced on the bus (`key:<id>`, `team:<id>`, `org:<id>`): cached
+    /// principals it covers are dropped, so the next request asks auth again.
+    pub fn invalidate(&self, target: &str) {
+        self.inner.principals.invalidate(target);
+        metrics::counter!("relay_edge_invalidations_total").increment(1);
+    }
+
+    /// The caller of a request, from the cache when possible, checked against the key's address allowlist.
+    pub(crate) async fn principal(
+        &self,
+        ctx: &request::RequestCtx,
+        headers: &axum::http::HeaderMap,
+    ) -> Result<std::sync::Arc<relay_core::pb::auth::v1::Principal>, relay_core::RelayError> {
+        self.inner.principals.authenticate(self.inner.services.auth.as_ref(), headers, &ctx.client_ip).await
     }
 
     /// Waits until every usage event produced so far has been handed to the bus.

@@ -32,10 +32,39 @@ impl PrincipalCache {
         Self(TtlCache::new(capacity))
     }
 
+    /// Drops cached principals of a key, team or org (`key:<id>`, `team:<id>`, `org:<id>`).
+    pub fn invalidate(&self, target: &str) {
+        let Some((kind, id)) = target.split_once(':') else { return };
+        self.0.retain(|p| match kind {
+            "key" => p.key_id != id,
+            "team" => p.team_id != id,
+            "org" => p.org_id != id,
+            _ => true,
+        });
+    }
+
+    /// The caller, and a check of its address against the key's allowlist (cached or not).
     pub async fn authenticate(
         &self,
         auth: &dyn Authenticator,
         headers: &HeaderMap,
+        client_ip: &str,
+    ) -> Result<Arc<Principal>, RelayError> {
+        let p = self.lookup(auth, headers, client_ip).await?;
+        if !relay_core::ip_allowed(&p.ip_allowlist, client_ip) {
+            return Err(RelayError::new(
+                ErrorCode::PermissionDenied,
+                "This API key may not be used from this address.",
+            ));
+        }
+        Ok(p)
+    }
+
+    async fn lookup(
+        &self,
+        auth: &dyn Authenticator,
+        headers: &HeaderMap,
+        client_ip: &str,
     ) -> Result<Arc<Principal>, RelayError> {
         let key = presented_key(headers);
         if key.is_empty() {
@@ -51,7 +80,7 @@ impl PrincipalCache {
         }
         metrics::counter!("relay_edge_auth_cache_total", "result" => "miss").increment(1);
         let resp = auth
-            .authenticate(AuthenticateRequest { api_key: key.to_owned(), client_ip: String::new() })
+            .authenticate(AuthenticateRequest { api_key: key.to_owned(), client_ip: client_ip.to_owned() })
             .await?;
         let principal =
             Arc::new(resp.principal.ok_or_else(|| RelayError::internal("auth returned no principal"))?);

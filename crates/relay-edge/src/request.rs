@@ -17,9 +17,32 @@ pub struct RequestCtx {
     pub started_unix_ms: i64,
     /// W3C context of the root span, carried into the usage event.
     pub trace_context: HashMap<String, String>,
+    /// The client's address ("" when unknown, e.g. in-process tests).
+    pub client_ip: String,
 }
 
-pub async fn middleware(mut req: Request, next: Next) -> Response {
+/// The peer address, or the first `X-Forwarded-For` hop when the edge is configured to trust it.
+fn client_ip(req: &Request, trust_forwarded_for: bool) -> String {
+    if trust_forwarded_for
+        && let Some(first) = req
+            .headers()
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+    {
+        return first.trim().to_owned();
+    }
+    req.extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
+        .unwrap_or_default()
+}
+
+pub async fn middleware(
+    axum::extract::State(edge): axum::extract::State<crate::Edge>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let client_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok());
     let request_id = relay_core::ids::request_id_from_client(client_id);
     let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_owned();
@@ -35,11 +58,13 @@ pub async fn middleware(mut req: Request, next: Next) -> Response {
     let trace_context = span.in_scope(relay_telemetry::current_context_map);
     let started = Instant::now();
     let started_unix_ms = chrono_like_now_ms();
+    let client_ip = client_ip(&req, edge.inner.cfg.trust_forwarded_for);
     req.extensions_mut().insert(RequestCtx {
         request_id: request_id.clone(),
         started,
         started_unix_ms,
         trace_context,
+        client_ip,
     });
     let mut resp = next.run(req).instrument(span.clone()).await;
     let status = resp.status().as_u16();

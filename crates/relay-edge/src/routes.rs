@@ -14,7 +14,7 @@ use serde_json::json;
 
 use crate::Edge;
 use crate::chat;
-use crate::dispatch::{ensure_allowed, read_json, required_model, route, with_failover};
+use crate::dispatch::{admission, admit, ensure_allowed, read_json, required_model, route, with_failover};
 use crate::error::{Inbound, OpenAiError};
 use crate::request::{self, RequestCtx};
 use crate::usage::UsageRecord;
@@ -29,16 +29,12 @@ pub fn router(edge: Edge) -> Router {
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*id}", get(get_model))
         .fallback(not_found)
-        .layer(axum::middleware::from_fn(request::middleware))
+        .layer(axum::middleware::from_fn_with_state(edge.clone(), request::middleware))
         .with_state(edge)
 }
 
 async fn not_found() -> Response {
     OpenAiError(RelayError::new(ErrorCode::NotFound, "Unknown endpoint.")).into_response()
-}
-
-async fn principal(edge: &Edge, headers: &HeaderMap) -> Result<std::sync::Arc<Principal>, RelayError> {
-    edge.inner.principals.authenticate(edge.inner.services.auth.as_ref(), headers).await
 }
 
 fn model_json(m: &relay_core::pb::routing::v1::ModelInfo) -> serde_json::Value {
@@ -53,11 +49,15 @@ async fn visible_models(
     Ok(all.into_iter().filter(|m| relay_core::model_allowed(&p.allowed_models, &m.id)).collect())
 }
 
-async fn list_models(State(edge): State<Edge>, headers: HeaderMap) -> Response {
+async fn list_models(
+    State(edge): State<Edge>,
+    Extension(ctx): Extension<RequestCtx>,
+    headers: HeaderMap,
+) -> Response {
     // Anthropic SDKs send `anthropic-version` and expect their own list shape (and error shape).
     let inbound =
         if headers.contains_key("anthropic-version") { Inbound::Anthropic } else { Inbound::OpenAiChat };
-    let models = match principal(&edge, &headers).await {
+    let models = match edge.principal(&ctx, &headers).await {
         Ok(p) => visible_models(&edge, &p).await,
         Err(e) => Err(e),
     };
@@ -80,10 +80,11 @@ async fn list_models(State(edge): State<Edge>, headers: HeaderMap) -> Response {
 
 async fn get_model(
     State(edge): State<Edge>,
+    Extension(ctx): Extension<RequestCtx>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, OpenAiError> {
-    let p = principal(&edge, &headers).await?;
+    let p = edge.principal(&ctx, &headers).await?;
     let models = visible_models(&edge, &p).await?;
     let m = models.iter().find(|m| m.id == id).ok_or_else(|| {
         RelayError::new(ErrorCode::ModelNotFound, format!("The model `{id}` does not exist."))
@@ -108,7 +109,7 @@ async fn embeddings(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, OpenAiError> {
-    let p = principal(&edge, &headers).await?;
+    let p = edge.principal(&ctx, &headers).await?;
     let mut rec = UsageRecord::new(&edge, &ctx, &p, crate::error::Inbound::Embeddings.protocol());
     match embed(&edge, &ctx, &p, body, &mut rec).await {
         Ok(resp) => {
@@ -142,6 +143,8 @@ async fn embed(
     rec.request(&model, false, env.user.as_deref().unwrap_or(""));
     ensure_allowed(p, &model)?;
     let route = route(edge, &model, false).await?;
+    let lease = admission(ctx, p, bytes.len(), Some(0), &route.candidates);
+    admit(edge, rec, lease).await.map_err(|d| d.error)?;
     with_failover(&route.candidates, Some(rec), |dep| {
         let req = EmbedRequest {
             request_id: ctx.request_id.clone(),

@@ -3,10 +3,11 @@
 
 use std::time::{Duration, Instant};
 
+use relay_core::contracts::Admission;
 use relay_core::pb::auth::v1::Principal;
-use relay_core::pb::common::v1::{Protocol, TokenUsage};
+use relay_core::pb::common::v1::{Money, Protocol, TokenUsage};
 use relay_core::pb::events::v1::{Outcome, UsageEvent};
-use relay_core::pb::routing::v1::Deployment;
+use relay_core::pb::routing::v1::{Deployment, Price};
 use relay_core::{ErrorCode, RelayError, USAGE_EVENT_SCHEMA_VERSION};
 
 use crate::Edge;
@@ -20,6 +21,10 @@ pub struct UsageRecord {
     event: UsageEvent,
     started: Instant,
     finished: bool,
+    /// The limits reservation to settle when the request ends.
+    lease: Option<Admission>,
+    /// Price of the deployment that answered (the last one tried).
+    price: Option<Price>,
 }
 
 impl UsageRecord {
@@ -35,7 +40,7 @@ impl UsageRecord {
             trace_context: ctx.trace_context.clone(),
             ..Default::default()
         };
-        Self { edge: edge.clone(), event, started: ctx.started, finished: false }
+        Self { edge: edge.clone(), event, started: ctx.started, finished: false, lease: None, price: None }
     }
 
     pub fn request(&mut self, model: &str, stream: bool, end_user: &str) {
@@ -49,6 +54,12 @@ impl UsageRecord {
         self.event.deployment_id = d.id.clone();
         self.event.provider = d.provider.clone();
         self.event.upstream_model = d.upstream_model.clone();
+        self.price = d.price.clone();
+    }
+
+    /// The limits reservation this request holds; settled with real usage when it ends.
+    pub fn hold(&mut self, lease: Admission) {
+        self.lease = Some(lease);
     }
 
     pub fn first_byte(&mut self) {
@@ -78,9 +89,20 @@ impl UsageRecord {
         self.event.error_code = e.map_or(0, |e| e.code.to_pb() as i32);
         self.event.http_status = u32::from(http_status);
         self.event.duration_ms = elapsed_ms(self.started);
+        let usage = self.event.usage.unwrap_or_default();
+        let cost = self.price.as_ref().map_or(0, |p| relay_core::cost_micros(&usage, p));
+        let currency = self.price.as_ref().map_or_else(|| "USD".to_owned(), |p| p.currency.clone());
+        self.event.cost = Some(Money { micros: cost, currency });
         let event = std::mem::take(&mut self.event);
         let sink = self.edge.inner.services.usage.clone();
-        self.edge.inner.background.spawn(async move { publish(sink.as_ref(), event).await });
+        let limiter = self.edge.inner.services.limiter.clone();
+        let lease = self.lease.take();
+        self.edge.inner.background.spawn(async move {
+            if let Some(lease) = lease {
+                limiter.settle(&lease, usage.input_tokens + usage.output_tokens, cost).await;
+            }
+            publish(sink.as_ref(), event).await
+        });
     }
 }
 

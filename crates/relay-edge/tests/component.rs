@@ -26,13 +26,25 @@ struct FakeAuth(AtomicUsize);
 impl Authenticator for FakeAuth {
     async fn authenticate(&self, req: AuthenticateRequest) -> Result<AuthenticateResponse> {
         self.0.fetch_add(1, Ordering::SeqCst);
-        let allowed = match req.api_key.as_str() {
-            "sk-all" => vec![],
-            "sk-limited" => vec!["ok-*".to_owned()],
+        let mut principal =
+            Principal { key_id: req.api_key.clone(), team_id: "team-1".into(), ..Default::default() };
+        match req.api_key.as_str() {
+            "sk-all" => {}
+            "sk-limited" => principal.allowed_models = vec!["ok-*".to_owned()],
+            "sk-rpm1" => {
+                principal.scopes = vec![relay_core::pb::auth::v1::Scope {
+                    kind: relay_core::pb::auth::v1::ScopeKind::Key as i32,
+                    id: "sk-rpm1".into(),
+                    limits: Some(relay_core::pb::auth::v1::Limits {
+                        requests_per_minute: 1,
+                        ..Default::default()
+                    }),
+                    budget: None,
+                }]
+            }
+            "sk-office" => principal.ip_allowlist = vec!["10.0.0.0/8".to_owned()],
             _ => return Err(RelayError::new(ErrorCode::Unauthenticated, "Invalid API key.")),
-        };
-        let principal =
-            Principal { key_id: req.api_key.clone(), allowed_models: allowed, ..Default::default() };
+        }
         Ok(AuthenticateResponse { principal: Some(principal), cache_ttl_secs: 60 })
     }
 }
@@ -40,7 +52,13 @@ impl Authenticator for FakeAuth {
 struct FakeRouter;
 
 fn dep(name: &str) -> Deployment {
-    Deployment { id: name.into(), provider: name.into(), upstream_model: name.into(), weight: 1 }
+    Deployment {
+        id: name.into(),
+        provider: name.into(),
+        upstream_model: name.into(),
+        weight: 1,
+        ..Default::default()
+    }
 }
 
 #[async_trait::async_trait]
@@ -128,8 +146,9 @@ fn harness(max_body: usize) -> Harness {
         router: Arc::new(FakeRouter),
         adapter: adapter.clone(),
         usage: sink.clone(),
+        limiter: Arc::new(relay_limits::MemoryLimiter::new()),
     };
-    let cfg = EdgeConfig { max_body_bytes: max_body, ..Default::default() };
+    let cfg = EdgeConfig { max_body_bytes: max_body, trust_forwarded_for: true, ..Default::default() };
     Harness { edge: Edge::new(cfg, services), auth, adapter, sink }
 }
 
@@ -319,4 +338,52 @@ async fn responses_route_checks_input_and_streams_errors_in_its_shape() {
     assert_eq!(status, 200);
     let last = body.trim_end().rsplit("\n\n").next().unwrap();
     assert!(last.starts_with("event: error\ndata: "), "{body}");
+}
+
+#[tokio::test]
+async fn limits_refuse_with_openai_headers_and_addresses_are_checked() {
+    let h = harness(1 << 20);
+    let (status, headers, _) =
+        send(&h, "sk-rpm1", "/v1/chat/completions", Some(chat("ok-good", false))).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-ratelimit-limit-requests"], "1");
+    assert_eq!(headers["x-ratelimit-remaining-requests"], "0");
+    let (status, headers, body) =
+        send(&h, "sk-rpm1", "/v1/chat/completions", Some(chat("ok-good", false))).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(headers.contains_key("retry-after") && headers.contains_key("x-ratelimit-reset-requests"));
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["error"]["type"], "rate_limit_error");
+    let evs = events(&h).await;
+    assert_eq!(evs.last().unwrap().error_code, relay_core::pb::common::v1::ErrorCode::RateLimited as i32);
+
+    // No client address known (in process): an allowlisted key is refused; a trusted forwarded address works.
+    let (status, _, body) = send(&h, "sk-office", "/v1/models", None).await;
+    assert_eq!(status, 403, "{body}");
+    let req = Request::builder()
+        .uri("/v1/models")
+        .header("authorization", "Bearer sk-office")
+        .header("x-forwarded-for", "10.1.2.3, 203.0.113.9")
+        .body(Body::empty())
+        .unwrap();
+    let resp = relay_edge::router(h.edge.clone()).oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let req = Request::builder()
+        .uri("/v1/models")
+        .header("authorization", "Bearer sk-office")
+        .header("x-forwarded-for", "192.168.0.1")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(relay_edge::router(h.edge.clone()).oneshot(req).await.unwrap().status(), 403);
+}
+
+#[tokio::test]
+async fn invalidation_drops_cached_keys_at_once() {
+    let h = harness(1 << 20);
+    for _ in 0..3 {
+        assert_eq!(send(&h, "sk-all", "/v1/models", None).await.0, 200);
+    }
+    assert_eq!(h.auth.0.load(Ordering::SeqCst), 1, "cached after the first request");
+    h.edge.invalidate("team:team-1");
+    assert_eq!(send(&h, "sk-all", "/v1/models", None).await.0, 200);
+    assert_eq!(h.auth.0.load(Ordering::SeqCst), 2, "asked auth again after the invalidation");
 }

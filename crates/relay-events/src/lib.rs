@@ -6,6 +6,7 @@
 //! Handlers must be idempotent on request id: delivery is at-least-once.
 
 mod inprocess;
+mod invalidation;
 mod nats;
 
 use std::future::Future;
@@ -13,6 +14,7 @@ use std::future::Future;
 use relay_core::pb::events::v1::UsageEvent;
 
 pub use inprocess::{InProcessSink, InProcessSource, in_process_bus};
+pub use invalidation::{INVALIDATION_SUBJECT, InvalidationBus};
 pub use nats::{NatsConfig, NatsSink, NatsSource, connect_jetstream};
 
 pub const STREAM_NAME: &str = "RELAY_USAGE";

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use relay_core::contracts::{Result, Router};
 use relay_core::pb::routing::v1::{
-    Deployment, ListModelsResponse, ModelInfo, ModelKind, RouteRequest, RouteResponse,
+    Deployment, ListModelsResponse, ModelInfo, ModelKind, Price, RouteRequest, RouteResponse,
 };
 use relay_core::{ErrorCode, RelayError};
 use serde::Deserialize;
@@ -65,6 +65,31 @@ pub struct DeploymentConfig {
     pub model: String,
     #[serde(default = "one")]
     pub weight: u32,
+    /// Integer micro-units per million tokens; absent = unpriced (budgets count it as free).
+    #[serde(default)]
+    pub price: Option<PriceConfig>,
+    /// Answer length assumed when a request sets no limit (bounds budget and token reservations).
+    #[serde(default = "default_max_output")]
+    pub max_output_tokens: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceConfig {
+    pub input_per_mtok_micros: i64,
+    pub output_per_mtok_micros: i64,
+    #[serde(default)]
+    pub cached_input_per_mtok_micros: i64,
+    #[serde(default = "usd")]
+    pub currency: String,
+}
+
+fn usd() -> String {
+    "USD".into()
+}
+
+fn default_max_output() -> u64 {
+    4096
 }
 
 fn one() -> u32 {
@@ -84,6 +109,13 @@ impl RoutingConfig {
                 errors.push(format!("{at}: needs at least one deployment"));
             }
             for (j, d) in m.deployments.iter().enumerate() {
+                if d.price.as_ref().is_some_and(|p| {
+                    p.input_per_mtok_micros < 0
+                        || p.output_per_mtok_micros < 0
+                        || p.cached_input_per_mtok_micros < 0
+                }) {
+                    errors.push(format!("{at}.deployments[{j}].price: prices cannot be negative"));
+                }
                 if let Some(known) = providers
                     && !known.contains(&d.provider.as_str())
                 {
@@ -119,6 +151,13 @@ impl RoutingService {
                     provider: d.provider.clone(),
                     upstream_model: d.model.clone(),
                     weight: d.weight,
+                    price: d.price.as_ref().map(|p| Price {
+                        input_per_mtok_micros: p.input_per_mtok_micros,
+                        output_per_mtok_micros: p.output_per_mtok_micros,
+                        cached_input_per_mtok_micros: p.cached_input_per_mtok_micros,
+                        currency: p.currency.clone(),
+                    }),
+                    max_output_tokens: d.max_output_tokens,
                 })
                 .collect();
             let kind = match m.kind {
@@ -156,7 +195,13 @@ mod tests {
     use super::*;
 
     fn cfg() -> RoutingConfig {
-        let dep = |p: &str, m: &str| DeploymentConfig { provider: p.into(), model: m.into(), weight: 1 };
+        let dep = |p: &str, m: &str| DeploymentConfig {
+            provider: p.into(),
+            model: m.into(),
+            weight: 1,
+            price: None,
+            max_output_tokens: 4096,
+        };
         RoutingConfig {
             cache_ttl_ms: 500,
             models: vec![

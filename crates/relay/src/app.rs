@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use relay_core::contracts::{Adapter, Authenticator, Billing, Router, Services, UsageSink};
+use futures_util::StreamExt;
+use relay_core::contracts::{Adapter, Authenticator, Billing, Limiter, Router, Services, UsageSink};
 use relay_events::UsageSource;
 use relay_proto::clients::{GrpcAdapter, GrpcAuth, GrpcRouter, channel};
 use relay_runtime::admin::Readiness;
@@ -26,14 +27,28 @@ pub struct Bound {
 
 struct Local {
     auth: Option<Arc<dyn Authenticator>>,
+    keys: Option<relay_auth::store::KeyStore>,
     router: Option<Arc<dyn Router>>,
     adapter: Option<Arc<dyn Adapter>>,
-    billing: Option<(relay_billing::BillingService, relay_db::Db)>,
+    billing: Option<relay_billing::BillingService>,
+    db: Option<relay_db::Db>,
 }
 
 async fn build_local(cfg: &Config) -> anyhow::Result<Local> {
+    // Auth (keys) and billing (usage) share one database and one migration timeline.
+    let db = match cfg.runs("auth") || cfg.runs("billing") {
+        true => {
+            let db = relay_db::Db::connect(&cfg.database.url).await.context("connecting to the database")?;
+            if cfg.database.migrate_on_start {
+                db.migrate().await.context("applying migrations")?;
+            }
+            Some(db)
+        }
+        false => None,
+    };
+    let keys = db.clone().filter(|_| cfg.runs("auth")).map(relay_auth::store::KeyStore::new);
     let auth: Option<Arc<dyn Authenticator>> = match cfg.runs("auth") {
-        true => Some(Arc::new(relay_auth::AuthService::new(&cfg.auth)?)),
+        true => Some(Arc::new(relay_auth::AuthService::new(&cfg.auth, keys.clone())?)),
         false => None,
     };
     let router: Option<Arc<dyn Router>> = cfg
@@ -43,17 +58,38 @@ async fn build_local(cfg: &Config) -> anyhow::Result<Local> {
         true => Some(Arc::new(relay_adapter::AdapterService::new(&cfg.adapter)?)),
         false => None,
     };
-    let billing = match cfg.runs("billing") {
-        true => {
-            let db = relay_db::Db::connect(&cfg.database.url).await.context("connecting to the database")?;
-            if cfg.database.migrate_on_start {
-                db.migrate().await.context("applying migrations")?;
-            }
-            Some((relay_billing::BillingService::new(relay_billing::UsageStore::new(db.clone())), db))
-        }
-        false => None,
-    };
-    Ok(Local { auth, router, adapter, billing })
+    let billing = db
+        .clone()
+        .filter(|_| cfg.runs("billing"))
+        .map(|db| relay_billing::BillingService::new(relay_billing::UsageStore::new(db)));
+    Ok(Local { auth, keys, router, adapter, billing, db })
+}
+
+async fn limiter(cfg: &relay_limits::LimitsConfig) -> anyhow::Result<Arc<dyn Limiter>> {
+    Ok(match &cfg.redis_url {
+        Some(url) => Arc::new(
+            relay_limits::RedisLimiter::connect(url, &cfg.key_prefix, cfg.on_redis_error)
+                .await
+                .context("connecting to Redis")?,
+        ),
+        None => Arc::new(relay_limits::MemoryLimiter::new()),
+    })
+}
+
+/// Admin-API invalidations go out on the bus (edges in this process hear them there too).
+struct BusInvalidate(relay_events::InvalidationBus);
+
+impl relay_auth::admin::Invalidate for BusInvalidate {
+    fn invalidate(&self, level: relay_auth::store::Level, id: &str) {
+        let kind = match level {
+            relay_auth::store::Level::Org => "org",
+            relay_auth::store::Level::Team => "team",
+            relay_auth::store::Level::Key => "key",
+        };
+        let bus = self.0.clone();
+        let target = format!("{kind}:{id}");
+        tokio::spawn(async move { bus.publish(target).await });
+    }
 }
 
 fn remote<T: ?Sized>(
@@ -77,12 +113,15 @@ pub async fn run(
     let local = build_local(&cfg).await?;
     let readiness = Readiness::default();
 
-    // The bus: JetStream when configured, else an in-process channel between edge and billing.
+    // The bus: JetStream when configured, else an in-process channel between edge and billing. Access
+    // invalidations ride NATS core pub/sub, or a broadcast channel in process.
+    let mut invalidations = relay_events::InvalidationBus::local();
     let (sink, source): (Option<Arc<dyn UsageSink>>, Option<UsageSource>) = match &cfg.bus.nats_url {
         Some(url) => {
             let js = relay_events::connect_jetstream(url, &cfg.bus.jetstream)
                 .await
                 .context("connecting to NATS")?;
+            invalidations = relay_events::InvalidationBus::nats(js.client(), &cfg.bus.invalidation_subject);
             let sink = cfg.runs("edge").then(|| {
                 Arc::new(relay_events::NatsSink::new(js.clone(), &cfg.bus.jetstream)) as Arc<dyn UsageSink>
             });
@@ -129,9 +168,19 @@ pub async fn run(
                 Ok(Arc::new(GrpcAdapter::new(channel(a)?)) as _)
             })?,
             usage: sink.clone().context("edge without a usage sink")?,
+            limiter: limiter(&cfg.limits).await?,
         };
         let edge = relay_edge::Edge::new(cfg.edge.clone(), services);
-        let app = relay_edge::router(edge.clone());
+        let mut announcements =
+            invalidations.subscribe().await.context("subscribing to key invalidations")?;
+        let listener_edge = edge.clone();
+        tokio::spawn(async move {
+            while let Some(target) = announcements.next().await {
+                listener_edge.invalidate(&target);
+            }
+        });
+        let app =
+            relay_edge::router(edge.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
         let stop = shutdown.clone();
         servers.push(tokio::spawn(async move {
             axum::serve(listener, app)
@@ -143,7 +192,7 @@ pub async fn run(
     }
     if let Some(listener) = grpc {
         let mut builder = tonic::transport::Server::builder().trace_fn(relay_proto::trace::server_span);
-        let billing: Option<Arc<dyn Billing>> = local.billing.as_ref().map(|(b, _)| Arc::new(b.clone()) as _);
+        let billing: Option<Arc<dyn Billing>> = local.billing.as_ref().map(|b| Arc::new(b.clone()) as _);
         let routes = builder
             .add_optional_service(local.auth.clone().map(relay_proto::servers::auth))
             .add_optional_service(local.router.clone().map(relay_proto::servers::routing))
@@ -160,7 +209,15 @@ pub async fn run(
         }));
     }
     let admin_stop = CancellationToken::new();
-    let admin_app = relay_runtime::admin::router(readiness.clone());
+    let mut admin_app = relay_runtime::admin::router(readiness.clone());
+    if let Some(keys) = local.keys.clone() {
+        let invalidate = Arc::new(BusInvalidate(invalidations.clone()));
+        if let Some(api) =
+            relay_auth::admin::router(keys, cfg.auth.admin_token.clone(), cfg.auth.pepper.clone(), invalidate)
+        {
+            admin_app = admin_app.merge(api);
+        }
+    }
     let admin_task = {
         let stop = admin_stop.clone();
         tokio::spawn(async move {
@@ -170,7 +227,7 @@ pub async fn run(
 
     let consumer_stop = CancellationToken::new();
     let consumer = match (source, &local.billing) {
-        (Some(source), Some((billing, _))) => {
+        (Some(source), Some(billing)) => {
             let recorder = billing.recorder();
             let stop = consumer_stop.clone();
             Some(tokio::spawn(async move { source.run(recorder, stop).await }))
@@ -210,7 +267,7 @@ pub async fn run(
     if let Some(c) = consumer {
         let _ = c.await;
     }
-    if let Some((_, db)) = &local.billing {
+    if let Some(db) = &local.db {
         db.close().await;
     }
     admin_stop.cancel();

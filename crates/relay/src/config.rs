@@ -20,6 +20,7 @@ pub struct Config {
     pub auth: relay_auth::AuthConfig,
     pub routing: relay_routing::RoutingConfig,
     pub adapter: relay_adapter::AdapterConfig,
+    pub limits: relay_limits::LimitsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -73,12 +74,24 @@ impl Default for DatabaseConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BusConfig {
     /// NATS server with JetStream. Unset: the in-process bus (edge and billing must then share a process).
     pub nats_url: Option<String>,
     pub jetstream: relay_events::NatsConfig,
+    /// NATS subject of key / team / org invalidations.
+    pub invalidation_subject: String,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        Self {
+            nats_url: None,
+            jetstream: relay_events::NatsConfig::default(),
+            invalidation_subject: relay_events::INVALIDATION_SUBJECT.into(),
+        }
+    }
 }
 
 impl Config {
@@ -95,6 +108,7 @@ impl Config {
             auth: src.section("auth", &mut errors),
             routing: src.section("routing", &mut errors),
             adapter: src.section("adapter", &mut errors),
+            limits: src.section("limits", &mut errors),
         };
         src.finish(&mut errors);
         // Meaning is checked even when a section failed to parse, so one run lists every problem.

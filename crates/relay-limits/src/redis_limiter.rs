@@ -1,0 +1,201 @@
+//! Limits shared by every replica through Redis: one atomic Lua script checks every scope and, only if all
+//! pass, takes the request, the tokens, a concurrency slot and the budget reservation. Settlement is a
+//! second script, run after the answer. When Redis fails, the configured policy decides.
+
+use redis::aio::ConnectionManager;
+use relay_core::contracts::{Admission, Denial, Limiter, RateHeaders};
+use relay_core::{ErrorCode, RelayError};
+
+use crate::{
+    MemoryLimiter, OnRedisError, Refusal, Rules, SLOT_TTL_MS, active, denial, headers, i64_of, minute,
+    period_key, scope_name,
+};
+
+/// KEYS per scope: requests window, tokens window, slots, reserved money, spent money (this period).
+/// ARGV: now_ms, request_id, tokens, cost, slot_ttl_ms, then per scope: rpm, tpm, concurrent, budget.
+/// Returns {0, requests, tokens} (the first scope's counts after admission) or {refusal, scope, requests, tokens}.
+const ADMIT: &str = r#"
+local now, rid, tokens, cost, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local n = (#ARGV - 5) / 4
+local first_req, first_tok = 0, 0
+for i = 0, n - 1 do
+  local rpm, tpm, conc, budget = tonumber(ARGV[6+i*4]), tonumber(ARGV[7+i*4]), tonumber(ARGV[8+i*4]), tonumber(ARGV[9+i*4])
+  local k = i * 5
+  local req = tonumber(redis.call('GET', KEYS[k+1]) or '0')
+  local tok = tonumber(redis.call('GET', KEYS[k+2]) or '0')
+  if i == 0 then first_req, first_tok = req, tok end
+  if rpm > 0 and req + 1 > rpm then return {1, i, req, tok} end
+  if tpm > 0 and tok + tokens > tpm then return {2, i, req, tok} end
+  if conc > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[k+3], '-inf', now - ttl)
+    if redis.call('ZCARD', KEYS[k+3]) + 1 > conc then return {3, i, req, tok} end
+  end
+  if budget > 0 then
+    local committed = tonumber(redis.call('GET', KEYS[k+4]) or '0') + tonumber(redis.call('GET', KEYS[k+5]) or '0')
+    if committed + cost > budget then return {4, i, req, tok} end
+  end
+end
+for i = 0, n - 1 do
+  local rpm, tpm, conc, budget = tonumber(ARGV[6+i*4]), tonumber(ARGV[7+i*4]), tonumber(ARGV[8+i*4]), tonumber(ARGV[9+i*4])
+  local k = i * 5
+  local req = redis.call('INCR', KEYS[k+1]); redis.call('PEXPIRE', KEYS[k+1], 120000)
+  local tok = redis.call('INCRBY', KEYS[k+2], tokens); redis.call('PEXPIRE', KEYS[k+2], 120000)
+  if i == 0 then first_req, first_tok = req, tok end
+  if conc > 0 then redis.call('ZADD', KEYS[k+3], now, rid); redis.call('PEXPIRE', KEYS[k+3], ttl) end
+  if budget > 0 then redis.call('INCRBY', KEYS[k+4], cost); redis.call('PEXPIRE', KEYS[k+4], 900000) end
+end
+return {0, first_req, first_tok}
+"#;
+
+/// KEYS as ADMIT. ARGV: request_id, reserved tokens, used tokens, reserved cost, real cost, spent ttl ms,
+/// then per scope: budget (0 = none).
+const SETTLE: &str = r#"
+local rid, reserved, used, rcost, cost, spent_ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local n = (#ARGV - 6)
+for i = 0, n - 1 do
+  local k = i * 5
+  if redis.call('EXISTS', KEYS[k+2]) == 1 then redis.call('INCRBY', KEYS[k+2], used - reserved) end
+  redis.call('ZREM', KEYS[k+3], rid)
+  if tonumber(ARGV[7+i]) > 0 then
+    local left = redis.call('DECRBY', KEYS[k+4], rcost)
+    if left < 0 then redis.call('SET', KEYS[k+4], 0) end
+    redis.call('INCRBY', KEYS[k+5], cost)
+    if spent_ttl > 0 then redis.call('PEXPIRE', KEYS[k+5], spent_ttl) end
+  end
+end
+return 0
+"#;
+
+pub struct RedisLimiter {
+    conn: ConnectionManager,
+    prefix: String,
+    on_error: OnRedisError,
+    fallback: MemoryLimiter,
+    admit: redis::Script,
+    settle: redis::Script,
+}
+
+impl RedisLimiter {
+    pub async fn connect(url: &str, prefix: &str, on_error: OnRedisError) -> anyhow::Result<Self> {
+        let client = redis::Client::open(url)?;
+        let conn = client.get_connection_manager().await?;
+        Ok(Self {
+            conn,
+            prefix: prefix.to_owned(),
+            on_error,
+            fallback: MemoryLimiter::new(),
+            admit: redis::Script::new(ADMIT),
+            settle: redis::Script::new(SETTLE),
+        })
+    }
+
+    fn keys(&self, name: &str, r: &Rules, at_ms: i64) -> [String; 5] {
+        let (p, m) = (&self.prefix, minute(at_ms));
+        // One hash tag per scope keeps a scope's keys in one Redis Cluster slot.
+        [
+            format!("{p}:rl:{{{name}}}:req:{m}"),
+            format!("{p}:rl:{{{name}}}:tok:{m}"),
+            format!("{p}:rl:{{{name}}}:slots"),
+            format!("{p}:bg:{{{name}}}:reserved"),
+            format!("{p}:bg:{{{name}}}:spent:{}", period_key(r.period, at_ms)),
+        ]
+    }
+
+    fn redis_failed(&self, e: &redis::RedisError) {
+        metrics::counter!("relay_limits_redis_errors_total").increment(1);
+        tracing::warn!(error = %e, policy = ?self.on_error, "rate-limit store unreachable");
+    }
+}
+
+fn spent_ttl_ms(r: &Rules) -> i64 {
+    use relay_core::pb::auth::v1::BudgetPeriod;
+    match r.period {
+        BudgetPeriod::Daily => 2 * 86_400_000,
+        BudgetPeriod::Monthly => 40 * 86_400_000,
+        BudgetPeriod::Total | BudgetPeriod::Unspecified => 0,
+    }
+}
+
+#[async_trait::async_trait]
+impl Limiter for RedisLimiter {
+    async fn admit(&self, a: &Admission) -> Result<RateHeaders, Denial> {
+        let scopes = active(a);
+        if scopes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut inv = self.admit.prepare_invoke();
+        for (s, r) in &scopes {
+            for k in self.keys(&scope_name(s), r, a.at_ms) {
+                inv.key(k);
+            }
+        }
+        inv.arg(a.at_ms).arg(&a.request_id).arg(i64_of(a.tokens)).arg(a.cost_micros).arg(SLOT_TTL_MS);
+        for (_, r) in &scopes {
+            inv.arg(r.rpm).arg(r.tpm).arg(r.concurrent).arg(r.budget);
+        }
+        let mut conn = self.conn.clone();
+        let out: Vec<i64> = match inv.invoke_async(&mut conn).await {
+            Ok(v) => v,
+            Err(e) => {
+                self.redis_failed(&e);
+                return match self.on_error {
+                    OnRedisError::FailOpen => self.fallback.admit(a).await,
+                    OnRedisError::FailClosed => Err(Denial {
+                        error: RelayError::new(
+                            ErrorCode::Unavailable,
+                            "Rate limiting is unavailable; try again shortly.",
+                        ),
+                        headers: Vec::new(),
+                    }),
+                };
+            }
+        };
+        let first = &scopes[0].1;
+        match out.as_slice() {
+            [0, req, tok] => Ok(headers(first, *req, *tok, a.at_ms)),
+            [why, i, req, tok] => {
+                let why = match why {
+                    1 => Refusal::Requests,
+                    2 => Refusal::Tokens,
+                    3 => Refusal::Concurrency,
+                    _ => Refusal::Budget,
+                };
+                let (scope, rules) = scopes[usize::try_from(*i).unwrap_or(0).min(scopes.len() - 1)];
+                Err(denial(scope, why, a.at_ms, headers(&rules, *req, *tok, a.at_ms)))
+            }
+            other => {
+                tracing::error!(?other, "unexpected answer from the admission script");
+                Err(Denial { error: RelayError::internal("rate limiting failed"), headers: Vec::new() })
+            }
+        }
+    }
+
+    async fn settle(&self, a: &Admission, tokens: u64, cost_micros: i64) {
+        let scopes = active(a);
+        if scopes.is_empty() {
+            return;
+        }
+        let mut inv = self.settle.prepare_invoke();
+        for (s, r) in &scopes {
+            for k in self.keys(&scope_name(s), r, a.at_ms) {
+                inv.key(k);
+            }
+        }
+        let ttl = scopes.iter().map(|(_, r)| spent_ttl_ms(r)).max().unwrap_or(0);
+        inv.arg(&a.request_id)
+            .arg(i64_of(a.tokens))
+            .arg(i64_of(tokens))
+            .arg(a.cost_micros)
+            .arg(cost_micros)
+            .arg(ttl);
+        for (_, r) in &scopes {
+            inv.arg(r.budget);
+        }
+        let mut conn = self.conn.clone();
+        if let Err(e) = inv.invoke_async::<i64>(&mut conn).await {
+            self.redis_failed(&e);
+            // The fallback only knows what it admitted itself; settling there keeps it consistent.
+            self.fallback.settle(a, tokens, cost_micros).await;
+        }
+    }
+}
