@@ -45,7 +45,6 @@ const SUMMARY: &str = "SELECT COUNT(*) AS requests, \
     CAST(COALESCE(SUM(reasoning_tokens), 0) AS BIGINT) AS reasoning \
     FROM usage_records WHERE key_id = $1 AND started_at_ms >= $2 AND started_at_ms < $3";
 
-
 fn outcome_label(o: i32) -> &'static str {
     match Outcome::try_from(o).unwrap_or(Outcome::Unspecified) {
         Outcome::Success => "success",
@@ -132,9 +131,10 @@ impl UsageStore {
             Db::Postgres(p) => {
                 bind_insert!(sqlx::query(INSERT), e, u, now, &blob).execute(p).await?.rows_affected()
             }
-            Db::Sqlite(p) => {
-                bind_insert!(sqlx::query(relay_db::sqlite_sql(INSERT)), e, u, now, &blob).execute(p).await?.rows_affected()
-            }
+            Db::Sqlite(p) => bind_insert!(sqlx::query(relay_db::sqlite_sql(INSERT)), e, u, now, &blob)
+                .execute(p)
+                .await?
+                .rows_affected(),
         };
         Ok(if rows == 1 { RecordOutcome::Inserted } else { RecordOutcome::Duplicate })
     }
@@ -169,8 +169,12 @@ impl UsageStore {
                 columns(&r)?
             }
             Db::Sqlite(p) => {
-                let r =
-                    sqlx::query(relay_db::sqlite_sql(SUMMARY)).bind(key_id).bind(from_ms).bind(to_ms).fetch_one(p).await?;
+                let r = sqlx::query(relay_db::sqlite_sql(SUMMARY))
+                    .bind(key_id)
+                    .bind(from_ms)
+                    .bind(to_ms)
+                    .fetch_one(p)
+                    .await?;
                 columns(&r)?
             }
         };

@@ -16,6 +16,7 @@ usage: relay <command> [options]
 
 commands:
   serve      run services (all five in one process unless --services says otherwise)
+  orgs, teams, keys   manage virtual keys through the admin API (see below)
   migrate    apply database migrations and exit
   hash-key   read an API key on stdin, print its hash for [[auth.keys]] (uses auth.pepper)
   check      validate the config and exit
@@ -24,30 +25,39 @@ options:
   --config <file>        TOML config (default: $RELAY_CONFIG, else built-in defaults)
   --services <a,b,...>   services to run: edge, auth, routing, adapter, billing
 
-Any setting can be overridden as RELAY__<SECTION>__<KEY>, e.g. RELAY__SERVER__HTTP_LISTEN=0.0.0.0:8080.";
+Any setting can be overridden as RELAY__<SECTION>__<KEY>, e.g. RELAY__SERVER__HTTP_LISTEN=0.0.0.0:8080.
+
+admin commands:
+";
 
 struct Args {
     command: String,
     config: Option<PathBuf>,
     services: Option<Vec<String>>,
+    admin_url: Option<String>,
+    /// Everything else, for the admin commands.
+    rest: Vec<String>,
 }
 
 fn parse_args(args: &[String]) -> Result<Args, String> {
     let mut it = args.iter();
     let command = it.next().cloned().ok_or("missing command")?;
-    let (mut config, mut services) = (None, None);
+    let (mut config, mut services, mut admin_url, mut rest) = (None, None, None, Vec::new());
+    let admin = matches!(command.as_str(), "orgs" | "teams" | "keys");
     while let Some(a) = it.next() {
         match a.as_str() {
             "--config" => config = Some(PathBuf::from(it.next().ok_or("--config needs a file")?)),
+            "--admin-url" if admin => admin_url = Some(it.next().ok_or("--admin-url needs a URL")?.clone()),
             "--services" => {
                 let v = it.next().ok_or("--services needs a list")?;
                 services =
                     Some(v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect());
             }
+            other if admin => rest.push(other.to_owned()),
             other => return Err(format!("unknown argument `{other}`")),
         }
     }
-    Ok(Args { command, config, services })
+    Ok(Args { command, config, services, admin_url, rest })
 }
 
 /// Runs the CLI and returns the process exit code.
@@ -55,7 +65,7 @@ pub fn main_with(args: Vec<String>, env: HashMap<String, String>) -> i32 {
     let args = match parse_args(&args) {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("relay: {e}\n\n{USAGE}");
+            eprintln!("relay: {e}\n\n{USAGE}{}", crate::admin_cli::USAGE);
             return EXIT_CONFIG;
         }
     };
@@ -73,6 +83,9 @@ pub fn main_with(args: Vec<String>, env: HashMap<String, String>) -> i32 {
         }
     };
     match args.command.as_str() {
+        kind @ ("orgs" | "teams" | "keys") => {
+            crate::admin_cli::run(kind, &args.rest, &cfg, &env, args.admin_url)
+        }
         "check" => {
             println!("config ok: services {}", cfg.server.services.join(","));
             0
@@ -94,7 +107,7 @@ pub fn main_with(args: Vec<String>, env: HashMap<String, String>) -> i32 {
         }),
         "serve" => runtime_main(|| serve(cfg)),
         other => {
-            eprintln!("relay: unknown command `{other}`\n\n{USAGE}");
+            eprintln!("relay: unknown command `{other}`\n\n{USAGE}{}", crate::admin_cli::USAGE);
             EXIT_CONFIG
         }
     }

@@ -2,6 +2,7 @@
 //! wired in process); `relay migrate` applies database migrations; `relay hash-key` hashes an API key for
 //! the config. This is the only crate that depends on every service crate.
 
+pub mod admin_cli;
 pub mod app;
 pub mod cli;
 pub mod config;

@@ -1,0 +1,123 @@
+//! The Redis limiter against a real Redis (REDIS_URL): two limiter instances stand for two replicas and
+//! must share every limit exactly, under concurrency.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+
+use relay_core::ErrorCode;
+use relay_core::contracts::{Admission, Limiter};
+use relay_core::pb::auth::v1::{Budget, BudgetPeriod, Limits, Scope, ScopeKind};
+use relay_core::pb::common::v1::Money;
+use relay_limits::{OnRedisError, RedisLimiter};
+
+fn scope(id: &str, rpm: u32, tpm: u64, conc: u32, budget: i64) -> Scope {
+    Scope {
+        kind: ScopeKind::Key as i32,
+        id: id.into(),
+        limits: Some(Limits { requests_per_minute: rpm, tokens_per_minute: tpm, max_concurrent: conc }),
+        budget: Some(Budget {
+            limit: Some(Money { micros: budget, currency: "USD".into() }),
+            period: BudgetPeriod::Daily as i32,
+        }),
+    }
+}
+
+fn adm(i: usize, s: &Scope, tokens: u64, cost: i64, at_ms: i64) -> Admission {
+    Admission { request_id: format!("r{i}"), at_ms, scopes: vec![s.clone()], tokens, cost_micros: cost }
+}
+
+async fn replicas() -> Option<(Arc<RedisLimiter>, Arc<RedisLimiter>)> {
+    let url = relay_test_support::env_service("REDIS_URL")?;
+    let prefix = format!("t{}", uuid::Uuid::now_v7().simple());
+    let a = RedisLimiter::connect(&url, &prefix, OnRedisError::FailClosed).await.unwrap();
+    let b = RedisLimiter::connect(&url, &prefix, OnRedisError::FailClosed).await.unwrap();
+    Some((Arc::new(a), Arc::new(b)))
+}
+
+/// Admits `n` concurrent requests spread over both replicas; returns how many got in.
+async fn race(
+    a: &Arc<RedisLimiter>,
+    b: &Arc<RedisLimiter>,
+    s: &Scope,
+    n: usize,
+    tokens: u64,
+    cost: i64,
+    at_ms: i64,
+) -> usize {
+    admitted(a, b, s, n, (tokens, cost), at_ms).await.len()
+}
+
+/// Which of `n` concurrent requests got in.
+async fn admitted(
+    a: &Arc<RedisLimiter>,
+    b: &Arc<RedisLimiter>,
+    s: &Scope,
+    n: usize,
+    (tokens, cost): (u64, i64),
+    at_ms: i64,
+) -> Vec<usize> {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let l = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let s = s.clone();
+            tokio::spawn(async move { l.admit(&adm(i, &s, tokens, cost, at_ms)).await.is_ok() })
+        })
+        .collect();
+    let mut ins = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        if t.await.unwrap() {
+            ins.push(i);
+        }
+    }
+    ins
+}
+
+const NOW: i64 = 1_900_000_000_000;
+
+#[tokio::test]
+async fn requests_per_minute_are_shared_by_replicas() {
+    let Some((a, b)) = replicas().await else { return };
+    let s = scope("rpm", 25, 0, 0, 0);
+    assert_eq!(race(&a, &b, &s, 100, 1, 0, NOW).await, 25);
+    // Next minute window: a fresh allowance.
+    assert_eq!(race(&a, &b, &s, 10, 1, 0, NOW + 60_000).await, 10);
+}
+
+#[tokio::test]
+async fn tokens_per_minute_hold_reservations_and_settle_to_real_use() {
+    let Some((a, b)) = replicas().await else { return };
+    let s = scope("tpm", 0, 1000, 0, 0);
+    assert_eq!(race(&a, &b, &s, 50, 100, 0, NOW).await, 10, "10 × 100 reserved tokens fill 1000");
+    // Settle all ten at 30 real tokens: 700 tokens come back.
+    for i in 0..10 {
+        a.settle(&adm(i, &s, 100, 0, NOW), 30, 0).await;
+    }
+    assert_eq!(race(&a, &b, &s, 50, 100, 0, NOW).await, 7);
+}
+
+#[tokio::test]
+async fn concurrency_slots_are_held_until_settled() {
+    let Some((a, b)) = replicas().await else { return };
+    let s = scope("conc", 0, 0, 4, 0);
+    assert_eq!(race(&a, &b, &s, 20, 0, 0, NOW).await, 4);
+    b.settle(&adm(0, &s, 0, 0, NOW), 0, 0).await;
+    let e = a.admit(&adm(99, &s, 0, 0, NOW)).await;
+    assert!(e.is_ok(), "a released slot is free again");
+    assert_eq!(a.admit(&adm(100, &s, 0, 0, NOW)).await.unwrap_err().error.code, ErrorCode::RateLimited);
+}
+
+#[tokio::test]
+async fn budgets_never_overspend_across_replicas() {
+    let Some((a, b)) = replicas().await else { return };
+    let s = scope("budget", 0, 0, 0, 10_000);
+    // Reservations of 1000 each: at most 10 admitted at once.
+    let ins = admitted(&a, &b, &s, 40, (0, 1000), NOW).await;
+    assert_eq!(ins.len(), 10);
+    let refusal = a.admit(&adm(500, &s, 0, 1000, NOW)).await.unwrap_err();
+    assert_eq!(refusal.error.code, ErrorCode::InsufficientQuota);
+    // Real cost 400 each: 6000 released, 4000 spent.
+    for i in ins {
+        a.settle(&adm(i, &s, 0, 1000, NOW), 0, 400).await;
+    }
+    assert_eq!(race(&a, &b, &s, 40, 0, 1000, NOW).await, 6);
+}
