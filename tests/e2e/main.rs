@@ -7,6 +7,7 @@ mod collector;
 mod distributed;
 mod embedded;
 mod harness;
+mod limits;
 mod scenario;
 
 use relay_test_support::MockOpenAi;

@@ -30,8 +30,8 @@ impl RecordOutcome {
 const INSERT: &str = "INSERT INTO usage_records (request_id, schema_version, key_id, team_id, org_id, end_user, \
     model, deployment_id, provider, upstream_model, protocol, stream, input_tokens, output_tokens, \
     cached_input_tokens, cache_write_tokens, reasoning_tokens, outcome, error_code, http_status, started_at_ms, \
-    duration_ms, ttfb_ms, attempts, recorded_at_ms, event) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
-    $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26) ON CONFLICT (request_id) DO NOTHING";
+    duration_ms, ttfb_ms, attempts, recorded_at_ms, event, cost_micros, currency) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, \
+    $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28) ON CONFLICT (request_id) DO NOTHING";
 
 const GET: &str = "SELECT event FROM usage_records WHERE request_id = $1";
 
@@ -101,6 +101,8 @@ macro_rules! bind_insert {
             .bind(i64::from($e.attempts))
             .bind($now)
             .bind($blob)
+            .bind($e.cost.as_ref().map_or(0, |c| c.micros))
+            .bind($e.cost.as_ref().map_or("USD", |c| c.currency.as_str()))
     };
 }
 
