@@ -9,7 +9,7 @@ mod cache;
 mod chat;
 mod dispatch;
 mod error;
-mod principal;
+pub mod principal;
 mod request;
 mod routes;
 mod usage;
@@ -20,6 +20,7 @@ use relay_core::contracts::Services;
 use serde::Deserialize;
 use tokio_util::task::TaskTracker;
 
+pub use principal::PrincipalCache;
 pub use routes::router;
 
 /// `[edge]` config section.
