@@ -216,7 +216,12 @@ async fn set(a: &Admin, level: Level, id: &str, action: &str) -> Answer {
     if action != "enable" {
         a.invalidate.invalidate(level, id);
     }
-    ok(StatusCode::OK, json!({"id": id, "status": action}))
+    let status = match action {
+        "revoke" => "revoked",
+        "disable" => "disabled",
+        _ => "enabled",
+    };
+    ok(StatusCode::OK, json!({"id": id, "status": status}))
 }
 
 async fn set_org(State(a): State<Admin>, h: HeaderMap, Path((id, action)): Path<(String, String)>) -> Answer {

@@ -62,6 +62,10 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
 
 /// Runs the CLI and returns the process exit code.
 pub fn main_with(args: Vec<String>, env: HashMap<String, String>) -> i32 {
+    if args.is_empty() || matches!(args[0].as_str(), "help" | "--help" | "-h") {
+        println!("{USAGE}{}", crate::admin_cli::USAGE);
+        return 0;
+    }
     let args = match parse_args(&args) {
         Ok(a) => a,
         Err(e) => {
