@@ -8,7 +8,7 @@ use serde_json::{Map, Value, json};
 
 use crate::config::Config;
 
-pub const USAGE: &str = "\
+pub const USAGE: &str = "  \
   orgs  create --name N [--id I] [limits]    orgs  list | show ID | disable ID | enable ID
   teams create --org O --name N [--id I] [limits]    teams list --org O | show ID | disable ID | enable ID
   keys  create --team T [--name N] [--models a,b] [--ips 10.0.0.0/8,...] [--expires-at-ms MS] [limits]
