@@ -71,6 +71,18 @@ impl Http {
         if resp.status().is_success() { Ok(resp) } else { Err(upstream_error(&self.name, resp).await) }
     }
 
+    /// POSTs and reads a whole JSON answer (token counts, embeddings).
+    pub async fn post_json(
+        &self,
+        url: &str,
+        request_id: &str,
+        extra: HeaderMap,
+        body: Vec<u8>,
+    ) -> Result<serde_json::Value, RelayError> {
+        let resp = self.post(url, request_id, extra, body).await?;
+        serde_json::from_slice(&self.body(resp).await?).map_err(|_| self.invalid_answer())
+    }
+
     pub async fn body(&self, resp: reqwest::Response) -> Result<bytes::Bytes, RelayError> {
         resp.bytes().await.map_err(|e| transport_error(&self.name, &e))
     }

@@ -173,46 +173,14 @@ async fn lifecycle(e: Env) {
 /// Every text and blob column of the key tables, for a secret search.
 async fn dump(db: &Db) -> String {
     use sqlx::Row;
-    let sql = "SELECT id, name, allowed_models, ip_allowlist, metadata, secret_hash FROM api_keys";
+    let sql = "SELECT id || name || allowed_models || ip_allowlist || metadata, secret_hash FROM api_keys";
     let rows: Vec<(String, Vec<u8>)> = match db {
-        Db::Postgres(p) => sqlx::query(sql)
-            .fetch_all(p)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| {
-                (
-                    format!(
-                        "{}{}{}{}{}",
-                        r.get::<String, _>(0),
-                        r.get::<String, _>(1),
-                        r.get::<String, _>(2),
-                        r.get::<String, _>(3),
-                        r.get::<String, _>(4)
-                    ),
-                    r.get(5),
-                )
-            })
-            .collect(),
-        Db::Sqlite(p) => sqlx::query(sql)
-            .fetch_all(p)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| {
-                (
-                    format!(
-                        "{}{}{}{}{}",
-                        r.get::<String, _>(0),
-                        r.get::<String, _>(1),
-                        r.get::<String, _>(2),
-                        r.get::<String, _>(3),
-                        r.get::<String, _>(4)
-                    ),
-                    r.get(5),
-                )
-            })
-            .collect(),
+        Db::Postgres(p) => {
+            sqlx::query(sql).fetch_all(p).await.unwrap().iter().map(|r| (r.get(0), r.get(1))).collect()
+        }
+        Db::Sqlite(p) => {
+            sqlx::query(sql).fetch_all(p).await.unwrap().iter().map(|r| (r.get(0), r.get(1))).collect()
+        }
     };
     rows.iter().map(|(t, b)| format!("{t}{}", String::from_utf8_lossy(b))).collect()
 }

@@ -144,8 +144,7 @@ impl Dialect for Anthropic {
             b.to_string().into_bytes()
         };
         let url = format!("{}/v1/messages/count_tokens", self.base_url);
-        let resp = http.post(&url, &req.request_id, self.headers(&req.passthrough_headers), body).await?;
-        let v: Value = serde_json::from_slice(&http.body(resp).await?).map_err(|_| http.invalid_answer())?;
+        let v = http.post_json(&url, &req.request_id, self.headers(&req.passthrough_headers), body).await?;
         let input_tokens = v["input_tokens"].as_u64().ok_or_else(|| http.invalid_answer())?;
         Ok(CountTokensResponse { input_tokens, exact: true })
     }

@@ -94,10 +94,9 @@ impl Dialect for Gemini {
             .map(|t| json!({"model": format!("models/{model}"), "content": {"parts": [{"text": t}]}}))
             .collect();
         let payload = json!({"requests": requests}).to_string().into_bytes();
-        let resp = http
-            .post(&self.url(&model, "batchEmbedContents"), &req.request_id, HeaderMap::new(), payload)
+        let v = http
+            .post_json(&self.url(&model, "batchEmbedContents"), &req.request_id, HeaderMap::new(), payload)
             .await?;
-        let v: Value = serde_json::from_slice(&http.body(resp).await?).map_err(|_| http.invalid_answer())?;
         let base64 = body["encoding_format"].as_str() == Some("base64");
         let data: Vec<Value> = v["embeddings"]
             .as_array()
@@ -134,9 +133,9 @@ impl Dialect for Gemini {
     ) -> Result<CountTokensResponse> {
         let model = upstream_model(req.deployment.as_ref());
         let payload = json!({"contents": build(ir)["contents"]}).to_string().into_bytes();
-        let resp =
-            http.post(&self.url(&model, "countTokens"), &req.request_id, HeaderMap::new(), payload).await?;
-        let v: Value = serde_json::from_slice(&http.body(resp).await?).map_err(|_| http.invalid_answer())?;
+        let v = http
+            .post_json(&self.url(&model, "countTokens"), &req.request_id, HeaderMap::new(), payload)
+            .await?;
         let n = v["totalTokens"].as_u64().ok_or_else(|| http.invalid_answer())?;
         Ok(CountTokensResponse { input_tokens: n, exact: true })
     }
