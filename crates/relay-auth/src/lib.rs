@@ -151,12 +151,6 @@ fn unauthenticated(msg: &str) -> RelayError {
     RelayError::new(ErrorCode::Unauthenticated, msg)
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 fn period(p: &str) -> BudgetPeriod {
     match p {
         "daily" => BudgetPeriod::Daily,
@@ -199,7 +193,7 @@ impl AuthService {
         if !(k.key.enabled && k.team.enabled && k.org.enabled) {
             return Err(unauthenticated("This API key has been disabled."));
         }
-        let now = now_ms();
+        let now = relay_core::ids::now_ms();
         if k.key.expires_at_ms != 0 && k.key.expires_at_ms <= now {
             return Err(unauthenticated("This API key has expired."));
         }
@@ -263,7 +257,7 @@ impl AuthService {
         if !entry.enabled {
             return Err(unauthenticated("This API key has been disabled."));
         }
-        let now = now_ms() / 1000;
+        let now = relay_core::ids::now_ms() / 1000;
         let p = &entry.principal;
         if p.expires_at != 0 && p.expires_at <= now {
             return Err(unauthenticated("This API key has expired."));

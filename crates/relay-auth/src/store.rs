@@ -156,12 +156,6 @@ where
     }
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 /// New org / team / key fields, as the admin API takes them.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -227,7 +221,7 @@ impl KeyStore {
                 p.budget_micros,
                 &p.budget_period,
                 &meta,
-                now_ms()
+                relay_core::ids::now_ms()
             ],
             execute,
             |_| ()
@@ -257,7 +251,7 @@ impl KeyStore {
                 p.budget_micros,
                 &p.budget_period,
                 &meta,
-                now_ms()
+                relay_core::ids::now_ms()
             ],
             execute,
             |_| ()
@@ -299,7 +293,7 @@ impl KeyStore {
                 p.budget_micros,
                 &p.budget_period,
                 &meta,
-                now_ms()
+                relay_core::ids::now_ms()
             ],
             execute,
             |_| ()
@@ -375,7 +369,7 @@ impl KeyStore {
     pub async fn revoke_key(&self, id: &str) -> anyhow::Result<bool> {
         const SQL: &str =
             "UPDATE api_keys SET revoked_at_ms = $1, enabled = FALSE WHERE id = $2 AND revoked_at_ms = 0";
-        let n = db_query!(&self.db, SQL, [now_ms(), id], execute, sqlx_rows);
+        let n = db_query!(&self.db, SQL, [relay_core::ids::now_ms(), id], execute, sqlx_rows);
         Ok(n == 1 || self.key(id).await?.is_some())
     }
 

@@ -1,4 +1,11 @@
-//! Request ids: UUIDv7 (time-ordered) unless the client supplied a usable `x-request-id`.
+//! Request ids (UUIDv7 unless the client supplied a usable `x-request-id`) and the clock: UTC unix time.
+
+/// Now, as UTC unix milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
 
 /// A fresh time-ordered id.
 pub fn new_request_id() -> String {

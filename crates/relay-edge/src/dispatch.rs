@@ -108,17 +108,11 @@ pub fn admission(
         .unwrap_or(0);
     relay_core::contracts::Admission {
         request_id: ctx.request_id.clone(),
-        at_ms: chrono_ms(),
+        at_ms: relay_core::ids::now_ms(),
         scopes: principal.scopes.clone(),
         tokens: input.saturating_add(output),
         cost_micros,
     }
-}
-
-fn chrono_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Admits a request against its scopes' limits and budgets; the reservation is settled by the usage record.

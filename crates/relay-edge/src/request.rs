@@ -57,7 +57,7 @@ pub async fn middleware(
     relay_telemetry::set_parent(&span, relay_telemetry::context_from_headers(req.headers()));
     let trace_context = span.in_scope(relay_telemetry::current_context_map);
     let started = Instant::now();
-    let started_unix_ms = chrono_like_now_ms();
+    let started_unix_ms = relay_core::ids::now_ms();
     let client_ip = client_ip(&req, edge.inner.cfg.trust_forwarded_for);
     req.extensions_mut().insert(RequestCtx {
         request_id: request_id.clone(),
@@ -77,10 +77,4 @@ pub async fn middleware(
     metrics::histogram!("relay_edge_request_duration_seconds", "route" => route)
         .record(started.elapsed().as_secs_f64());
     resp
-}
-
-fn chrono_like_now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }

@@ -10,7 +10,7 @@ use relay_core::pb::common::v1::{Protocol, TokenUsage};
 use relay_core::{ErrorCode, RelayError};
 use serde_json::{Map, Value, json};
 
-use super::{Dialect, HttpProvider, body_for_upstream, upstream_model};
+use super::{Dialect, HttpProvider, base_url, body_for_upstream, credential, upstream_model};
 use crate::config::ProviderConfig;
 use crate::inbound::args_object;
 use crate::ir::{self, Delta, Finish, Part, Request, Role, ToolChoice};
@@ -26,13 +26,9 @@ pub struct Anthropic {
 }
 
 pub fn provider(cfg: &ProviderConfig) -> anyhow::Result<HttpProvider<Anthropic>> {
-    let mut auth = HeaderMap::new();
-    if let Some(key) = &cfg.api_key {
-        auth.insert("x-api-key", http::HeaderValue::from_str(key.expose())?);
-    }
-    let base_url = cfg.base_url.clone().unwrap_or_else(|| "https://api.anthropic.com".into());
+    let auth = credential(cfg, "x-api-key", str::to_owned)?;
     let dialect = Anthropic {
-        base_url: base_url.trim_end_matches('/').to_owned(),
+        base_url: base_url(cfg, "https://api.anthropic.com"),
         version: cfg.api_version.clone().unwrap_or_else(|| "2023-06-01".into()),
     };
     Ok(HttpProvider { http: Http::new(cfg, auth)?, dialect })

@@ -9,7 +9,7 @@ use relay_core::pb::common::v1::{Protocol, TokenUsage};
 use relay_core::{ErrorCode, RelayError};
 use serde_json::{Map, Value, json};
 
-use super::{Dialect, HttpProvider, upstream_model};
+use super::{Dialect, HttpProvider, base_url, credential, upstream_model};
 use crate::config::ProviderConfig;
 use crate::inbound::args_object;
 use crate::ir::{self, Delta, Finish, Part, Request, Role, ToolChoice};
@@ -21,16 +21,9 @@ pub struct Gemini {
 }
 
 pub fn provider(cfg: &ProviderConfig) -> anyhow::Result<HttpProvider<Gemini>> {
-    let mut auth = HeaderMap::new();
-    if let Some(key) = &cfg.api_key {
-        auth.insert("x-goog-api-key", http::HeaderValue::from_str(key.expose())?);
-    }
-    let base_url =
-        cfg.base_url.clone().unwrap_or_else(|| "https://generativelanguage.googleapis.com/v1beta".into());
-    Ok(HttpProvider {
-        http: Http::new(cfg, auth)?,
-        dialect: Gemini { base_url: base_url.trim_end_matches('/').to_owned() },
-    })
+    let auth = credential(cfg, "x-goog-api-key", str::to_owned)?;
+    let dialect = Gemini { base_url: base_url(cfg, "https://generativelanguage.googleapis.com/v1beta") };
+    Ok(HttpProvider { http: Http::new(cfg, auth)?, dialect })
 }
 
 impl Gemini {

@@ -128,9 +128,7 @@ pub fn answer_ctx(req: &ChatRequest) -> AnswerCtx {
     AnswerCtx {
         request_id: req.request_id.clone(),
         model: req.client_model.clone(),
-        created: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64),
+        created: relay_core::ids::now_ms() / 1000,
         include_usage: req.client_wants_usage,
     }
 }
@@ -155,6 +153,24 @@ pub fn estimate_tokens(ir: &Request) -> u64 {
             t.name.len() + t.parameters.to_string().len() + t.description.as_ref().map_or(0, String::len);
     }
     (chars as u64).div_ceil(4).max(1)
+}
+
+/// The provider's credential as one header (`name: format(key)`), empty when it has no key.
+pub fn credential(
+    cfg: &crate::config::ProviderConfig,
+    name: &'static str,
+    format: impl Fn(&str) -> String,
+) -> anyhow::Result<HeaderMap> {
+    let mut h = HeaderMap::new();
+    if let Some(key) = &cfg.api_key {
+        h.insert(name, http::HeaderValue::from_str(&format(key.expose()))?);
+    }
+    Ok(h)
+}
+
+/// The configured base URL without a trailing slash, or the provider's public default.
+pub fn base_url(cfg: &crate::config::ProviderConfig, default: &str) -> String {
+    cfg.base_url.as_deref().unwrap_or(default).trim_end_matches('/').to_owned()
 }
 
 /// The model name the deployment's provider knows.

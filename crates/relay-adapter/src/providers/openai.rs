@@ -13,7 +13,7 @@ use relay_core::pb::adapter::v1::{ChatRequest, EmbedRequest, EmbedResponse};
 use relay_core::pb::common::v1::{Protocol, TokenUsage};
 use serde_json::{Map, Value, json};
 
-use super::{Dialect, HttpProvider, body_for_upstream, upstream_model};
+use super::{Dialect, HttpProvider, base_url, body_for_upstream, credential, upstream_model};
 use crate::body::force_include_usage;
 use crate::config::{ProviderConfig, ProviderKind};
 use crate::ir::{self, Delta, Finish, Part, Request, Role, ToolChoice};
@@ -27,19 +27,14 @@ pub struct OpenAi {
 }
 
 pub fn provider(cfg: &ProviderConfig) -> anyhow::Result<HttpProvider<OpenAi>> {
-    let mut auth = HeaderMap::new();
     let azure = cfg.kind == ProviderKind::Azure;
-    if let Some(key) = &cfg.api_key {
-        if azure {
-            auth.insert("api-key", http::HeaderValue::from_str(key.expose())?);
-        } else {
-            auth.insert(
-                http::header::AUTHORIZATION,
-                http::HeaderValue::from_str(&format!("Bearer {}", key.expose()))?,
-            );
-        }
-    }
-    let base_url = cfg.base_url.clone().unwrap_or_default().trim_end_matches('/').to_owned();
+    let auth = if azure {
+        credential(cfg, "api-key", str::to_owned)?
+    } else {
+        credential(cfg, "authorization", |k| format!("Bearer {k}"))?
+    };
+    // Validation makes base_url required for these kinds.
+    let base_url = base_url(cfg, "");
     let azure_api_version = azure.then(|| cfg.api_version.clone().unwrap_or_else(|| "2024-10-21".into()));
     Ok(HttpProvider { http: Http::new(cfg, auth)?, dialect: OpenAi { base_url, azure_api_version } })
 }
