@@ -31,11 +31,18 @@ pub struct LimitsConfig {
     pub on_redis_error: OnRedisError,
     /// Prefix of every Redis key (several deployments can share one Redis).
     pub key_prefix: String,
+    /// Longest wait for Redis before the outage policy applies.
+    pub redis_timeout_ms: u64,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { redis_url: None, on_redis_error: OnRedisError::FailOpen, key_prefix: "relay".into() }
+        Self {
+            redis_url: None,
+            on_redis_error: OnRedisError::FailOpen,
+            key_prefix: "relay".into(),
+            redis_timeout_ms: 250,
+        }
     }
 }
 

@@ -68,6 +68,7 @@ return 0
 
 pub struct RedisLimiter {
     conn: ConnectionManager,
+    timeout: std::time::Duration,
     prefix: String,
     on_error: OnRedisError,
     fallback: MemoryLimiter,
@@ -77,10 +78,21 @@ pub struct RedisLimiter {
 
 impl RedisLimiter {
     pub async fn connect(url: &str, prefix: &str, on_error: OnRedisError) -> anyhow::Result<Self> {
+        Self::connect_with_timeout(url, prefix, on_error, std::time::Duration::from_millis(250)).await
+    }
+
+    /// `timeout`: longest wait for one Redis call before the outage policy applies.
+    pub async fn connect_with_timeout(
+        url: &str,
+        prefix: &str,
+        on_error: OnRedisError,
+        timeout: std::time::Duration,
+    ) -> anyhow::Result<Self> {
         let client = redis::Client::open(url)?;
         let conn = client.get_connection_manager().await?;
         Ok(Self {
             conn,
+            timeout,
             prefix: prefix.to_owned(),
             on_error,
             fallback: MemoryLimiter::new(),
@@ -105,6 +117,10 @@ impl RedisLimiter {
         metrics::counter!("relay_limits_redis_errors_total").increment(1);
         tracing::warn!(error = %e, policy = ?self.on_error, "rate-limit store unreachable");
     }
+}
+
+fn timed_out() -> redis::RedisError {
+    redis::RedisError::from((redis::ErrorKind::Io, "redis call timed out"))
 }
 
 fn spent_ttl_ms(r: &Rules) -> i64 {
@@ -134,7 +150,8 @@ impl Limiter for RedisLimiter {
             inv.arg(r.rpm).arg(r.tpm).arg(r.concurrent).arg(r.budget);
         }
         let mut conn = self.conn.clone();
-        let out: Vec<i64> = match inv.invoke_async(&mut conn).await {
+        let call = tokio::time::timeout(self.timeout, inv.invoke_async(&mut conn)).await;
+        let out: Vec<i64> = match call.unwrap_or_else(|_| Err(timed_out())) {
             Ok(v) => v,
             Err(e) => {
                 self.redis_failed(&e);
@@ -192,7 +209,8 @@ impl Limiter for RedisLimiter {
             inv.arg(r.budget);
         }
         let mut conn = self.conn.clone();
-        if let Err(e) = inv.invoke_async::<i64>(&mut conn).await {
+        let call = tokio::time::timeout(self.timeout, inv.invoke_async::<i64>(&mut conn)).await;
+        if let Err(e) = call.unwrap_or_else(|_| Err(timed_out())) {
             self.redis_failed(&e);
             // The fallback only knows what it admitted itself; settling there keeps it consistent.
             self.fallback.settle(a, tokens, cost_micros).await;

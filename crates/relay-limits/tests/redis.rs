@@ -121,3 +121,60 @@ async fn budgets_never_overspend_across_replicas() {
     }
     assert_eq!(race(&a, &b, &s, 40, 0, 1000, NOW).await, 6);
 }
+
+/// A private Redis this test may kill (the shared one must stay up for the other tests).
+struct OwnRedis {
+    child: std::process::Child,
+    url: String,
+}
+
+impl OwnRedis {
+    fn start() -> Option<Self> {
+        let port = relay_test_support::free_port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(Self { child, url: format!("redis://127.0.0.1:{port}/") });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_redis_outage_follows_the_configured_policy() {
+    // Runs where redis-server is installed (scripts/test.sh installs it); REDIS_URL says the suite has one.
+    if relay_test_support::env_service("REDIS_URL").is_none() {
+        return;
+    }
+    let mut own = OwnRedis::start().expect("redis-server on PATH");
+    let open = RedisLimiter::connect(&own.url, "outage", OnRedisError::FailOpen).await.unwrap();
+    let closed = RedisLimiter::connect(&own.url, "outage", OnRedisError::FailClosed).await.unwrap();
+    let s = scope("outage", 2, 0, 0, 0);
+    assert!(open.admit(&adm(0, &s, 1, 0, NOW)).await.is_ok());
+    let _ = own.child.kill();
+    let _ = own.child.wait();
+    let outage = std::time::Instant::now();
+    // Fail-open: this replica keeps enforcing the limit on its own.
+    assert!(open.admit(&adm(1, &s, 1, 0, NOW)).await.is_ok());
+    assert!(open.admit(&adm(2, &s, 1, 0, NOW)).await.is_ok());
+    assert_eq!(open.admit(&adm(3, &s, 1, 0, NOW)).await.unwrap_err().error.code, ErrorCode::RateLimited);
+    // Fail-closed: refuse with 503.
+    let e = closed.admit(&adm(4, &s, 1, 0, NOW)).await.unwrap_err();
+    assert_eq!(e.error.code, ErrorCode::Unavailable);
+    assert_eq!(e.error.http_status(), 503);
+    // Four calls, each bounded by the 250 ms Redis timeout: an outage never stalls requests for long.
+    assert!(outage.elapsed() < std::time::Duration::from_secs(3), "{:?}", outage.elapsed());
+}

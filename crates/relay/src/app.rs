@@ -68,9 +68,14 @@ async fn build_local(cfg: &Config) -> anyhow::Result<Local> {
 async fn limiter(cfg: &relay_limits::LimitsConfig) -> anyhow::Result<Arc<dyn Limiter>> {
     Ok(match &cfg.redis_url {
         Some(url) => Arc::new(
-            relay_limits::RedisLimiter::connect(url, &cfg.key_prefix, cfg.on_redis_error)
-                .await
-                .context("connecting to Redis")?,
+            relay_limits::RedisLimiter::connect_with_timeout(
+                url,
+                &cfg.key_prefix,
+                cfg.on_redis_error,
+                std::time::Duration::from_millis(cfg.redis_timeout_ms),
+            )
+            .await
+            .context("connecting to Redis")?,
         ),
         None => Arc::new(relay_limits::MemoryLimiter::new()),
     })
