@@ -22,6 +22,11 @@ pub struct Request {
     pub response_format: Option<ResponseFormat>,
     pub reasoning: Option<Reasoning>,
     pub parallel_tool_calls: Option<bool>,
+    /// Further sampling controls, where the upstream has them.
+    pub top_k: Option<u64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub seed: Option<i64>,
     /// End-user id (OpenAI `user`, Anthropic `metadata.user_id`).
     pub user: Option<String>,
     pub stream: bool,

@@ -65,6 +65,8 @@ impl UsageRecord {
     pub fn first_byte(&mut self) {
         if self.event.time_to_first_byte_ms == 0 {
             self.event.time_to_first_byte_ms = elapsed_ms(self.started).max(1);
+            metrics::histogram!("relay_edge_time_to_first_byte_seconds", "stream" => if self.event.stream { "true" } else { "false" })
+                .record(self.started.elapsed().as_secs_f64());
         }
     }
 

@@ -74,6 +74,7 @@ pub fn parse(o: &Map<String, Value>) -> Result<Request, RelayError> {
     r.stop = string_list(o.get("stop_sequences"), "stop_sequences")?;
     r.temperature = opt_f64(o.get("temperature"), "temperature")?;
     r.top_p = opt_f64(o.get("top_p"), "top_p")?;
+    r.top_k = opt_u64(o.get("top_k"), "top_k")?;
     let thinking = o.get("thinking").filter(|v| !v.is_null());
     if let Some(t) = thinking.filter(|t| t.get("type").and_then(Value::as_str) != Some("disabled")) {
         r.reasoning = Some(ir::Reasoning {

@@ -74,6 +74,9 @@ pub fn parse(o: &Map<String, Value>) -> Result<Request, RelayError> {
     };
     r.temperature = opt_f64(o.get("temperature"), "temperature")?;
     r.top_p = opt_f64(o.get("top_p"), "top_p")?;
+    r.presence_penalty = opt_f64(o.get("presence_penalty"), "presence_penalty")?;
+    r.frequency_penalty = opt_f64(o.get("frequency_penalty"), "frequency_penalty")?;
+    r.seed = o.get("seed").and_then(Value::as_i64);
     r.stop = string_list(o.get("stop"), "stop")?;
     r.n = opt_u64(o.get("n"), "n")?.map(|n| n.min(128) as u32);
     r.response_format = response_format(o.get("response_format"))?;

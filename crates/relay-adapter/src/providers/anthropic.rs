@@ -282,6 +282,9 @@ pub fn build(ir: &Request, model: &str, stream: bool) -> Value {
         if let Some(p) = ir.top_p {
             b.insert("top_p".into(), json!(p));
         }
+        if let Some(k) = ir.top_k {
+            b.insert("top_k".into(), json!(k));
+        }
     }
     if let Some(u) = &ir.user {
         b.insert("metadata".into(), json!({"user_id": u}));

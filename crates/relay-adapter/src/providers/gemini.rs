@@ -207,6 +207,10 @@ pub fn build(ir: &Request) -> Value {
     put("maxOutputTokens", ir.max_tokens.map(|n| json!(n)));
     put("temperature", ir.temperature.map(|n| json!(n)));
     put("topP", ir.top_p.map(|n| json!(n)));
+    put("topK", ir.top_k.map(|n| json!(n)));
+    put("presencePenalty", ir.presence_penalty.map(|n| json!(n)));
+    put("frequencyPenalty", ir.frequency_penalty.map(|n| json!(n)));
+    put("seed", ir.seed.map(|n| json!(n)));
     put("stopSequences", (!ir.stop.is_empty()).then(|| json!(ir.stop)));
     put("candidateCount", ir.n.filter(|n| *n > 1).map(|n| json!(n)));
     match &ir.response_format {

@@ -230,6 +230,9 @@ pub fn build(ir: &Request, model: &str, stream: bool) -> Value {
     put("max_tokens", ir.max_tokens.map(|n| json!(n)));
     put("temperature", ir.temperature.map(|n| json!(n)));
     put("top_p", ir.top_p.map(|n| json!(n)));
+    put("presence_penalty", ir.presence_penalty.map(|n| json!(n)));
+    put("frequency_penalty", ir.frequency_penalty.map(|n| json!(n)));
+    put("seed", ir.seed.map(|n| json!(n)));
     put("n", ir.n.filter(|n| *n > 1).map(|n| json!(n)));
     put("stop", (!ir.stop.is_empty()).then(|| json!(ir.stop)));
     put("user", ir.user.as_ref().map(|u| json!(u)));
