@@ -193,15 +193,6 @@ impl UsageStore {
             }),
         })
     }
-
-    /// Number of records (tests, diagnostics).
-    pub async fn count(&self) -> anyhow::Result<i64> {
-        const COUNT: &str = "SELECT COUNT(*) FROM usage_records";
-        Ok(match &self.db {
-            Db::Postgres(p) => sqlx::query(COUNT).fetch_one(p).await?.try_get(0)?,
-            Db::Sqlite(p) => sqlx::query(COUNT).fetch_one(p).await?.try_get(0)?,
-        })
-    }
 }
 
 #[cfg(test)]

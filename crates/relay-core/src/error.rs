@@ -170,11 +170,6 @@ impl ErrorCode {
     pub fn from_pb(code: i32) -> Self {
         Self::ALL.into_iter().find(|c| c.to_pb() as i32 == code).unwrap_or(Self::Internal)
     }
-
-    /// Parse [`ErrorCode::as_str`] back (used for gRPC metadata).
-    pub fn parse(label: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|c| c.as_str() == label)
-    }
 }
 
 /// A failure with everything a response needs.
@@ -284,7 +279,6 @@ mod tests {
     fn every_code_round_trips_through_protobuf_and_label() {
         for code in ErrorCode::ALL {
             assert_eq!(ErrorCode::from_pb(code.to_pb() as i32), code);
-            assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
             let e = RelayError::new(code, "m").with_param("p").with_retry_after(Some(3));
             assert_eq!(RelayError::from_pb(&e.to_pb()), e);
         }

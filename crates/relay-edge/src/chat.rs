@@ -32,9 +32,9 @@ struct Envelope {
     #[serde(default)]
     model: Option<String>,
     #[serde(default)]
-    messages: Option<Value>,
+    messages: Option<Shape>,
     #[serde(default)]
-    input: Option<Value>,
+    input: Option<Shape>,
     #[serde(default)]
     max_tokens: Option<Value>,
     #[serde(default)]
@@ -51,6 +51,60 @@ struct Envelope {
     metadata: Option<Value>,
 }
 
+/// A JSON value's kind, read without building the value: message arrays can be megabytes of images, and
+/// the edge only needs to know they are non-empty (the adapter parses them once, where it must).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Array(usize),
+    String,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Shape {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ShapeVisitor)
+    }
+}
+
+struct ShapeVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ShapeVisitor {
+    type Value = Shape;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Shape, A::Error> {
+        let mut n = 0;
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+            n += 1;
+        }
+        Ok(Shape::Array(n))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Shape, A::Error> {
+        while map.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
+        Ok(Shape::Other)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Shape, E> {
+        Ok(Shape::String)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Shape, E> {
+        Ok(Shape::Other)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Shape, E> {
+        Ok(Shape::Other)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Shape, E> {
+        Ok(Shape::Other)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Shape, E> {
+        Ok(Shape::Other)
+    }
+    fn visit_unit<E>(self) -> Result<Shape, E> {
+        Ok(Shape::Other)
+    }
+}
+
 #[derive(Deserialize)]
 struct StreamOptions {
     #[serde(default)]
@@ -60,7 +114,7 @@ struct StreamOptions {
 impl Envelope {
     /// Shape checks each protocol's own API would make before doing anything.
     fn validate(&self, inbound: Inbound) -> Result<(), RelayError> {
-        let non_empty_array = |v: &Option<Value>| matches!(v, Some(Value::Array(a)) if !a.is_empty());
+        let non_empty_array = |v: &Option<Shape>| matches!(v, Some(Shape::Array(n)) if *n > 0);
         match inbound {
             Inbound::OpenAiChat if !non_empty_array(&self.messages) => {
                 Err(RelayError::invalid_request("`messages` must be a non-empty array")
@@ -72,9 +126,7 @@ impl Envelope {
             Inbound::Anthropic if !self.max_tokens.as_ref().is_some_and(Value::is_u64) => {
                 Err(RelayError::invalid_request("max_tokens: Field required").with_param("max_tokens"))
             }
-            Inbound::Responses
-                if !matches!(&self.input, Some(Value::String(_))) && !non_empty_array(&self.input) =>
-            {
+            Inbound::Responses if self.input != Some(Shape::String) && !non_empty_array(&self.input) => {
                 Err(RelayError::invalid_request("`input` must be a string or a non-empty array")
                     .with_param("input"))
             }
@@ -326,5 +378,22 @@ pub async fn count_tokens(
     match result {
         Ok(r) => axum::Json(serde_json::json!({"input_tokens": r.input_tokens})).into_response(),
         Err(e) => inbound.error(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_are_read_without_building_values() {
+        let shape = |j: &str| serde_json::from_str::<Shape>(j).unwrap();
+        assert_eq!(shape(r#"[{"role":"user","content":[{"type":"image_url"}]},1,"x"]"#), Shape::Array(3));
+        assert_eq!(shape("[]"), Shape::Array(0));
+        assert_eq!(shape(r#""hello""#), Shape::String);
+        for other in ["{}", r#"{"a":[1]}"#, "null", "true", "-3", "4.5", "7"] {
+            assert_eq!(shape(other), Shape::Other, "{other}");
+        }
+        assert!(serde_json::from_str::<Shape>("[1,").is_err());
     }
 }

@@ -27,8 +27,9 @@ impl MemoryLimiter {
         Self::default()
     }
 
-    /// Money spent by a scope in the period of `at_ms` (tests, diagnostics).
-    pub fn spent(&self, scope: &str, period: &str) -> i64 {
+    /// Money spent by a scope in a period.
+    #[cfg(test)]
+    fn spent(&self, scope: &str, period: &str) -> i64 {
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         st.spent.get(&(scope.to_owned(), period.to_owned())).copied().unwrap_or(0)
     }

@@ -165,12 +165,6 @@ pub fn set_parent(span: &tracing::Span, cx: Context) {
     let _ = span.set_parent(cx);
 }
 
-/// The trace id of the current span, as 32 hex digits (all zeros when not sampled or no exporter).
-pub fn current_trace_id() -> String {
-    use opentelemetry::trace::TraceContextExt as _;
-    tracing::Span::current().context().span().span_context().trace_id().to_string()
-}
-
 // === metrics ===
 
 /// The process-wide Prometheus recorder, installed on first use.

@@ -31,8 +31,24 @@ pub trait StreamEncoder: Send {
 }
 
 pub fn parse_request(protocol: Protocol, body: &[u8]) -> Result<Request, RelayError> {
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|e| RelayError::invalid_request(format!("request body is not valid JSON: {e}")))?;
+    parse_value(protocol, &json_body(body)?)
+}
+
+/// Like [`parse_request`] for token counting, where Anthropic bodies carry no `max_tokens`.
+pub fn parse_count_request(protocol: Protocol, body: &[u8]) -> Result<Request, RelayError> {
+    let mut v = json_body(body)?;
+    if let Some(o) = v.as_object_mut() {
+        o.entry("max_tokens").or_insert(Value::from(1));
+    }
+    parse_value(protocol, &v)
+}
+
+fn json_body(body: &[u8]) -> Result<Value, RelayError> {
+    serde_json::from_slice(body)
+        .map_err(|e| RelayError::invalid_request(format!("request body is not valid JSON: {e}")))
+}
+
+fn parse_value(protocol: Protocol, v: &Value) -> Result<Request, RelayError> {
     let obj =
         v.as_object().ok_or_else(|| RelayError::invalid_request("request body must be a JSON object"))?;
     match protocol {
@@ -43,16 +59,6 @@ pub fn parse_request(protocol: Protocol, body: &[u8]) -> Result<Request, RelayEr
             Err(RelayError::internal("this protocol has no chat request form"))
         }
     }
-}
-
-/// Like [`parse_request`] for token counting, where Anthropic bodies carry no `max_tokens`.
-pub fn parse_count_request(protocol: Protocol, body: &[u8]) -> Result<Request, RelayError> {
-    let mut v: Value = serde_json::from_slice(body)
-        .map_err(|e| RelayError::invalid_request(format!("request body is not valid JSON: {e}")))?;
-    if let Some(o) = v.as_object_mut() {
-        o.entry("max_tokens").or_insert(Value::from(1));
-    }
-    parse_request(protocol, v.to_string().as_bytes())
 }
 
 pub fn stream_encoder(protocol: Protocol, ctx: AnswerCtx) -> Box<dyn StreamEncoder> {
