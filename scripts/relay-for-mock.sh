@@ -14,7 +14,7 @@ relay_start() {
   RELAY__ADAPTER__PROVIDERS="[{name=\"mock-openai\",kind=\"openai\",base_url=\"$m/v1\",api_key=\"mock-upstream-key\"},\
 {name=\"mock-anthropic\",kind=\"anthropic\",base_url=\"$m\",api_key=\"mock-upstream-key\"},\
 {name=\"mock-gemini\",kind=\"gemini\",base_url=\"$m/v1beta\",api_key=\"mock-upstream-key\"}]" \
-  RELAY__SERVER__HTTP_LISTEN="127.0.0.1:${RELAY_PORT}" \
+  RELAY__SERVER__HTTP_LISTEN="127.0.0.1:${RELAY_PORT}" RELAY__BUS__OUTBOX_DIR="$(mktemp -d /tmp/relay-outbox.XXXXXX)" \
     "$ROOT/target/$PROFILE/relay" serve --config "$ROOT/deploy/config/relay.conformance.toml" >"$RELAY_LOG" 2>&1 &
   RELAY_PID=$!
   trap 'kill $RELAY_PID 2>/dev/null; wait $RELAY_PID 2>/dev/null || true; relay_on_exit' EXIT

@@ -23,7 +23,7 @@ pub struct Answer {
 pub async fn chat(c: &reqwest::Client, base: &str, body: Value) -> Answer {
     let r = c.post(format!("{base}/v1/chat/completions")).bearer_auth(KEY).json(&body).send().await.unwrap();
     let status = r.status().as_u16();
-    let request_id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let request_id = r.headers()["x-relay-request-id"].to_str().unwrap().to_owned();
     let body = r.json().await.unwrap_or(Value::Null);
     Answer { status, request_id, body }
 }
@@ -51,7 +51,7 @@ pub async fn chat_stream(c: &reqwest::Client, base: &str, mut body: Value) -> St
     assert_eq!(r.status(), 200, "stream refused");
     assert_eq!(r.headers()["content-type"], "text/event-stream");
     let mut out = Streamed {
-        request_id: r.headers()["x-request-id"].to_str().unwrap().to_owned(),
+        request_id: r.headers()["x-relay-request-id"].to_str().unwrap().to_owned(),
         ..Default::default()
     };
     let mut buf = String::new();

@@ -94,7 +94,7 @@ pub async fn run(base: &str, billing: &GrpcBilling, mock: &MockOpenAi) -> Vec<St
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    sent.push(r.headers()["x-request-id"].to_str().unwrap().to_owned());
+    sent.push(r.headers()["x-relay-request-id"].to_str().unwrap().to_owned());
     assert_eq!(r.json::<serde_json::Value>().await.unwrap()["error"]["type"], "invalid_request_error");
     let a = chat(&c, base, user("no-such-model", "hi")).await;
     assert_eq!((a.status, a.body["error"]["code"].as_str()), (404, Some("model_not_found")));
@@ -109,19 +109,30 @@ pub async fn run(base: &str, billing: &GrpcBilling, mock: &MockOpenAi) -> Vec<St
     assert_eq!(r.status(), 401);
     assert_eq!(r.json::<serde_json::Value>().await.unwrap()["error"]["type"], "authentication_error");
 
-    // The client's x-request-id is echoed and used as the usage event id.
+    // The client's x-request-id is echoed and kept for correlation, but never the billing key: three
+    // calls with one client id are three billed requests, each with its own Relay id.
     let rid = format!("client-{}", uuid::Uuid::now_v7().simple());
-    let r = c
-        .post(format!("{base}/v1/chat/completions"))
-        .bearer_auth(crate::harness::KEY)
-        .header("x-request-id", &rid)
-        .json(&user(MODEL, "named request"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.headers()["x-request-id"], rid.as_str());
-    recorded_usage(billing, &rid).await;
-    sent.push(rid);
+    let mut ids = std::collections::BTreeSet::new();
+    for i in 0..3 {
+        let r = c
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(crate::harness::KEY)
+            .header("x-request-id", &rid)
+            .json(&user(MODEL, &format!("named request {i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-request-id"], rid.as_str());
+        let relay_id = r.headers()["x-relay-request-id"].to_str().unwrap().to_owned();
+        assert_eq!(uuid::Uuid::parse_str(&relay_id).unwrap().get_version_num(), 7);
+        let ev = recorded_usage(billing, &relay_id).await;
+        assert_eq!(ev.client_request_id, rid);
+        assert!(ev.usage.unwrap().input_tokens > 0);
+        ids.insert(relay_id.clone());
+        sent.push(relay_id);
+    }
+    assert_eq!(ids.len(), 3);
 
     // A client that leaves mid-stream cancels the upstream call and is recorded as cancelled.
     let mut body = user(MODEL, "w1 w2 w3 w4 w5 w6 w7 w8 w9 [[mock chunk_delay_ms=200]]");
@@ -133,11 +144,14 @@ pub async fn run(base: &str, billing: &GrpcBilling, mock: &MockOpenAi) -> Vec<St
         .send()
         .await
         .unwrap();
-    let rid = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let rid = r.headers()["x-relay-request-id"].to_str().unwrap().to_owned();
     r.chunk().await.unwrap();
     drop(r);
     let ev = recorded_usage(billing, &rid).await;
     assert_eq!(ev.outcome(), Outcome::Cancelled);
+    // Billed all the same: the input the adapter counted, and what was delivered before the client left.
+    let u = ev.usage.unwrap();
+    assert!(u.input_tokens > 0, "{u:?}");
     sent.push(rid);
 
     sent

@@ -2,16 +2,77 @@
 //! `ChatEvent`s out. Native output forwards the raw bytes (same protocol in and out); converted output
 //! re-encodes the deltas in the client's protocol. Either way finish reasons and exact usage travel as side
 //! events, and a stream that breaks or ends early ends in a typed error, never in a clean finish.
+//!
+//! Nothing goes unbilled: output tokens are counted as they pass (each chunk carries the running count), and
+//! an answer that ends without the provider's usage (cut, failed, or a provider that reports none) still
+//! ends with a `Usage` event, its numbers counted by Relay and marked so.
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt, stream};
 use relay_core::RelayError;
 use relay_core::pb::adapter::v1::ChatEvent;
-use relay_core::pb::common::v1::{Protocol, TokenUsage};
+use relay_core::pb::common::v1::{Protocol, TokenUsage, UsageSource};
 
 use crate::inbound::{self, AnswerCtx, StreamEncoder};
 use crate::ir::{self, Delta, Response};
-use crate::providers::{chunk, error, finish, usage};
+use crate::providers::{chunk_counted, error, finish, usage};
+use crate::tokens::Tokenizer;
+
+/// Counts a request's input tokens when first asked.
+type LazyCount = Box<dyn FnOnce(&Tokenizer) -> u64 + Send>;
+
+/// Relay's own counting for one answer: the model's tokenizer and, lazily, the request's input tokens
+/// (counted only when the provider does not report them).
+pub struct Counting {
+    tokenizer: Tokenizer,
+    input: Option<LazyCount>,
+    known_input: Option<u64>,
+}
+
+impl Counting {
+    /// `body` in `protocol` is parsed and counted only if the input count is ever needed.
+    pub fn new(tokenizer: Tokenizer, protocol: Protocol, body: Bytes) -> Self {
+        let input = Box::new(move |t: &Tokenizer| match inbound::parse_request(protocol, &body) {
+            Ok(ir) => t.count_request(&ir),
+            // Unparseable here means the upstream got it verbatim: bound it by its bytes.
+            Err(_) => (body.len() as u64).div_ceil(4),
+        });
+        Self { tokenizer, input: Some(input), known_input: None }
+    }
+
+    /// The input count now (and remembered), e.g. for the `Start` event of a cancellable answer.
+    pub fn input_tokens(&mut self) -> u64 {
+        if let Some(n) = self.known_input {
+            return n;
+        }
+        let n = self.input.take().map_or(0, |f| f(&self.tokenizer));
+        self.known_input = Some(n);
+        n
+    }
+
+    pub fn source(&self) -> UsageSource {
+        self.tokenizer.source()
+    }
+
+    /// The usage to bill: the provider's numbers where it reported them, Relay's counts where it did not.
+    /// `complete`: the upstream finished the answer (its output count, if any, is final); otherwise the
+    /// larger of its partial count and what was produced.
+    fn bill(&mut self, provider: TokenUsage, counted_output: u64, complete: bool) -> TokenUsage {
+        let mut u = provider;
+        u.input_source = UsageSource::Provider as i32;
+        u.output_source = UsageSource::Provider as i32;
+        if u.input_tokens == 0 {
+            u.input_tokens = self.input_tokens();
+            u.input_source = self.source() as i32;
+        }
+        let provider_final = complete && u.output_tokens > 0;
+        if !provider_final && counted_output > u.output_tokens {
+            u.output_tokens = counted_output;
+            u.output_source = self.source() as i32;
+        }
+        u
+    }
+}
 
 /// One thing an upstream said.
 pub enum Unit {
@@ -42,19 +103,30 @@ struct Drive {
     usage: TokenUsage,
     saw_usage: bool,
     over: bool,
+    counting: Counting,
+    /// Output tokens produced so far (Relay's count).
+    output: u64,
 }
 
 /// Turns a stream of upstream units into client-ready events.
 pub fn stream_answer(
     units: impl Stream<Item = Unit> + Send + 'static,
     output: Output,
+    counting: Counting,
 ) -> impl Stream<Item = ChatEvent> + Send {
     let (encoder, drop_usage_only) = match output {
         Output::Native { drop_usage_only } => (None, drop_usage_only),
         Output::Converted { protocol, ctx } => (Some(inbound::stream_encoder(protocol, ctx)), false),
     };
-    let state =
-        Drive { encoder, drop_usage_only, usage: TokenUsage::default(), saw_usage: false, over: false };
+    let state = Drive {
+        encoder,
+        drop_usage_only,
+        usage: TokenUsage::default(),
+        saw_usage: false,
+        over: false,
+        counting,
+        output: 0,
+    };
     units
         .scan(state, |st, unit| {
             if st.over {
@@ -65,6 +137,7 @@ pub fn stream_answer(
                 Unit::Event { raw, deltas } => {
                     let mut bytes = Vec::new();
                     for d in &deltas {
+                        st.output += st.counting.tokenizer.count_delta(d);
                         match d {
                             Delta::Finish { choice, reason } => out.push(finish(*choice, reason.to_pb())),
                             Delta::Usage(u) => {
@@ -77,14 +150,15 @@ pub fn stream_answer(
                             enc.delta(d, &mut bytes);
                         }
                     }
+                    let n = st.output;
                     match &st.encoder {
-                        Some(_) => out.extend(bytes.into_iter().map(chunk)),
+                        Some(_) => out.extend(bytes.into_iter().map(|b| chunk_counted(b, n))),
                         None => {
                             // Usage plus the id/model every chunk repeats, and nothing else.
                             let usage_only = deltas.iter().any(|d| matches!(d, Delta::Usage(_)))
                                 && deltas.iter().all(|d| matches!(d, Delta::Usage(_) | Delta::Meta { .. }));
                             if !(raw.is_empty() || usage_only && st.drop_usage_only) {
-                                out.push(chunk(raw));
+                                out.push(chunk_counted(raw, n));
                             }
                         }
                     }
@@ -94,16 +168,19 @@ pub fn stream_answer(
                     if let Some(enc) = st.encoder.as_mut() {
                         let mut bytes = Vec::new();
                         enc.finish(&mut bytes);
-                        out.extend(bytes.into_iter().map(chunk));
+                        let n = st.output;
+                        out.extend(bytes.into_iter().map(|b| chunk_counted(b, n)));
                     }
                     if !st.saw_usage {
                         metrics::counter!("relay_upstream_usage_missing_total").increment(1);
-                        tracing::warn!("upstream answer reported no usage");
+                        tracing::warn!("upstream answer reported no usage; billing Relay's count");
                     }
-                    out.push(usage(st.usage));
+                    out.push(usage(st.counting.bill(st.usage, st.output, true)));
                 }
                 Unit::End { complete: false } => {
                     st.over = true;
+                    // The provider bills what it produced before the cut: so does Relay.
+                    out.push(usage(st.counting.bill(st.usage, st.output, false)));
                     out.push(error(&RelayError::new(
                         relay_core::ErrorCode::UpstreamServerError,
                         "the upstream ended the answer early",
@@ -111,6 +188,7 @@ pub fn stream_answer(
                 }
                 Unit::Fail(e) => {
                     st.over = true;
+                    out.push(usage(st.counting.bill(st.usage, st.output, false)));
                     out.push(error(&e));
                 }
             }
@@ -120,10 +198,17 @@ pub fn stream_answer(
 }
 
 /// A whole (non-streamed) answer: its bytes as the client gets them, with finish and usage side events.
-pub fn whole_answer(raw: Bytes, deltas: Vec<Delta>, output: Output) -> Vec<ChatEvent> {
+pub fn whole_answer(
+    raw: Bytes,
+    deltas: Vec<Delta>,
+    output: Output,
+    mut counting: Counting,
+) -> Vec<ChatEvent> {
     let mut resp = Response::default();
     let mut out = Vec::new();
+    let mut produced = 0;
     for d in deltas {
+        produced += counting.tokenizer.count_delta(&d);
         if let Delta::Finish { choice, reason } = &d {
             out.push(finish(*choice, reason.to_pb()));
         }
@@ -133,9 +218,9 @@ pub fn whole_answer(raw: Bytes, deltas: Vec<Delta>, output: Output) -> Vec<ChatE
         Output::Native { .. } => raw,
         Output::Converted { protocol, ctx } => inbound::encode_whole(protocol, &ctx, &resp),
     };
-    let mut events = vec![chunk(body)];
+    let mut events = vec![chunk_counted(body, produced)];
     events.extend(out);
-    events.push(usage(resp.usage));
+    events.push(usage(counting.bill(resp.usage, produced, true)));
     events
 }
 
@@ -149,8 +234,17 @@ mod tests {
         AnswerCtx { request_id: "r".into(), model: "m".into(), created: 1, include_usage: true }
     }
 
+    fn counting() -> Counting {
+        let body =
+            Bytes::from_static(br#"{"model":"m","messages":[{"role":"user","content":"hello world"}]}"#);
+        Counting::new(Tokenizer::for_model("gpt-4o"), Protocol::OpenaiChat, body)
+    }
+
     async fn run(units: Vec<Unit>, output: Output) -> Vec<Event> {
-        stream_answer(stream::iter(units), output).filter_map(|e| async move { e.event }).collect().await
+        stream_answer(stream::iter(units), output, counting())
+            .filter_map(|e| async move { e.event })
+            .collect()
+            .await
     }
 
     #[tokio::test]
@@ -178,12 +272,57 @@ mod tests {
     #[tokio::test]
     async fn early_end_and_failures_become_errors() {
         let evs = run(vec![Unit::End { complete: false }], Output::Native { drop_usage_only: false }).await;
-        assert!(matches!(&evs[0], Event::Error(_)));
+        assert!(matches!(&evs[1], Event::Error(_)));
         let e = RelayError::from_upstream_status(529, "overloaded");
         let evs =
             run(vec![Unit::Fail(e), Unit::End { complete: true }], Output::Native { drop_usage_only: false })
                 .await;
-        assert_eq!(evs.len(), 1, "nothing after a failure");
+        assert_eq!(evs.len(), 2, "usage, then the error, then nothing");
+        assert!(matches!(&evs[1], Event::Error(_)));
+    }
+
+    #[tokio::test]
+    async fn cut_answers_are_billed_what_was_produced() {
+        let text = |t: &str| Unit::Event {
+            raw: Bytes::from(format!("data: {t}\n\n")),
+            deltas: vec![Delta::Text { choice: 0, text: t.into() }],
+        };
+        // The provider said its input (as Anthropic does at message_start), then the stream broke.
+        let units = vec![
+            Unit::Event {
+                raw: Bytes::from_static(b"data: start\n\n"),
+                deltas: vec![Delta::Usage(TokenUsage {
+                    input_tokens: 42,
+                    output_tokens: 1,
+                    ..Default::default()
+                })],
+            },
+            text("hello world"),
+            text(" and more"),
+            Unit::End { complete: false },
+        ];
+        let evs = run(units, Output::Native { drop_usage_only: false }).await;
+        let counts: Vec<u64> = evs
+            .iter()
+            .filter_map(|e| if let Event::Chunk(c) = e { Some(c.output_tokens) } else { None })
+            .collect();
+        assert_eq!(counts, vec![0, 2, 4], "running output count on every chunk");
+        let Some(Event::Usage(u)) = evs.iter().find(|e| matches!(e, Event::Usage(_))) else {
+            panic!("{evs:?}")
+        };
+        assert_eq!((u.input_tokens, u.input_source()), (42, UsageSource::Provider));
+        assert_eq!((u.output_tokens, u.output_source()), (4, UsageSource::Counted));
+        assert!(matches!(evs.last(), Some(Event::Error(_))));
+
+        // No usage at all from a complete answer: input counted from the request, output from the text.
+        let evs = run(
+            vec![text("hello world"), Unit::End { complete: true }],
+            Output::Native { drop_usage_only: false },
+        )
+        .await;
+        let Some(Event::Usage(u)) = evs.last() else { panic!("{evs:?}") };
+        assert_eq!((u.input_tokens, u.output_tokens), (3 + 3 + 2, 2));
+        assert_eq!(u.input_source(), UsageSource::Counted);
     }
 
     #[tokio::test]

@@ -13,6 +13,7 @@ mod ir;
 mod providers;
 mod service;
 mod sse;
+mod tokens;
 mod upstream;
 
 pub use config::{AdapterConfig, ProviderConfig, ProviderKind};

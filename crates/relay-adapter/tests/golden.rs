@@ -88,6 +88,7 @@ fn request(protocol: Protocol, upstream: &str, body: Bytes, stream: bool) -> Cha
         client_wants_usage: true,
         passthrough_headers: [("anthropic-beta".to_string(), "beta-flag-1".to_string())].into(),
         client_model: "client-model".into(),
+        count_input: false,
     }
 }
 
@@ -311,7 +312,9 @@ async fn truncated_and_failing_streams_end_in_errors() {
             };
             let ans = call(&a, request(inbound, upstream_kind, body, true)).await;
             assert_eq!(ans.errors.len(), 1, "{upstream_kind}: a truncated stream must end in an error");
-            assert!(ans.usage.is_none());
+            // Still billed: what the upstream produced before the cut, counted by Relay.
+            let u = ans.usage.expect("a cut stream still reports usage");
+            assert!(u.input_tokens > 0, "{upstream_kind}: {u:?}");
             let text = String::from_utf8_lossy(&ans.bytes);
             assert!(!text.contains("[DONE]") && !text.contains("message_stop"), "{upstream_kind}: {text}");
         }

@@ -1,34 +1,117 @@
-//! relay-billing: turns usage events into records, and answers usage queries.
+//! relay-billing: turns usage events into records and a double-entry ledger, and answers usage queries.
 //!
-//! Consumes `relay.usage.v1` events (NATS durable consumer or the in-process bus), writes exactly one
-//! `usage_records` row per request id (redelivery is a no-op), and serves [`Billing`] queries. The
-//! double-entry ledger and pricing build on these records. What does not belong here: anything on the
-//! request path (billing is never called while a client waits).
+//! Consumes `relay.usage.v1` events (NATS durable consumer or the in-process bus) in batches and writes,
+//! in one transaction per batch, exactly one `usage_records` row and one balanced posting set per billing
+//! id (redelivery is a no-op). Prices come from the versioned catalog (`pricing.rs`), postings from
+//! `ledger.rs`; `reconcile.rs` proves the books. Events the database refuses (bad data, not an outage) go
+//! to `usage_dead_letters` after `max_deliver` tries, so one bad event never stalls the rest. What does not
+//! belong here: anything on the request path (billing is never called while a client waits).
 
+pub mod ledger;
+pub mod pricing;
+pub mod reconcile;
 mod store;
 
+use std::sync::Arc;
+
+use prost::Message as _;
 use relay_core::contracts::{Billing, Result};
 use relay_core::pb::billing::v1::{GetUsageRequest, UsageSummaryRequest, UsageSummaryResponse};
 use relay_core::pb::events::v1::UsageEvent;
 use relay_core::{ErrorCode, RelayError, USAGE_EVENT_SCHEMA_VERSION};
-use relay_events::UsageHandler;
+use relay_events::{Handled, UsageHandler};
+use serde::Deserialize;
 
-pub use store::{RecordOutcome, UsageStore};
+pub use store::{DeadLetter, RecordOutcome, UsageStore, storable};
 
-/// The local billing service (queries).
+/// `[billing]` config section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BillingConfig {
+    /// Markup on Relay's cost for every customer, in basis points (2500 = +25 %).
+    pub default_markup_bps: i64,
+    /// Per-team or per-org markups (`scope = "team:<id>"` or `"org:<id>"`); the team's wins.
+    pub markups: Vec<ledger::Markup>,
+    /// An operator catalog (same format as `deploy/prices/catalog.toml`) loaded after the shipped one.
+    pub catalog_file: Option<String>,
+    /// Tries of an event the database refuses before it is dead-lettered (outages are retried forever).
+    pub max_deliver: u32,
+    /// Events recorded per database transaction.
+    pub batch_size: usize,
+}
+
+impl Default for BillingConfig {
+    fn default() -> Self {
+        Self {
+            default_markup_bps: 0,
+            markups: Vec::new(),
+            catalog_file: None,
+            max_deliver: 3,
+            batch_size: 256,
+        }
+    }
+}
+
+impl BillingConfig {
+    pub fn validate(&self, errors: &mut Vec<String>) {
+        if !(0..=100_000).contains(&self.default_markup_bps) {
+            errors.push("billing.default_markup_bps: must be between 0 and 100000".into());
+        }
+        for m in &self.markups {
+            if !(m.scope.starts_with("team:") || m.scope.starts_with("org:"))
+                || !(0..=100_000).contains(&m.bps)
+            {
+                errors.push(format!(
+                    "billing.markups: `{}` needs scope team:<id> or org:<id> and bps 0..=100000",
+                    m.scope
+                ));
+            }
+        }
+        if self.max_deliver == 0 || self.batch_size == 0 {
+            errors.push("billing.max_deliver and billing.batch_size must be at least 1".into());
+        }
+        if let Some(path) = &self.catalog_file {
+            match std::fs::read_to_string(path) {
+                Ok(text) => {
+                    if let Err(e) = pricing::parse_catalog(&text, path) {
+                        errors.extend(e.into_iter().map(|e| format!("billing.catalog_file: {e}")));
+                    }
+                }
+                Err(e) => errors.push(format!("billing.catalog_file: cannot read `{path}`: {e}")),
+            }
+        }
+    }
+}
+
+/// The local billing service (queries) and the source of the recorder.
 #[derive(Clone)]
 pub struct BillingService {
     store: UsageStore,
+    cfg: Arc<BillingConfig>,
+    prices: Arc<pricing::PriceBook>,
 }
 
 impl BillingService {
-    pub fn new(store: UsageStore) -> Self {
-        Self { store }
+    /// Loads the shipped catalog (and the operator's) into the `prices` table and reads every version.
+    pub async fn new(store: UsageStore, cfg: BillingConfig) -> anyhow::Result<Self> {
+        let mut rows = pricing::parse_catalog(pricing::SHIPPED_CATALOG, "deploy/prices/catalog.toml")
+            .map_err(|e| anyhow::anyhow!(e.join("; ")))?;
+        if let Some(path) = &cfg.catalog_file {
+            let text = std::fs::read_to_string(path)?;
+            rows.extend(pricing::parse_catalog(&text, path).map_err(|e| anyhow::anyhow!(e.join("; ")))?);
+        }
+        store.save_prices(&rows).await?;
+        let prices = Arc::new(pricing::PriceBook::new(store.load_prices().await?));
+        Ok(Self { store, cfg: Arc::new(cfg), prices })
     }
 
     /// The handler that records consumed events.
     pub fn recorder(&self) -> Recorder {
-        Recorder { store: self.store.clone() }
+        Recorder { store: self.store.clone(), cfg: self.cfg.clone(), prices: self.prices.clone() }
+    }
+
+    pub fn store(&self) -> &UsageStore {
+        &self.store
     }
 }
 
@@ -53,21 +136,87 @@ impl Billing for BillingService {
     }
 }
 
-/// Records each usage event once.
+/// Records each usage event once, with its posting set.
 #[derive(Clone)]
 pub struct Recorder {
     store: UsageStore,
+    cfg: Arc<BillingConfig>,
+    prices: Arc<pricing::PriceBook>,
+}
+
+impl Recorder {
+    pub fn book(&self, e: &UsageEvent) -> ledger::Booking {
+        ledger::book(e, &self.prices, &self.cfg.markups, self.cfg.default_markup_bps)
+    }
+
+    /// One event alone (after its batch failed): stored, retried, or dead-lettered after `max_deliver`.
+    async fn one(&self, e: &UsageEvent, attempt: u32) -> Handled {
+        let booking = self.book(e);
+        match self.store.record(e, &booking).await {
+            Ok(outcome) => {
+                metrics::counter!("relay_usage_events_total", "result" => outcome.label()).increment(1);
+                Handled::Stored
+            }
+            Err(err) if relay_db::is_transient(&err) => Handled::Retry(err.to_string()),
+            Err(err) if attempt < self.cfg.max_deliver => Handled::Retry(err.to_string()),
+            Err(err) => self.dead_letter(&e.request_id, &format!("{err:#}"), e.encode_to_vec()).await,
+        }
+    }
+
+    async fn dead_letter(&self, request_id: &str, reason: &str, payload: Vec<u8>) -> Handled {
+        match self.store.dead_letter(request_id, reason, payload).await {
+            Ok(()) => {
+                metrics::counter!("relay_usage_events_total", "result" => "dead_letter").increment(1);
+                tracing::error!(request_id, reason, "usage event dead-lettered");
+                Handled::Stored
+            }
+            Err(e) => Handled::Retry(e.to_string()),
+        }
+    }
 }
 
 impl UsageHandler for Recorder {
-    async fn handle(&self, event: UsageEvent) -> anyhow::Result<()> {
-        if event.schema_version > USAGE_EVENT_SCHEMA_VERSION || event.request_id.is_empty() {
-            // A newer producer: keep it in the stream (nak) until a billing that understands it runs.
-            anyhow::bail!("usage event schema {} not understood", event.schema_version);
+    async fn handle_batch(&self, events: &[UsageEvent], attempts: &[u32]) -> Vec<Handled> {
+        let mut verdicts: Vec<Option<Handled>> = vec![None; events.len()];
+        let mut batch = Vec::new();
+        for (i, e) in events.iter().enumerate() {
+            if e.schema_version > USAGE_EVENT_SCHEMA_VERSION {
+                // A newer producer: keep it (redelivered) until a billing that understands it runs.
+                verdicts[i] =
+                    Some(Handled::Retry(format!("usage event schema {} not understood", e.schema_version)));
+            } else if e.request_id.is_empty() {
+                verdicts[i] =
+                    Some(self.dead_letter("", "usage event without a request id", e.encode_to_vec()).await);
+            } else {
+                batch.push(i);
+            }
         }
-        let outcome = self.store.record(&event).await?;
-        metrics::counter!("relay_usage_events_total", "result" => outcome.label()).increment(1);
-        tracing::debug!(request_id = %event.request_id, result = outcome.label(), "usage event recorded");
-        Ok(())
+        let bookings: Vec<_> = batch.iter().map(|&i| self.book(&events[i])).collect();
+        let items: Vec<_> = batch.iter().zip(&bookings).map(|(&i, b)| (&events[i], b)).collect();
+        match self.store.record_batch(&items).await {
+            Ok(outcomes) => {
+                for (&i, o) in batch.iter().zip(outcomes) {
+                    metrics::counter!("relay_usage_events_total", "result" => o.label()).increment(1);
+                    verdicts[i] = Some(Handled::Stored);
+                }
+            }
+            Err(err) if relay_db::is_transient(&err) => {
+                tracing::warn!(error = %err, "billing database unavailable; batch will be retried");
+                for &i in &batch {
+                    verdicts[i] = Some(Handled::Retry(err.to_string()));
+                }
+            }
+            // One bad event fails the whole transaction: find it by recording each alone.
+            Err(_) => {
+                for &i in &batch {
+                    verdicts[i] = Some(self.one(&events[i], attempts.get(i).copied().unwrap_or(1)).await);
+                }
+            }
+        }
+        verdicts.into_iter().map(|v| v.unwrap_or(Handled::Retry("not handled".into()))).collect()
+    }
+
+    async fn reject(&self, payload: Vec<u8>, reason: String) -> bool {
+        matches!(self.dead_letter("", &reason, payload).await, Handled::Stored)
     }
 }

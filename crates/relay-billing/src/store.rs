@@ -2,14 +2,27 @@
 
 use prost::Message as _;
 use relay_core::pb::billing::v1::UsageSummaryResponse;
-use relay_core::pb::common::v1::{ErrorCode as PbErrorCode, Protocol, TokenUsage};
+use relay_core::pb::common::v1::{ErrorCode as PbErrorCode, Protocol, TokenUsage, UsageSource};
 use relay_core::pb::events::v1::{Outcome, UsageEvent};
-use relay_db::Db;
+use relay_db::{Arg, Col, Db, Val};
+
+use crate::ledger::Booking;
+use crate::pricing::PriceRow;
 use sqlx::Row;
 
 #[derive(Clone, Debug)]
 pub struct UsageStore {
     db: Db,
+}
+
+/// An event billing could not store, kept whole.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub id: String,
+    pub request_id: String,
+    pub reason: String,
+    pub event: Vec<u8>,
+    pub at_ms: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,8 +43,17 @@ impl RecordOutcome {
 const INSERT: &str = "INSERT INTO usage_records (request_id, schema_version, key_id, team_id, org_id, end_user, \
     model, deployment_id, provider, upstream_model, protocol, stream, input_tokens, output_tokens, \
     cached_input_tokens, cache_write_tokens, reasoning_tokens, outcome, error_code, http_status, started_at_ms, \
-    duration_ms, ttfb_ms, attempts, recorded_at_ms, event, cost_micros, currency) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, \
-    $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28) ON CONFLICT (request_id) DO NOTHING";
+    duration_ms, ttfb_ms, attempts, recorded_at_ms, event, cost_micros, currency, client_request_id, \
+    input_source, output_source, sell_micros, price_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, \
+    $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, \
+    $31, $32, $33) ON CONFLICT (request_id) DO NOTHING";
+
+const INSERT_TXN: &str = "INSERT INTO ledger_transactions (id, request_id, kind, price_id, memo, created_at_ms) \
+    VALUES ($1, $2, 'usage', $3, '', $4)";
+const INSERT_ACCOUNT: &str = "INSERT INTO ledger_accounts (id, kind, currency, created_at_ms) VALUES ($1, $2, $3, $4) \
+    ON CONFLICT (id) DO NOTHING";
+const INSERT_ENTRY: &str = "INSERT INTO ledger_entries (txn_id, seq, account_id, amount_micros, currency) \
+    VALUES ($1, $2, $3, $4, $5)";
 
 const GET: &str = "SELECT event FROM usage_records WHERE request_id = $1";
 
@@ -72,38 +94,66 @@ fn i64_of(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// Binds the 26 insert parameters in order, for either backend's query type.
-macro_rules! bind_insert {
-    ($q:expr, $e:expr, $u:expr, $now:expr, $blob:expr) => {
-        $q.bind(&$e.request_id)
-            .bind(i64::from($e.schema_version))
-            .bind(&$e.key_id)
-            .bind(&$e.team_id)
-            .bind(&$e.org_id)
-            .bind(&$e.end_user)
-            .bind(&$e.model)
-            .bind(&$e.deployment_id)
-            .bind(&$e.provider)
-            .bind(&$e.upstream_model)
-            .bind(protocol_label($e.protocol))
-            .bind($e.stream)
-            .bind(i64_of($u.input_tokens))
-            .bind(i64_of($u.output_tokens))
-            .bind(i64_of($u.cached_input_tokens))
-            .bind(i64_of($u.cache_write_tokens))
-            .bind(i64_of($u.reasoning_tokens))
-            .bind(outcome_label($e.outcome))
-            .bind(error_label($e.error_code))
-            .bind(i64::from($e.http_status))
-            .bind($e.started_at_unix_ms)
-            .bind(i64_of($e.duration_ms))
-            .bind(i64_of($e.time_to_first_byte_ms))
-            .bind(i64::from($e.attempts))
-            .bind($now)
-            .bind($blob)
-            .bind($e.cost.as_ref().map_or(0, |c| c.micros))
-            .bind($e.cost.as_ref().map_or("USD", |c| c.currency.as_str()))
-    };
+fn source_label(s: i32) -> &'static str {
+    match UsageSource::try_from(s).unwrap_or(UsageSource::Unspecified) {
+        UsageSource::Unspecified | UsageSource::Provider => "provider",
+        UsageSource::Counted => "counted",
+        UsageSource::Estimated => "estimated",
+    }
+}
+
+/// Text as the database can always store it: no NUL (Postgres refuses it in TEXT), at most `max` bytes
+/// (cut on a character boundary). The event blob keeps the original bytes for audits.
+pub fn storable(s: &str, max: usize) -> String {
+    let mut out: String = s.chars().map(|c| if c == '\0' { '\u{FFFD}' } else { c }).collect();
+    if out.len() > max {
+        let mut cut = max;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+    }
+    out
+}
+
+fn record_args(e: &UsageEvent, b: &Booking, now: i64) -> Vec<Arg> {
+    let u = e.usage.unwrap_or_default();
+    let t = |s: &str| Arg::Text(storable(s, 1024));
+    vec![
+        t(&e.request_id),
+        Arg::I64(i64::from(e.schema_version)),
+        t(&e.key_id),
+        t(&e.team_id),
+        t(&e.org_id),
+        t(&e.end_user),
+        t(&e.model),
+        t(&e.deployment_id),
+        t(&e.provider),
+        t(&e.upstream_model),
+        t(protocol_label(e.protocol)),
+        Arg::Bool(e.stream),
+        Arg::I64(i64_of(u.input_tokens)),
+        Arg::I64(i64_of(u.output_tokens)),
+        Arg::I64(i64_of(u.cached_input_tokens)),
+        Arg::I64(i64_of(u.cache_write_tokens)),
+        Arg::I64(i64_of(u.reasoning_tokens)),
+        t(outcome_label(e.outcome)),
+        t(error_label(e.error_code)),
+        Arg::I64(i64::from(e.http_status)),
+        Arg::I64(e.started_at_unix_ms),
+        Arg::I64(i64_of(e.duration_ms)),
+        Arg::I64(i64_of(e.time_to_first_byte_ms)),
+        Arg::I64(i64::from(e.attempts)),
+        Arg::I64(now),
+        Arg::Bytes(e.encode_to_vec()),
+        Arg::I64(b.cost),
+        t(&b.currency),
+        t(&e.client_request_id),
+        t(source_label(u.input_source)),
+        t(source_label(u.output_source)),
+        Arg::I64(b.sell),
+        t(&b.price_id),
+    ]
 }
 
 /// The seven integer columns of a summary row; a type mismatch is an error, never a silent zero.
@@ -124,21 +174,145 @@ impl UsageStore {
         Self { db }
     }
 
-    /// Inserts the record unless one with this request id exists (then nothing changes).
-    pub async fn record(&self, e: &UsageEvent) -> anyhow::Result<RecordOutcome> {
-        let u = e.usage.unwrap_or_default();
-        let now = chrono::Utc::now().timestamp_millis();
-        let blob = e.encode_to_vec();
-        let rows = match &self.db {
-            Db::Postgres(p) => {
-                bind_insert!(sqlx::query(INSERT), e, u, now, &blob).execute(p).await?.rows_affected()
+    /// Inserts the record and its posting set unless one with this request id exists (then nothing
+    /// changes): one transaction, so a record never exists without its postings.
+    pub async fn record(&self, e: &UsageEvent, b: &Booking) -> anyhow::Result<RecordOutcome> {
+        let out = self.record_batch(&[(e, b)]).await?;
+        Ok(out.first().copied().unwrap_or(RecordOutcome::Duplicate))
+    }
+
+    /// Records a batch in one transaction (all or nothing).
+    pub async fn record_batch(
+        &self,
+        items: &[(&UsageEvent, &Booking)],
+    ) -> anyhow::Result<Vec<RecordOutcome>> {
+        let now = relay_core::ids::now_ms();
+        let mut tx = self.db.begin().await?;
+        let mut out = Vec::with_capacity(items.len());
+        for (e, b) in items {
+            anyhow::ensure!(b.balanced(), "posting set for {} does not balance", e.request_id);
+            if tx.execute(INSERT, &record_args(e, b, now)).await? == 0 {
+                out.push(RecordOutcome::Duplicate);
+                continue;
             }
-            Db::Sqlite(p) => bind_insert!(sqlx::query(relay_db::sqlite_sql(INSERT)), e, u, now, &blob)
-                .execute(p)
-                .await?
-                .rows_affected(),
-        };
-        Ok(if rows == 1 { RecordOutcome::Inserted } else { RecordOutcome::Duplicate })
+            let txn = storable(&b.txn_id, 1100);
+            let rid = storable(&e.request_id, 1024);
+            tx.execute(INSERT_TXN, &[txn.clone().into(), rid.into(), b.price_id.clone().into(), now.into()])
+                .await?;
+            for (seq, entry) in b.entries.iter().enumerate() {
+                let account = storable(&entry.account, 1100);
+                let currency = Arg::Text(b.currency.clone());
+                let args = [account.clone().into(), entry.kind.into(), currency.clone(), now.into()];
+                tx.execute(INSERT_ACCOUNT, &args).await?;
+                let seq = i64::try_from(seq).unwrap_or(i64::MAX);
+                let args = [txn.clone().into(), seq.into(), account.into(), entry.amount.into(), currency];
+                tx.execute(INSERT_ENTRY, &args).await?;
+            }
+            out.push(RecordOutcome::Inserted);
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Keeps an event billing cannot store (bad data, not an outage) for inspection and replay.
+    pub async fn dead_letter(&self, request_id: &str, reason: &str, event: Vec<u8>) -> anyhow::Result<()> {
+        let sql = "INSERT INTO usage_dead_letters (id, request_id, reason, event, created_at_ms) \
+            VALUES ($1, $2, $3, $4, $5)";
+        let args = [
+            relay_core::ids::new_request_id().into(),
+            storable(request_id, 1024).into(),
+            storable(reason, 2000).into(),
+            Arg::Bytes(event),
+            relay_core::ids::now_ms().into(),
+        ];
+        self.db.execute(sql, &args).await?;
+        Ok(())
+    }
+
+    /// Dead letters, oldest first.
+    pub async fn dead_letters(&self) -> anyhow::Result<Vec<DeadLetter>> {
+        let sql = "SELECT id, request_id, reason, event, created_at_ms FROM usage_dead_letters ORDER BY id";
+        let rows = self.db.fetch(sql, &[], &[Col::Text, Col::Text, Col::Text, Col::Bytes, Col::I64]).await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let mut it = r.into_iter();
+                let mut next = || it.next().unwrap_or(Val::I64(0));
+                let (id, request_id, reason, event, at) = (next(), next(), next(), next(), next());
+                DeadLetter {
+                    id: id.into_text(),
+                    request_id: request_id.into_text(),
+                    reason: reason.into_text(),
+                    event: event.into_bytes(),
+                    at_ms: at.i64(),
+                }
+            })
+            .collect())
+    }
+
+    pub async fn delete_dead_letter(&self, id: &str) -> anyhow::Result<()> {
+        self.db.execute("DELETE FROM usage_dead_letters WHERE id = $1", &[id.into()]).await?;
+        Ok(())
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Adds price versions; an id already stored is kept as it is (versions are immutable once used).
+    pub async fn save_prices(&self, rows: &[PriceRow]) -> anyhow::Result<()> {
+        let sql = "INSERT INTO prices (id, provider, model, currency, input_per_mtok, output_per_mtok, \
+            cached_input_per_mtok, cache_write_per_mtok, reasoning_per_mtok, per_request, valid_from_ms, \
+            valid_to_ms, source, created_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+            ON CONFLICT (id) DO NOTHING";
+        let now = relay_core::ids::now_ms();
+        let mut tx = self.db.begin().await?;
+        for r in rows {
+            let args: Vec<Arg> = vec![
+                r.id.clone().into(),
+                r.provider.clone().into(),
+                r.model.clone().into(),
+                r.currency.clone().into(),
+                r.input.into(),
+                r.output.into(),
+                r.cached_input.into(),
+                r.cache_write.into(),
+                r.reasoning.into(),
+                r.per_request.into(),
+                r.valid_from_ms.into(),
+                r.valid_to_ms.into(),
+                r.source.clone().into(),
+                now.into(),
+            ];
+            tx.execute(sql, &args).await?;
+        }
+        tx.commit().await
+    }
+
+    pub async fn load_prices(&self) -> anyhow::Result<Vec<PriceRow>> {
+        let sql = "SELECT id, provider, model, currency, input_per_mtok, output_per_mtok, cached_input_per_mtok, \
+            cache_write_per_mtok, reasoning_per_mtok, per_request, valid_from_ms, valid_to_ms, source FROM prices";
+        use Col::{I64, Text};
+        let cols = [Text, Text, Text, Text, I64, I64, I64, I64, I64, I64, I64, I64, Text];
+        let rows = self.db.fetch(sql, &[], &cols).await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| PriceRow {
+                id: r[0].text().to_owned(),
+                provider: r[1].text().to_owned(),
+                model: r[2].text().to_owned(),
+                currency: r[3].text().to_owned(),
+                input: r[4].i64(),
+                output: r[5].i64(),
+                cached_input: r[6].i64(),
+                cache_write: r[7].i64(),
+                reasoning: r[8].i64(),
+                per_request: r[9].i64(),
+                valid_from_ms: r[10].i64(),
+                valid_to_ms: r[11].i64(),
+                source: r[12].text().to_owned(),
+            })
+            .collect())
     }
 
     pub async fn get(&self, request_id: &str) -> anyhow::Result<Option<UsageEvent>> {
@@ -190,6 +364,7 @@ impl UsageStore {
                 cached_input_tokens: n(4),
                 cache_write_tokens: n(5),
                 reasoning_tokens: n(6),
+                ..Default::default()
             }),
         })
     }
@@ -219,15 +394,31 @@ mod tests {
         }
     }
 
+    fn booked(e: &UsageEvent) -> crate::ledger::Booking {
+        crate::ledger::book(e, &crate::pricing::PriceBook::default(), &[], 0)
+    }
+
     async fn exercise(store: UsageStore) {
         let a = event("req-a", "k1", Outcome::Success, 10, 5, 1000);
-        assert_eq!(store.record(&a).await.unwrap(), RecordOutcome::Inserted);
-        assert_eq!(store.record(&a).await.unwrap(), RecordOutcome::Duplicate);
+        assert_eq!(store.record(&a, &booked(&a)).await.unwrap(), RecordOutcome::Inserted);
+        assert_eq!(store.record(&a, &booked(&a)).await.unwrap(), RecordOutcome::Duplicate);
         let mut changed = a.clone();
         changed.usage = Some(TokenUsage { input_tokens: 999, ..Default::default() });
-        assert_eq!(store.record(&changed).await.unwrap(), RecordOutcome::Duplicate);
-        store.record(&event("req-b", "k1", Outcome::Error, 3, 0, 2000)).await.unwrap();
-        store.record(&event("req-c", "k2", Outcome::Success, 7, 7, 2000)).await.unwrap();
+        assert_eq!(store.record(&changed, &booked(&changed)).await.unwrap(), RecordOutcome::Duplicate);
+        store
+            .record(
+                &event("req-b", "k1", Outcome::Error, 3, 0, 2000),
+                &booked(&event("req-b", "k1", Outcome::Error, 3, 0, 2000)),
+            )
+            .await
+            .unwrap();
+        store
+            .record(
+                &event("req-c", "k2", Outcome::Success, 7, 7, 2000),
+                &booked(&event("req-c", "k2", Outcome::Success, 7, 7, 2000)),
+            )
+            .await
+            .unwrap();
         assert_eq!(store.get("req-a").await.unwrap().unwrap(), a);
         assert_eq!(store.get("nope").await.unwrap(), None);
         let s = store.summary("k1", 0, i64::MAX).await.unwrap();

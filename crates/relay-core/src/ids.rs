@@ -1,4 +1,5 @@
-//! Request ids (UUIDv7 unless the client supplied a usable `x-request-id`) and the clock: UTC unix time.
+//! Request ids and the clock (UTC unix time). Every request gets a Relay-generated UUIDv7: its billing id.
+//! A client's `x-request-id` is kept beside it for correlation only, never as a key.
 
 /// Now, as UTC unix milliseconds.
 pub fn now_ms() -> i64 {
@@ -12,12 +13,9 @@ pub fn new_request_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
-/// The client's `x-request-id` if it is safe to echo and store (1..=128 visible ASCII characters), else a new id.
-pub fn request_id_from_client(client: Option<&str>) -> String {
-    match client {
-        Some(id) if is_valid_client_id(id) => id.to_owned(),
-        _ => new_request_id(),
-    }
+/// The client's `x-request-id` if it is safe to echo and store (1..=128 visible ASCII characters).
+pub fn client_request_id(client: Option<&str>) -> Option<String> {
+    client.filter(|id| is_valid_client_id(id)).map(str::to_owned)
 }
 
 fn is_valid_client_id(id: &str) -> bool {
@@ -36,12 +34,12 @@ mod tests {
     }
 
     #[test]
-    fn client_ids_are_echoed_only_when_safe() {
-        assert_eq!(request_id_from_client(Some("abc-123")), "abc-123");
-        assert_ne!(request_id_from_client(Some("has space")), "has space");
-        assert_ne!(request_id_from_client(Some("")), "");
-        let long = "x".repeat(129);
-        assert_ne!(request_id_from_client(Some(&long)), long);
-        assert_ne!(request_id_from_client(Some("bad\nline")), "bad\nline");
+    fn client_ids_are_kept_only_when_safe() {
+        assert_eq!(client_request_id(Some("abc-123")).as_deref(), Some("abc-123"));
+        assert_eq!(client_request_id(Some("has space")), None);
+        assert_eq!(client_request_id(Some("")), None);
+        assert_eq!(client_request_id(Some(&"x".repeat(129))), None);
+        assert_eq!(client_request_id(Some("bad\nline")), None);
+        assert_eq!(client_request_id(None), None);
     }
 }

@@ -1,26 +1,26 @@
 //! The chat routes: OpenAI `POST /v1/chat/completions`, Anthropic `POST /v1/messages` (and
 //! `/v1/messages/count_tokens`), OpenAI `POST /v1/responses`. Each authenticates, reads and checks the few
-//! fields the edge needs, routes, dispatches with failover before the first byte, then forwards the
-//! adapter's bytes as they arrive. Errors answer in the route's protocol shape.
+//! fields the edge needs, routes, admits, and hands the call to [`answer`] (failover, forwarding, what
+//! happens when the client leaves). Errors answer in the route's protocol shape.
 
 use std::collections::HashMap;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Extension, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
-use futures_util::{Stream, StreamExt};
-use relay_core::contracts::{ChatEventStream, RateHeaders};
-use relay_core::pb::adapter::v1::{ChatRequest, CountTokensRequest, chat_event::Event};
+use relay_core::RelayError;
+use relay_core::contracts::RateHeaders;
+use relay_core::pb::adapter::v1::{ChatRequest, CountTokensRequest};
 use relay_core::pb::auth::v1::Principal;
-use relay_core::{ErrorCode, RelayError};
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::Edge;
-use crate::dispatch::{admission, admit, ensure_allowed, read_json, required_model, route, with_failover};
+use crate::answer::{self, ChatCall};
+use crate::dispatch::{
+    admission, admit, check_end_user, ensure_allowed, read_json, required_model, route, with_failover,
+};
 use crate::error::Inbound;
 use crate::request::RequestCtx;
 use crate::usage::UsageRecord;
@@ -114,6 +114,8 @@ struct StreamOptions {
 impl Envelope {
     /// Shape checks each protocol's own API would make before doing anything.
     fn validate(&self, inbound: Inbound) -> Result<(), RelayError> {
+        let param = if self.user.is_some() { "user" } else { "metadata.user_id" };
+        check_end_user(self.end_user(), param)?;
         let non_empty_array = |v: &Option<Shape>| matches!(v, Some(Shape::Array(n)) if *n > 0);
         match inbound {
             Inbound::OpenAiChat if !non_empty_array(&self.messages) => {
@@ -194,9 +196,8 @@ async fn serve(edge: Edge, ctx: RequestCtx, headers: HeaderMap, body: Body, inbo
         Err(e) => return inbound.error(e),
     };
     let mut rec = UsageRecord::new(&edge, &ctx, &principal, inbound.protocol());
-    match dispatch(&edge, &ctx, &principal, &headers, body, inbound, &mut rec).await {
-        Ok((events, true, rate)) => with_rate_headers(stream_response(events, rec, inbound), &rate),
-        Ok((events, false, rate)) => with_rate_headers(whole_response(events, rec, inbound).await, &rate),
+    match prepare(&edge, &ctx, &principal, &headers, body, inbound, &mut rec).await {
+        Ok((call, rate)) => with_rate_headers(answer::respond(edge, call, rec).await, &rate),
         Err((e, rate)) => {
             rec.fail(&e, e.http_status());
             with_rate_headers(inbound.error(e), &rate)
@@ -213,7 +214,8 @@ fn with_rate_headers(mut resp: Response, rate: &RateHeaders) -> Response {
     resp
 }
 
-async fn dispatch(
+/// Everything before the upstream call: the body read and checked, the route, the admission.
+async fn prepare(
     edge: &Edge,
     ctx: &RequestCtx,
     principal: &Principal,
@@ -221,130 +223,32 @@ async fn dispatch(
     body: Body,
     inbound: Inbound,
     rec: &mut UsageRecord,
-) -> Result<(ChatEventStream, bool, RateHeaders), (RelayError, RateHeaders)> {
+) -> Result<(ChatCall, RateHeaders), (RelayError, RateHeaders)> {
     let plain = |e: RelayError| (e, Vec::new());
     let (bytes, env): (Bytes, Envelope) =
         read_json(body, edge.inner.cfg.max_body_bytes).await.map_err(plain)?;
     let model = required_model(env.model.clone()).map_err(plain)?;
     env.validate(inbound).map_err(plain)?;
     let stream = env.stream.unwrap_or(false);
-    rec.request(&model, stream, env.end_user());
+    rec.request(&model, stream, env.end_user(), bytes.len());
     ensure_allowed(principal, &model).map_err(plain)?;
     let route = route(edge, &model, stream).await.map_err(plain)?;
     let lease = admission(ctx, principal, bytes.len(), env.max_output(), &route.candidates);
     let rate = admit(edge, rec, lease).await.map_err(|d| (d.error, d.headers))?;
-    let wants_usage = env.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
-    let passthrough = passthrough(inbound, headers);
-    let events = with_failover(&route.candidates, Some(rec), |dep| {
-        let req = ChatRequest {
-            request_id: ctx.request_id.clone(),
-            protocol: inbound.protocol() as i32,
-            body: bytes.clone(),
-            deployment: Some(dep.clone()),
-            stream,
-            client_wants_usage: wants_usage,
-            passthrough_headers: passthrough.clone(),
-            client_model: model.clone(),
-        };
-        open(edge, req)
-    })
-    .await
-    .map_err(|e| (e, rate.clone()))?;
-    Ok((events, stream, rate))
-}
-
-/// Calls the adapter and waits for the upstream to accept (the `Start` event). A failure before that is
-/// returned as an error, so the caller can fail over or answer with a real HTTP status.
-async fn open(edge: &Edge, req: ChatRequest) -> Result<ChatEventStream, RelayError> {
-    let mut events = edge.inner.services.adapter.chat(req).await?;
-    match events.next().await.and_then(|e| e.event) {
-        Some(Event::Start(_)) => Ok(events),
-        Some(Event::Error(e)) => Err(RelayError::from_pb(&e)),
-        _ => {
-            Err(RelayError::new(ErrorCode::UpstreamProtocol, "the adapter ended the call without an answer"))
-        }
-    }
-}
-
-async fn whole_response(mut events: ChatEventStream, mut rec: UsageRecord, inbound: Inbound) -> Response {
-    let mut body = Vec::new();
-    while let Some(ev) = events.next().await {
-        match ev.event {
-            Some(Event::Chunk(c)) => body.extend_from_slice(&c.data),
-            Some(Event::Usage(u)) => rec.usage(u),
-            Some(Event::Error(e)) => {
-                let e = RelayError::from_pb(&e);
-                rec.fail(&e, e.http_status());
-                return inbound.error(e);
-            }
-            Some(Event::Start(_) | Event::Finish(_)) | None => {}
-        }
-    }
-    rec.first_byte();
-    rec.succeed();
-    let mut resp = (StatusCode::OK, body).into_response();
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp
-}
-
-fn stream_response(events: ChatEventStream, rec: UsageRecord, inbound: Inbound) -> Response {
-    let body =
-        Body::from_stream(ForwardStream { events, rec: Some(rec), inbound, span: tracing::Span::current() });
-    let mut resp = (StatusCode::OK, body).into_response();
-    let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    resp
-}
-
-/// The response body of a stream: adapter bytes out as they come, side events into the usage record.
-/// Dropped early (client gone) it drops the adapter stream, which cancels the upstream call, and the
-/// record reports the request as cancelled.
-struct ForwardStream {
-    events: ChatEventStream,
-    rec: Option<UsageRecord>,
-    inbound: Inbound,
-    span: tracing::Span,
-}
-
-impl Stream for ForwardStream {
-    type Item = Result<Bytes, std::convert::Infallible>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        let _g = this.span.enter();
-        loop {
-            let Some(rec) = this.rec.as_mut() else {
-                return Poll::Ready(None);
-            };
-            let ev = match this.events.poll_next_unpin(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(ev) => ev,
-            };
-            match ev.and_then(|e| e.event) {
-                Some(Event::Chunk(c)) => {
-                    rec.first_byte();
-                    return Poll::Ready(Some(Ok(c.data)));
-                }
-                Some(Event::Usage(u)) => rec.usage(u),
-                Some(Event::Start(_) | Event::Finish(_)) => {}
-                Some(Event::Error(e)) => {
-                    let e = RelayError::from_pb(&e);
-                    if let Some(rec) = this.rec.take() {
-                        rec.fail(&e, 200);
-                    }
-                    return Poll::Ready(Some(Ok(this.inbound.stream_error(&e))));
-                }
-                None => {
-                    if let Some(rec) = this.rec.take() {
-                        rec.succeed();
-                    }
-                    return Poll::Ready(None);
-                }
-            }
-        }
-    }
+    let drain_max = std::time::Duration::from_secs(edge.inner.cfg.drain_max_secs);
+    let policy = answer::Policy::of(route.on_disconnect(), stream, drain_max);
+    let request = ChatRequest {
+        request_id: ctx.request_id.clone(),
+        protocol: inbound.protocol() as i32,
+        body: bytes,
+        deployment: None,
+        stream,
+        client_wants_usage: env.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false),
+        passthrough_headers: passthrough(inbound, headers),
+        client_model: model,
+        count_input: policy == answer::Policy::Cancel,
+    };
+    Ok((ChatCall { request, candidates: route.candidates.clone(), policy, inbound }, rate))
 }
 
 /// `POST /v1/messages/count_tokens`: input tokens for an Anthropic-shaped request on the routed model

@@ -35,6 +35,26 @@ pub fn required_model(model: Option<String>) -> Result<String, RelayError> {
         .ok_or_else(|| RelayError::invalid_request("you must provide a model parameter").with_param("model"))
 }
 
+/// Longest end-user id accepted (OpenAI `user`, Anthropic `metadata.user_id`). It is stored with every usage
+/// record and travels on the bus, so it is bounded here, where the client can be told.
+pub const MAX_END_USER_BYTES: usize = 256;
+
+/// The end-user id must be short and printable: it is stored, exported and shown in reports.
+pub fn check_end_user(user: &str, param: &str) -> Result<(), RelayError> {
+    if user.len() > MAX_END_USER_BYTES {
+        return Err(RelayError::invalid_request(format!(
+            "`{param}` is too long: at most {MAX_END_USER_BYTES} bytes are allowed (got {}).",
+            user.len()
+        ))
+        .with_param(param));
+    }
+    if user.chars().any(char::is_control) {
+        return Err(RelayError::invalid_request(format!("`{param}` must not contain control characters."))
+            .with_param(param));
+    }
+    Ok(())
+}
+
 pub fn ensure_allowed(principal: &Principal, model: &str) -> Result<(), RelayError> {
     if relay_core::model_allowed(&principal.allowed_models, model) {
         Ok(())

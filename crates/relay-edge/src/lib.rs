@@ -5,6 +5,7 @@
 //! Every failure is answered in the client protocol's error shape. What does not belong here: protocol
 //! conversion (adapter), key storage (auth), route selection (routing), recording usage (billing).
 
+mod answer;
 mod cache;
 mod chat;
 mod dispatch;
@@ -33,11 +34,19 @@ pub struct EdgeConfig {
     pub auth_cache_entries: usize,
     /// Take the client address from the first `X-Forwarded-For` entry (only behind a proxy you run).
     pub trust_forwarded_for: bool,
+    /// Longest time an abandoned answer is read on (disconnect policy `drain`) to bill the provider's own
+    /// usage; past it the upstream is cancelled and what it produced is billed.
+    pub drain_max_secs: u64,
 }
 
 impl Default for EdgeConfig {
     fn default() -> Self {
-        Self { max_body_bytes: 32 << 20, auth_cache_entries: 100_000, trust_forwarded_for: false }
+        Self {
+            max_body_bytes: 32 << 20,
+            auth_cache_entries: 100_000,
+            trust_forwarded_for: false,
+            drain_max_secs: 300,
+        }
     }
 }
 
@@ -52,8 +61,10 @@ struct Inner {
     services: Services,
     principals: principal::PrincipalCache,
     routes: cache::TtlCache<String, Arc<relay_core::pb::routing::v1::RouteResponse>>,
-    /// Usage publications still in flight; shutdown waits for them.
+    /// Answers in flight (drains included) and usage hand-offs; shutdown waits for them.
     background: TaskTracker,
+    /// Cancelled at shutdown: drains stop reading and book what they have.
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 impl Edge {
@@ -66,6 +77,7 @@ impl Edge {
                 principals,
                 routes: cache::TtlCache::new(10_000),
                 background: TaskTracker::new(),
+                stopping: tokio_util::sync::CancellationToken::new(),
             }),
         }
     }
@@ -86,8 +98,10 @@ impl Edge {
         self.inner.principals.authenticate(self.inner.services.auth.as_ref(), headers, &ctx.client_ip).await
     }
 
-    /// Waits until every usage event produced so far has been handed to the bus.
+    /// Stops drains of abandoned answers (they book what they have) and waits until every usage event
+    /// produced so far has been handed on.
     pub async fn flush(&self) {
+        self.inner.stopping.cancel();
         self.inner.background.close();
         self.inner.background.wait().await;
         self.inner.background.reopen();

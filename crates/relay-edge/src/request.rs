@@ -1,5 +1,6 @@
-//! Per-request context: the request id (the client's `x-request-id` if usable, else a UUIDv7), the root
-//! span joined to the caller's trace, RED metrics by matched route, and `x-request-id` on every response.
+//! Per-request context: Relay's request id (a fresh UUIDv7, the billing id; sent back as
+//! `x-relay-request-id`), the client's own `x-request-id` kept for correlation (echoed back as is), the root
+//! span joined to the caller's trace, and RED metrics by matched route.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -12,7 +13,10 @@ use tracing::Instrument;
 
 #[derive(Clone, Debug)]
 pub struct RequestCtx {
+    /// Relay's id for this request: the key of its usage event, ledger postings and limiter lease.
     pub request_id: String,
+    /// The client's `x-request-id`, when it sent a usable one (correlation only).
+    pub client_request_id: Option<String>,
     pub started: Instant,
     pub started_unix_ms: i64,
     /// W3C context of the root span, carried into the usage event.
@@ -44,7 +48,8 @@ pub async fn middleware(
     next: Next,
 ) -> Response {
     let client_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok());
-    let request_id = relay_core::ids::request_id_from_client(client_id);
+    let client_request_id = relay_core::ids::client_request_id(client_id);
+    let request_id = relay_core::ids::new_request_id();
     let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_owned();
     let span = tracing::info_span!(
         "http.request",
@@ -52,6 +57,7 @@ pub async fn middleware(
         http.request.method = %req.method(),
         http.route = %route,
         request_id = %request_id,
+        client_request_id = client_request_id.as_deref().unwrap_or(""),
         http.response.status_code = tracing::field::Empty,
     );
     relay_telemetry::set_parent(&span, relay_telemetry::context_from_headers(req.headers()));
@@ -61,6 +67,7 @@ pub async fn middleware(
     let client_ip = client_ip(&req, edge.inner.cfg.trust_forwarded_for);
     req.extensions_mut().insert(RequestCtx {
         request_id: request_id.clone(),
+        client_request_id: client_request_id.clone(),
         started,
         started_unix_ms,
         trace_context,
@@ -70,6 +77,9 @@ pub async fn middleware(
     let status = resp.status().as_u16();
     span.record("http.response.status_code", status);
     if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("x-relay-request-id", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(client_request_id.as_deref().unwrap_or(&request_id)) {
         resp.headers_mut().insert("x-request-id", v);
     }
     metrics::counter!("relay_edge_requests_total", "route" => route.clone(), "status" => status.to_string())

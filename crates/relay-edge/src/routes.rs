@@ -14,7 +14,9 @@ use serde_json::json;
 
 use crate::Edge;
 use crate::chat;
-use crate::dispatch::{admission, admit, ensure_allowed, read_json, required_model, route, with_failover};
+use crate::dispatch::{
+    admission, admit, check_end_user, ensure_allowed, read_json, required_model, route, with_failover,
+};
 use crate::error::{Inbound, OpenAiError};
 use crate::request::{self, RequestCtx};
 use crate::usage::UsageRecord;
@@ -140,7 +142,8 @@ async fn embed(
     if env.input.is_none() {
         return Err(RelayError::invalid_request("you must provide an input parameter").with_param("input"));
     }
-    rec.request(&model, false, env.user.as_deref().unwrap_or(""));
+    check_end_user(env.user.as_deref().unwrap_or(""), "user")?;
+    rec.request(&model, false, env.user.as_deref().unwrap_or(""), bytes.len());
     ensure_allowed(p, &model)?;
     let route = route(edge, &model, false).await?;
     let lease = admission(ctx, p, bytes.len(), Some(0), &route.candidates);

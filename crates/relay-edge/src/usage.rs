@@ -1,11 +1,15 @@
 //! One usage event per authenticated request, whatever happens: success, error, or a client that left.
-//! The event is published after the response, off the request path; publication retries with backoff.
+//! The event is handed to the usage sink (a durable outbox in front of the bus) after the response, off
+//! the request path. When the answer ended without the provider's usage, the record bills Relay's counts:
+//! input from the adapter's tokenizer (or, before the upstream answered, the body's bytes / 4), output as
+//! counted on the chunks that reached the edge.
 
 use std::time::{Duration, Instant};
 
 use relay_core::contracts::Admission;
+use relay_core::pb::adapter::v1::Start;
 use relay_core::pb::auth::v1::Principal;
-use relay_core::pb::common::v1::{Money, Protocol, TokenUsage};
+use relay_core::pb::common::v1::{Money, Protocol, TokenUsage, UsageSource};
 use relay_core::pb::events::v1::{Outcome, UsageEvent};
 use relay_core::pb::routing::v1::{Deployment, Price};
 use relay_core::{ErrorCode, RelayError, USAGE_EVENT_SCHEMA_VERSION};
@@ -25,6 +29,12 @@ pub struct UsageRecord {
     lease: Option<Admission>,
     /// Price of the deployment that answered (the last one tried).
     price: Option<Price>,
+    /// Request body size, for an input estimate when nothing better is known.
+    body_bytes: u64,
+    /// Input tokens the adapter counted before the upstream answered (with their source).
+    counted_input: Option<(u64, UsageSource)>,
+    /// Output tokens on the last chunk that reached the edge (Relay's count).
+    output_seen: u64,
 }
 
 impl UsageRecord {
@@ -32,6 +42,7 @@ impl UsageRecord {
         let event = UsageEvent {
             schema_version: USAGE_EVENT_SCHEMA_VERSION,
             request_id: ctx.request_id.clone(),
+            client_request_id: ctx.client_request_id.clone().unwrap_or_default(),
             key_id: principal.key_id.clone(),
             team_id: principal.team_id.clone(),
             org_id: principal.org_id.clone(),
@@ -40,13 +51,36 @@ impl UsageRecord {
             trace_context: ctx.trace_context.clone(),
             ..Default::default()
         };
-        Self { edge: edge.clone(), event, started: ctx.started, finished: false, lease: None, price: None }
+        Self {
+            edge: edge.clone(),
+            event,
+            started: ctx.started,
+            finished: false,
+            lease: None,
+            price: None,
+            body_bytes: 0,
+            counted_input: None,
+            output_seen: 0,
+        }
     }
 
-    pub fn request(&mut self, model: &str, stream: bool, end_user: &str) {
+    pub fn request(&mut self, model: &str, stream: bool, end_user: &str, body_bytes: usize) {
         self.event.model = model.to_owned();
         self.event.stream = stream;
         self.event.end_user = end_user.to_owned();
+        self.body_bytes = u64::try_from(body_bytes).unwrap_or(u64::MAX);
+    }
+
+    /// The upstream accepted; the adapter may have counted the input already.
+    pub fn started(&mut self, s: &Start) {
+        if s.input_tokens > 0 {
+            self.counted_input = Some((s.input_tokens, s.input_source()));
+        }
+    }
+
+    /// Output tokens produced up to a chunk the edge received.
+    pub fn output_seen(&mut self, output_tokens: u64) {
+        self.output_seen = self.output_seen.max(output_tokens);
     }
 
     pub fn attempt(&mut self, d: &Deployment) {
@@ -82,6 +116,33 @@ impl UsageRecord {
         self.finish(Outcome::Error, Some(e), http_status);
     }
 
+    /// The client left before the answer ended (whatever was read of it is billed).
+    pub fn cancelled(mut self) {
+        self.cancel();
+    }
+
+    fn cancel(&mut self) {
+        let e = RelayError::new(ErrorCode::Cancelled, "client disconnected");
+        self.finish(Outcome::Cancelled, Some(&e), 499);
+    }
+
+    /// What to bill when no `Usage` event arrived: counted input (or the byte bound's estimate once an
+    /// upstream was called) and the output that reached the edge. Nothing when no upstream was called.
+    fn fallback_usage(&self) -> TokenUsage {
+        if self.event.attempts == 0 {
+            return TokenUsage::default();
+        }
+        let (input, input_source) =
+            self.counted_input.unwrap_or((self.body_bytes.div_ceil(4), UsageSource::Estimated));
+        TokenUsage {
+            input_tokens: input,
+            input_source: input_source as i32,
+            output_tokens: self.output_seen,
+            output_source: UsageSource::Counted as i32,
+            ..Default::default()
+        }
+    }
+
     fn finish(&mut self, outcome: Outcome, e: Option<&RelayError>, http_status: u16) {
         if self.finished {
             return;
@@ -91,6 +152,12 @@ impl UsageRecord {
         self.event.error_code = e.map_or(0, |e| e.code.to_pb() as i32);
         self.event.http_status = u32::from(http_status);
         self.event.duration_ms = elapsed_ms(self.started);
+        if self.event.usage.is_none() && outcome != Outcome::Success {
+            let u = self.fallback_usage();
+            if u != TokenUsage::default() {
+                self.event.usage = Some(u);
+            }
+        }
         let usage = self.event.usage.unwrap_or_default();
         let cost = self.price.as_ref().map_or(0, |p| relay_core::cost_micros(&usage, p));
         let currency = self.price.as_ref().map_or_else(|| "USD".to_owned(), |p| p.currency.clone());
@@ -112,8 +179,7 @@ impl Drop for UsageRecord {
     /// Dropped unfinished = the client went away (the response future or body stream was dropped).
     fn drop(&mut self) {
         if !self.finished {
-            let e = RelayError::new(ErrorCode::Cancelled, "client disconnected");
-            self.finish(Outcome::Cancelled, Some(&e), 499);
+            self.cancel();
         }
     }
 }

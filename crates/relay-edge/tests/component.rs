@@ -71,7 +71,7 @@ impl Router for FakeRouter {
             "ok-good" | "secret-model" => vec![dep("good")],
             _ => return Err(RelayError::new(ErrorCode::ModelNotFound, "no such model")),
         };
-        Ok(RouteResponse { candidates, cache_ttl_ms: 1000 })
+        Ok(RouteResponse { candidates, cache_ttl_ms: 1000, ..Default::default() })
     }
     async fn list_models(&self) -> Result<ListModelsResponse> {
         let m = |id: &str| ModelInfo { id: id.into(), ..Default::default() };
@@ -87,7 +87,7 @@ fn ev(e: Event) -> ChatEvent {
 }
 
 fn chunk(s: &str) -> ChatEvent {
-    ev(Event::Chunk(adapter::Chunk { data: s.as_bytes().to_vec().into() }))
+    ev(Event::Chunk(adapter::Chunk { data: s.as_bytes().to_vec().into(), output_tokens: 1 }))
 }
 
 #[async_trait::async_trait]
@@ -115,7 +115,11 @@ impl Adapter for FakeAdapter {
     }
     async fn count_tokens(&self, req: adapter::CountTokensRequest) -> Result<adapter::CountTokensResponse> {
         self.0.lock().unwrap().push(format!("count:{}", req.deployment.unwrap().provider));
-        Ok(adapter::CountTokensResponse { input_tokens: req.body.len() as u64, exact: true })
+        Ok(adapter::CountTokensResponse {
+            input_tokens: req.body.len() as u64,
+            exact: true,
+            ..Default::default()
+        })
     }
 }
 

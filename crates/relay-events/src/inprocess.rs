@@ -1,18 +1,22 @@
-//! The embedded bus: a bounded channel. Publishing waits for room (backpressure, never drops).
+//! The embedded bus: a bounded channel. Publishing waits for room (backpressure, never drops) and then for
+//! the handler's verdict, so `publish` returning Ok means the event is recorded (the outbox in front of it
+//! deletes its copy only then).
 
 use relay_core::contracts::{Result, UsageSink};
 use relay_core::pb::events::v1::UsageEvent;
 use relay_core::{ErrorCode, RelayError};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::{UsageHandler, consumer_span};
+use crate::{Handled, UsageHandler, consumer_span};
+
+type Delivery = (UsageEvent, oneshot::Sender<bool>);
 
 #[derive(Clone)]
-pub struct InProcessSink(mpsc::Sender<UsageEvent>);
+pub struct InProcessSink(mpsc::Sender<Delivery>);
 
-pub struct InProcessSource(mpsc::Receiver<UsageEvent>);
+pub struct InProcessSource(mpsc::Receiver<Delivery>);
 
 pub fn in_process_bus(capacity: usize) -> (InProcessSink, InProcessSource) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
@@ -22,43 +26,54 @@ pub fn in_process_bus(capacity: usize) -> (InProcessSink, InProcessSource) {
 #[async_trait::async_trait]
 impl UsageSink for InProcessSink {
     async fn publish(&self, event: UsageEvent) -> Result<()> {
-        self.0.send(event).await.map_err(|_| RelayError::new(ErrorCode::Unavailable, "usage bus closed"))
+        let closed = || RelayError::new(ErrorCode::Unavailable, "usage bus closed");
+        let (ack, stored) = oneshot::channel();
+        self.0.send((event, ack)).await.map_err(|_| closed())?;
+        match stored.await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(RelayError::new(ErrorCode::Unavailable, "usage event not recorded yet")),
+            Err(_) => Err(closed()),
+        }
     }
 }
+
+/// Most events handled in one batch.
+const BATCH: usize = 256;
 
 impl InProcessSource {
     pub(crate) async fn run<H: UsageHandler>(mut self, handler: H, stop: CancellationToken) {
+        let mut buf = Vec::with_capacity(BATCH);
         loop {
-            let event = tokio::select! {
+            let n = tokio::select! {
                 biased;
-                ev = self.0.recv() => match ev { Some(ev) => ev, None => return },
+                n = self.0.recv_many(&mut buf, BATCH) => n,
                 () = stop.cancelled() => break,
             };
-            handle_with_retry(&handler, event).await;
+            if n == 0 {
+                return;
+            }
+            handle(&handler, std::mem::take(&mut buf)).await;
         }
-        // Drain what was published before the stop.
-        while let Ok(event) = self.0.try_recv() {
-            handle_with_retry(&handler, event).await;
+        // Answer what was published before the stop.
+        while let Ok(d) = self.0.try_recv() {
+            handle(&handler, vec![d]).await;
         }
     }
 }
 
-/// In process there is no redelivery, so a failing handler is retried here (bounded, with backoff).
-async fn handle_with_retry<H: UsageHandler>(handler: &H, event: UsageEvent) {
-    let span = consumer_span(&event);
-    let mut delay = std::time::Duration::from_millis(50);
-    for attempt in 1..=8 {
-        match handler.handle(event.clone()).instrument(span.clone()).await {
-            Ok(()) => return,
-            Err(e) => {
-                tracing::warn!(parent: &span, attempt, error = %e, "usage event not recorded; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(std::time::Duration::from_secs(2));
-            }
+/// Runs one batch. A retry is answered `false`: the publisher (the outbox) keeps the event and offers it
+/// again later, so an outage never blocks this loop and never loses the event.
+async fn handle<H: UsageHandler>(handler: &H, batch: Vec<Delivery>) {
+    let (events, acks): (Vec<UsageEvent>, Vec<_>) = batch.into_iter().unzip();
+    let span = events.first().map_or_else(tracing::Span::none, consumer_span);
+    let attempts = vec![1; events.len()];
+    let verdicts = handler.handle_batch(&events, &attempts).instrument(span.clone()).await;
+    for ((ack, verdict), event) in acks.into_iter().zip(verdicts).zip(&events) {
+        if let Handled::Retry(why) = &verdict {
+            tracing::warn!(parent: &span, request_id = %event.request_id, reason = %why, "usage event not recorded yet");
         }
+        let _ = ack.send(verdict == Handled::Stored);
     }
-    metrics::counter!("relay_usage_events_dropped_total").increment(1);
-    tracing::error!(parent: &span, request_id = %event.request_id, "usage event dropped after 8 attempts");
 }
 
 #[cfg(test)]
@@ -71,28 +86,38 @@ mod tests {
     struct Collect(Arc<Mutex<Vec<String>>>, Arc<Mutex<u32>>);
 
     impl UsageHandler for Collect {
-        async fn handle(&self, event: UsageEvent) -> anyhow::Result<()> {
+        async fn handle_batch(&self, events: &[UsageEvent], _: &[u32]) -> Vec<Handled> {
             let mut fails = self.1.lock().unwrap();
-            if *fails > 0 {
-                *fails -= 1;
-                anyhow::bail!("transient");
-            }
-            self.0.lock().unwrap().push(event.request_id);
-            Ok(())
+            events
+                .iter()
+                .map(|e| {
+                    if *fails > 0 {
+                        *fails -= 1;
+                        return Handled::Retry("transient".into());
+                    }
+                    self.0.lock().unwrap().push(e.request_id.clone());
+                    Handled::Stored
+                })
+                .collect()
+        }
+        async fn reject(&self, _: Vec<u8>, _: String) -> bool {
+            true
         }
     }
 
     #[tokio::test]
-    async fn delivers_in_order_retries_and_drains_on_stop() {
+    async fn publish_returns_the_handlers_verdict() {
         let (sink, source) = in_process_bus(16);
         let h = Collect::default();
-        *h.1.lock().unwrap() = 2;
-        for i in 0..5 {
-            sink.publish(UsageEvent { request_id: format!("r{i}"), ..Default::default() }).await.unwrap();
-        }
+        *h.1.lock().unwrap() = 1;
         let stop = CancellationToken::new();
+        let task = tokio::spawn(source.run(h.clone(), stop.clone()));
+        let ev = |i: u32| UsageEvent { request_id: format!("r{i}"), ..Default::default() };
+        assert!(sink.publish(ev(0)).await.is_err(), "first try fails: not recorded");
+        sink.publish(ev(0)).await.unwrap();
+        sink.publish(ev(1)).await.unwrap();
         stop.cancel();
-        source.run(h.clone(), stop).await;
-        assert_eq!(*h.0.lock().unwrap(), vec!["r0", "r1", "r2", "r3", "r4"]);
+        task.await.unwrap();
+        assert_eq!(*h.0.lock().unwrap(), vec!["r0", "r1"]);
     }
 }

@@ -3,11 +3,13 @@
 //! Production: NATS JetStream stream `RELAY_USAGE`, subject `relay.usage.v1`, protobuf payload,
 //! `Nats-Msg-Id` = request id (the server drops duplicates inside the dedupe window), a durable pull
 //! consumer with explicit acks. Embedded: a bounded in-process channel with the same interfaces.
-//! Handlers must be idempotent on request id: delivery is at-least-once.
+//! Handlers must be idempotent on request id: delivery is at-least-once. Producers hand events to the
+//! [`outbox`] first: a local append-only log that survives bus outages, restarts and crashes.
 
 mod inprocess;
 mod invalidation;
 mod nats;
+pub mod outbox;
 
 use std::future::Future;
 
@@ -20,9 +22,30 @@ pub use nats::{NatsConfig, NatsSink, NatsSource, connect_jetstream};
 pub const STREAM_NAME: &str = "RELAY_USAGE";
 pub const USAGE_SUBJECT: &str = "relay.usage.v1";
 
-/// What a consumer does with one event. `Err` = not recorded: the event will be delivered again.
+/// What became of one event a handler was given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handled {
+    /// Recorded (or already recorded, or kept as a dead letter): acknowledge it.
+    Stored,
+    /// Not recorded yet (an outage, or a retry before dead-lettering): deliver it again later.
+    Retry(String),
+}
+
+/// What a consumer does with events, a batch at a time. Handlers must be idempotent on request id.
 pub trait UsageHandler: Send + Sync + 'static {
-    fn handle(&self, event: UsageEvent) -> impl Future<Output = anyhow::Result<()>> + Send;
+    /// One verdict per event, in order. `attempts[i]` counts deliveries of `events[i]`, this one included.
+    fn handle_batch(
+        &self,
+        events: &[UsageEvent],
+        attempts: &[u32],
+    ) -> impl Future<Output = Vec<Handled>> + Send;
+    /// A payload that is not a usage event at all: keep it where an operator can see it. `true` = kept.
+    fn reject(&self, payload: Vec<u8>, reason: String) -> impl Future<Output = bool> + Send;
+}
+
+/// Redelivery delay after the `attempt`-th failed delivery: doubling from `base`, at most 30 s.
+pub fn retry_delay(base: std::time::Duration, attempt: u32) -> std::time::Duration {
+    (base * 2u32.saturating_pow(attempt.saturating_sub(1).min(8))).min(std::time::Duration::from_secs(30))
 }
 
 /// Where a consumer reads events from.

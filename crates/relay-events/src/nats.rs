@@ -12,7 +12,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::{STREAM_NAME, USAGE_SUBJECT, UsageHandler, consumer_span};
+use crate::{Handled, STREAM_NAME, USAGE_SUBJECT, UsageHandler, consumer_span, retry_delay};
 
 /// `[bus]` settings for NATS.
 #[derive(Debug, Clone, Deserialize)]
@@ -28,8 +28,10 @@ pub struct NatsConfig {
     pub dedupe_window_secs: u64,
     /// How long events stay in the stream after they are acked (for replay).
     pub max_age_hours: u64,
-    /// Redelivery delay after a handler failure.
+    /// First redelivery delay after a handler failure (doubling per attempt, at most 30 s).
     pub retry_delay_ms: u64,
+    /// Events the consumer takes (and billing records in one transaction) at a time.
+    pub batch_size: usize,
 }
 
 impl Default for NatsConfig {
@@ -41,6 +43,7 @@ impl Default for NatsConfig {
             dedupe_window_secs: 600,
             max_age_hours: 72,
             retry_delay_ms: 1000,
+            batch_size: 256,
         }
     }
 }
@@ -130,41 +133,66 @@ impl NatsSource {
                     ack_policy: jetstream::consumer::AckPolicy::Explicit,
                     filter_subject: self.cfg.subject.clone(),
                     ack_wait: Duration::from_secs(30),
+                    // A batch is taken whole: let enough be in flight for one.
+                    max_ack_pending: i64::try_from(self.cfg.batch_size.max(1) * 4).unwrap_or(1024),
                     ..Default::default()
                 },
             )
             .await?;
-        let mut messages = consumer.messages().await?;
+        let mut batches = consumer.messages().await?.ready_chunks(self.cfg.batch_size.max(1));
+        let base = Duration::from_millis(self.cfg.retry_delay_ms);
         loop {
-            let msg = tokio::select! {
-                m = messages.next() => match m {
-                    Some(m) => m?,
+            let batch = tokio::select! {
+                m = batches.next() => match m {
+                    Some(b) => b,
                     None => return Err(anyhow::anyhow!("message stream ended")),
                 },
                 () = stop.cancelled() => return Ok(()),
             };
-            let event = match UsageEvent::decode(msg.payload.clone()) {
-                Ok(ev) => ev,
-                Err(e) => {
-                    // Poison message: never decodable, so never redeliver it.
-                    tracing::error!(error = %e, "undecodable usage event terminated");
-                    metrics::counter!("relay_usage_events_poison_total").increment(1);
-                    let _ = msg.ack_with(AckKind::Term).await;
-                    continue;
-                }
-            };
-            let span = consumer_span(&event);
-            match handler.handle(event).instrument(span.clone()).await {
-                Ok(()) => {
-                    if let Err(e) = msg.ack().await {
-                        // Not acked: it will be redelivered and the idempotent handler ignores it.
-                        tracing::warn!(parent: &span, error = %e, "ack failed");
+            let mut msgs = Vec::with_capacity(batch.len());
+            for m in batch {
+                msgs.push(m.map_err(|e| anyhow::anyhow!("{e}"))?);
+            }
+            let (mut events, mut attempts, mut kept) = (Vec::new(), Vec::new(), Vec::new());
+            for msg in msgs {
+                let delivered = msg.info().map_or(1, |i| u32::try_from(i.delivered).unwrap_or(u32::MAX));
+                match UsageEvent::decode(msg.payload.clone()) {
+                    Ok(ev) => {
+                        events.push(ev);
+                        attempts.push(delivered);
+                        kept.push(msg);
+                    }
+                    Err(e) => {
+                        // Poison: never decodable. Kept as a dead letter, then acknowledged.
+                        metrics::counter!("relay_usage_events_poison_total").increment(1);
+                        let stored = handler
+                            .reject(msg.payload.to_vec(), format!("undecodable usage event: {e}"))
+                            .await;
+                        let kind = if stored {
+                            AckKind::Ack
+                        } else {
+                            AckKind::Nak(Some(retry_delay(base, delivered)))
+                        };
+                        let _ = msg.ack_with(kind).await;
                     }
                 }
-                Err(e) => {
-                    tracing::warn!(parent: &span, error = %e, "usage event not recorded; will be redelivered");
-                    let delay = Duration::from_millis(self.cfg.retry_delay_ms);
-                    let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+            }
+            if events.is_empty() {
+                continue;
+            }
+            let span = consumer_span(&events[0]);
+            let verdicts = handler.handle_batch(&events, &attempts).instrument(span.clone()).await;
+            for ((msg, verdict), attempt) in kept.iter().zip(verdicts).zip(&attempts) {
+                let result = match verdict {
+                    // Not acked: it will be redelivered and the idempotent handler ignores it.
+                    Handled::Stored => msg.ack().await,
+                    Handled::Retry(why) => {
+                        tracing::warn!(parent: &span, reason = %why, attempt, "usage event not recorded; will be redelivered");
+                        msg.ack_with(AckKind::Nak(Some(retry_delay(base, *attempt)))).await
+                    }
+                };
+                if let Err(e) = result {
+                    tracing::warn!(parent: &span, error = %e, "ack failed");
                 }
             }
         }

@@ -7,24 +7,34 @@ use std::time::Duration;
 
 use relay_core::contracts::UsageSink;
 use relay_core::pb::events::v1::UsageEvent;
-use relay_events::{NatsConfig, NatsSink, NatsSource, UsageHandler, UsageSource, connect_jetstream};
+use relay_events::{Handled, NatsConfig, NatsSink, NatsSource, UsageHandler, UsageSource, connect_jetstream};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Clone, Default)]
 struct Flaky {
     seen: Arc<Mutex<Vec<String>>>,
     fail_once: Arc<Mutex<Vec<String>>>,
+    rejected: Arc<Mutex<Vec<Vec<u8>>>>,
 }
 
 impl UsageHandler for Flaky {
-    async fn handle(&self, event: UsageEvent) -> anyhow::Result<()> {
+    async fn handle_batch(&self, events: &[UsageEvent], _: &[u32]) -> Vec<Handled> {
         let mut fail = self.fail_once.lock().unwrap();
-        if let Some(i) = fail.iter().position(|id| *id == event.request_id) {
-            fail.remove(i);
-            anyhow::bail!("transient failure");
-        }
-        self.seen.lock().unwrap().push(event.request_id);
-        Ok(())
+        events
+            .iter()
+            .map(|event| {
+                if let Some(i) = fail.iter().position(|id| *id == event.request_id) {
+                    fail.remove(i);
+                    return Handled::Retry("transient failure".into());
+                }
+                self.seen.lock().unwrap().push(event.request_id.clone());
+                Handled::Stored
+            })
+            .collect()
+    }
+    async fn reject(&self, payload: Vec<u8>, _: String) -> bool {
+        self.rejected.lock().unwrap().push(payload);
+        true
     }
 }
 

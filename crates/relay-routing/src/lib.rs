@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 
 use relay_core::contracts::{Result, Router};
+use relay_core::pb::common::v1::DisconnectPolicy;
 use relay_core::pb::routing::v1::{
     Deployment, ListModelsResponse, ModelInfo, ModelKind, Price, RouteRequest, RouteResponse,
 };
@@ -39,6 +40,17 @@ pub struct ModelConfig {
     pub owned_by: String,
     /// Tried in this order.
     pub deployments: Vec<DeploymentConfig>,
+    /// When a client leaves mid-answer: `drain` (read on and bill the provider's usage) or `cancel` (stop
+    /// the upstream, bill what it produced). Unset: whole answers drain, streams cancel.
+    #[serde(default)]
+    pub on_disconnect: Option<OnDisconnect>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDisconnect {
+    Drain,
+    Cancel,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -129,6 +141,7 @@ impl RoutingConfig {
 struct Model {
     info: ModelInfo,
     candidates: Vec<Deployment>,
+    on_disconnect: DisconnectPolicy,
 }
 
 pub struct RoutingService {
@@ -167,7 +180,12 @@ impl RoutingService {
             let info =
                 ModelInfo { id: m.name.clone(), owned_by: m.owned_by.clone(), created, kind: kind as i32 };
             order.push(m.name.clone());
-            models.insert(m.name.clone(), Model { info, candidates });
+            let on_disconnect = match m.on_disconnect {
+                None => DisconnectPolicy::Unspecified,
+                Some(OnDisconnect::Drain) => DisconnectPolicy::Drain,
+                Some(OnDisconnect::Cancel) => DisconnectPolicy::Cancel,
+            };
+            models.insert(m.name.clone(), Model { info, candidates, on_disconnect });
         }
         Self { cache_ttl_ms: cfg.cache_ttl_ms, models, order }
     }
@@ -180,7 +198,11 @@ impl Router for RoutingService {
             RelayError::new(ErrorCode::ModelNotFound, format!("The model `{}` does not exist.", req.model))
                 .with_param("model")
         })?;
-        Ok(RouteResponse { candidates: model.candidates.clone(), cache_ttl_ms: self.cache_ttl_ms })
+        Ok(RouteResponse {
+            candidates: model.candidates.clone(),
+            cache_ttl_ms: self.cache_ttl_ms,
+            on_disconnect: model.on_disconnect as i32,
+        })
     }
 
     async fn list_models(&self) -> Result<ListModelsResponse> {
@@ -210,12 +232,14 @@ mod tests {
                     kind: Kind::Chat,
                     owned_by: "relay".into(),
                     deployments: vec![dep("p1", "x"), dep("p2", "y")],
+                    on_disconnect: None,
                 },
                 ModelConfig {
                     name: "a".into(),
                     kind: Kind::Embedding,
                     owned_by: "relay".into(),
                     deployments: vec![dep("p1", "e")],
+                    on_disconnect: Some(OnDisconnect::Cancel),
                 },
             ],
         }

@@ -58,10 +58,14 @@ async fn build_local(cfg: &Config) -> anyhow::Result<Local> {
         true => Some(Arc::new(relay_adapter::AdapterService::new(&cfg.adapter)?)),
         false => None,
     };
-    let billing = db
-        .clone()
-        .filter(|_| cfg.runs("billing"))
-        .map(|db| relay_billing::BillingService::new(relay_billing::UsageStore::new(db)));
+    let billing = match db.clone().filter(|_| cfg.runs("billing")) {
+        Some(db) => Some(
+            relay_billing::BillingService::new(relay_billing::UsageStore::new(db), cfg.billing.clone())
+                .await
+                .context("loading the price catalog")?,
+        ),
+        None => None,
+    };
     Ok(Local { auth, keys, router, adapter, billing, db })
 }
 
@@ -141,6 +145,20 @@ pub async fn run(
         }
     };
 
+    // The edge hands usage events to a durable outbox, which publishes them to the bus until acked.
+    let outbox = match (&sink, cfg.runs("edge")) {
+        (Some(bus), true) => Some(
+            relay_events::outbox::Outbox::open(
+                std::path::Path::new(&cfg.bus.outbox_dir),
+                bus.clone(),
+                cfg.bus.outbox_max_in_flight,
+                cfg.bus.outbox_fsync,
+            )
+            .context("opening the usage outbox")?,
+        ),
+        _ => None,
+    };
+
     // Listeners first, so a bad address fails before anything runs.
     let http = match cfg.runs("edge") {
         true => Some(bind(&cfg.server.http_listen).await?),
@@ -172,7 +190,10 @@ pub async fn run(
             adapter: remote(local.adapter.clone(), &cfg.remote.adapter, |a| {
                 Ok(Arc::new(GrpcAdapter::new(channel(a)?)) as _)
             })?,
-            usage: sink.clone().context("edge without a usage sink")?,
+            usage: outbox
+                .clone()
+                .map(|o| Arc::new(o) as Arc<dyn UsageSink>)
+                .context("edge without a usage sink")?,
             limiter: limiter(&cfg.limits).await?,
         };
         let edge = relay_edge::Edge::new(cfg.edge.clone(), services);
@@ -252,6 +273,7 @@ pub async fn run(
     };
     let stopping_requested = shutdown.is_cancelled();
     shutdown.cancel();
+    let stop_by = tokio::time::Instant::now();
     readiness.set(false);
     let drained = relay_runtime::shutdown::drain_within(grace, async {
         for s in servers.drain(..) {
@@ -268,6 +290,12 @@ pub async fn run(
         edge.flush().await;
     }
     drop(edge_handle);
+    // Deliver what the outbox holds while the consumer still runs; whatever the bus does not take within
+    // the grace stays on disk for the next start.
+    if let Some(outbox) = &outbox {
+        let left = (stop_by + grace).saturating_duration_since(tokio::time::Instant::now());
+        outbox.shutdown(left.max(Duration::from_secs(1))).await;
+    }
     consumer_stop.cancel();
     if let Some(c) = consumer {
         let _ = c.await;

@@ -17,6 +17,7 @@ usage: relay <command> [options]
 commands:
   serve      run services (all five in one process unless --services says otherwise)
   orgs, teams, keys   manage virtual keys through the admin API (see below)
+  billing    reconcile the ledger, list or replay dead-lettered usage events (see below)
   migrate    apply database migrations and exit
   hash-key   read an API key on stdin, print its hash for [[auth.keys]] (uses auth.pepper)
   check      validate the config and exit
@@ -43,7 +44,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
     let mut it = args.iter();
     let command = it.next().cloned().ok_or("missing command")?;
     let (mut config, mut services, mut admin_url, mut rest) = (None, None, None, Vec::new());
-    let admin = matches!(command.as_str(), "orgs" | "teams" | "keys");
+    let admin = matches!(command.as_str(), "orgs" | "teams" | "keys" | "billing");
     while let Some(a) = it.next() {
         match a.as_str() {
             "--config" => config = Some(PathBuf::from(it.next().ok_or("--config needs a file")?)),
@@ -63,7 +64,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
 /// Runs the CLI and returns the process exit code.
 pub fn main_with(args: Vec<String>, env: HashMap<String, String>) -> i32 {
     if args.is_empty() || matches!(args[0].as_str(), "help" | "--help" | "-h") {
-        println!("{USAGE}{}", crate::admin_cli::USAGE);
+        println!("{USAGE}{}\n{}", crate::admin_cli::USAGE, crate::billing_cli::USAGE);
         return 0;
     }
     let args = match parse_args(&args) {
@@ -90,6 +91,7 @@ pub fn main_with(args: Vec<String>, env: HashMap<String, String>) -> i32 {
         kind @ ("orgs" | "teams" | "keys") => {
             crate::admin_cli::run(kind, &args.rest, &cfg, &env, args.admin_url)
         }
+        "billing" => crate::billing_cli::run(&args.rest, &cfg),
         "check" => {
             println!("config ok: services {}", cfg.server.services.join(","));
             0
@@ -115,6 +117,11 @@ pub fn main_with(args: Vec<String>, env: HashMap<String, String>) -> i32 {
             EXIT_CONFIG
         }
     }
+}
+
+/// Runs a future to completion on a fresh runtime (CLI commands that are not `serve`).
+pub fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(f)
 }
 
 fn runtime_main<F, Fut>(f: F) -> i32

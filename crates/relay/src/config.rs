@@ -21,6 +21,7 @@ pub struct Config {
     pub routing: relay_routing::RoutingConfig,
     pub adapter: relay_adapter::AdapterConfig,
     pub limits: relay_limits::LimitsConfig,
+    pub billing: relay_billing::BillingConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -82,6 +83,13 @@ pub struct BusConfig {
     pub jetstream: relay_events::NatsConfig,
     /// NATS subject of key / team / org invalidations.
     pub invalidation_subject: String,
+    /// Where the edge keeps usage events until the bus acknowledges them (a durable local log; in
+    /// Kubernetes a volume that outlives the pod). One process per directory.
+    pub outbox_dir: String,
+    /// `fdatasync` each group commit (off only for throwaway test machines).
+    pub outbox_fsync: bool,
+    /// Publishes waiting for the bus's acknowledgement at once.
+    pub outbox_max_in_flight: usize,
 }
 
 impl Default for BusConfig {
@@ -90,6 +98,9 @@ impl Default for BusConfig {
             nats_url: None,
             jetstream: relay_events::NatsConfig::default(),
             invalidation_subject: relay_events::INVALIDATION_SUBJECT.into(),
+            outbox_dir: "relay-outbox".into(),
+            outbox_fsync: true,
+            outbox_max_in_flight: 256,
         }
     }
 }
@@ -109,6 +120,7 @@ impl Config {
             routing: src.section("routing", &mut errors),
             adapter: src.section("adapter", &mut errors),
             limits: src.section("limits", &mut errors),
+            billing: src.section("billing", &mut errors),
         };
         src.finish(&mut errors);
         // Meaning is checked even when a section failed to parse, so one run lists every problem.
@@ -174,6 +186,12 @@ impl Config {
             // Provider names can only be checked when this file also configures the adapter.
             let known = if self.adapter.providers.is_empty() { None } else { Some(names.as_slice()) };
             self.routing.validate(known, &mut e);
+        }
+        if self.runs("billing") {
+            self.billing.validate(&mut e);
+        }
+        if self.runs("edge") && (self.bus.outbox_dir.is_empty() || self.bus.outbox_max_in_flight == 0) {
+            e.push("bus.outbox_dir and bus.outbox_max_in_flight must be set".into());
         }
         if self.runs("billing")
             && !(self.database.url.starts_with("postgres") || self.database.url.starts_with("sqlite:"))

@@ -4,5 +4,6 @@
 
 pub mod admin_cli;
 pub mod app;
+pub mod billing_cli;
 pub mod cli;
 pub mod config;

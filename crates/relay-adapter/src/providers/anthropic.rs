@@ -142,7 +142,11 @@ impl Dialect for Anthropic {
         let url = format!("{}/v1/messages/count_tokens", self.base_url);
         let v = http.post_json(&url, &req.request_id, self.headers(&req.passthrough_headers), body).await?;
         let input_tokens = v["input_tokens"].as_u64().ok_or_else(|| http.invalid_answer())?;
-        Ok(CountTokensResponse { input_tokens, exact: true })
+        Ok(CountTokensResponse {
+            input_tokens,
+            exact: true,
+            source: relay_core::pb::common::v1::UsageSource::Provider as i32,
+        })
     }
 }
 
@@ -171,6 +175,7 @@ pub fn usage_of(u: &Value) -> TokenUsage {
         cached_input_tokens: read,
         cache_write_tokens: write,
         reasoning_tokens: 0,
+        ..Default::default()
     }
 }
 

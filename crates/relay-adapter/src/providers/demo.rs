@@ -12,11 +12,11 @@ use relay_core::contracts::{ChatEventStream, Result};
 use relay_core::pb::adapter::v1::{
     ChatRequest, CountTokensRequest, CountTokensResponse, EmbedRequest, EmbedResponse,
 };
-use relay_core::pb::common::v1::TokenUsage;
+use relay_core::pb::common::v1::{TokenUsage, UsageSource};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Provider, answer_ctx, start, upstream_model};
+use super::{Provider, answer_ctx, counting_for, start_for, upstream_model};
 use crate::config::ProviderConfig;
 use crate::convert::{Output, Unit, stream_answer, whole_answer};
 use crate::inbound;
@@ -90,7 +90,11 @@ impl Provider for Demo {
 
     async fn count_tokens(&self, req: CountTokensRequest) -> Result<CountTokensResponse> {
         let ir = inbound::parse_count_request(req.protocol(), &req.body)?;
-        Ok(CountTokensResponse { input_tokens: words(&ir), exact: true })
+        Ok(CountTokensResponse {
+            input_tokens: words(&ir),
+            exact: true,
+            source: UsageSource::Provider as i32,
+        })
     }
 
     async fn chat(&self, req: ChatRequest) -> Result<ChatEventStream> {
@@ -102,9 +106,11 @@ impl Provider for Demo {
             plan.tokens.iter().map(|t| Delta::Text { choice: 0, text: t.clone() }).collect();
         deltas.push(Delta::Finish { choice: 0, reason: plan.reason });
         deltas.push(Delta::Usage(plan.usage));
-        let head = stream::iter([start(&model)]);
+        let mut counting = counting_for(&req, &model);
+        let head = stream::iter([start_for(&req, &model, &mut counting)]);
         if !req.stream {
-            return Ok(Box::pin(head.chain(stream::iter(whole_answer(Bytes::new(), deltas, output)))));
+            let events = whole_answer(Bytes::new(), deltas, output, counting);
+            return Ok(Box::pin(head.chain(stream::iter(events))));
         }
         let delay = self.chunk_delay;
         let units = stream::iter(deltas)
@@ -115,7 +121,7 @@ impl Provider for Demo {
                 Unit::Event { raw: Bytes::new(), deltas: vec![d] }
             })
             .chain(stream::iter([Unit::End { complete: true }]));
-        Ok(Box::pin(head.chain(stream_answer(units, output))))
+        Ok(Box::pin(head.chain(stream_answer(units, output, counting))))
     }
 
     async fn embed(&self, req: EmbedRequest) -> Result<EmbedResponse> {

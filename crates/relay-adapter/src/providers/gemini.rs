@@ -130,7 +130,11 @@ impl Dialect for Gemini {
             .post_json(&self.url(&model, "countTokens"), &req.request_id, HeaderMap::new(), payload)
             .await?;
         let n = v["totalTokens"].as_u64().ok_or_else(|| http.invalid_answer())?;
-        Ok(CountTokensResponse { input_tokens: n, exact: true })
+        Ok(CountTokensResponse {
+            input_tokens: n,
+            exact: true,
+            source: relay_core::pb::common::v1::UsageSource::Provider as i32,
+        })
     }
 }
 
@@ -250,6 +254,7 @@ fn usage_of(u: &Value) -> TokenUsage {
         cached_input_tokens: n("cachedContentTokenCount"),
         cache_write_tokens: 0,
         reasoning_tokens: n("thoughtsTokenCount"),
+        ..Default::default()
     }
 }
 

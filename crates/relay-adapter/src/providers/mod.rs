@@ -18,7 +18,7 @@ use relay_core::pb::common::v1::{Protocol, TokenUsage};
 use relay_core::{ErrorCode, RelayError};
 use serde_json::Value;
 
-use crate::convert::{Output, stream_answer, whole_answer};
+use crate::convert::{Counting, Output, stream_answer, whole_answer};
 use crate::inbound::{self, AnswerCtx};
 use crate::ir::{Delta, Request};
 use crate::upstream::{Decoder, Http, sse_units};
@@ -62,8 +62,10 @@ pub trait Dialect: Send + Sync + 'static {
         ir: &Request,
         req: &CountTokensRequest,
     ) -> Result<CountTokensResponse> {
-        let _ = (http, req);
-        Ok(CountTokensResponse { input_tokens: estimate_tokens(ir), exact: false })
+        let _ = http;
+        // No counting API (OpenAI-compatible): Relay's tokenizer for the upstream model.
+        let t = crate::tokens::Tokenizer::for_model(&upstream_model(req.deployment.as_ref()));
+        Ok(CountTokensResponse { input_tokens: t.count_request(ir), exact: false, source: t.source() as i32 })
     }
 }
 
@@ -99,14 +101,15 @@ impl<D: Dialect> Provider for HttpProvider<D> {
         } else {
             Output::Converted { protocol, ctx: answer_ctx(&req) }
         };
-        let head = stream::iter([start(&model)]);
+        let mut counting = counting_for(&req, &model);
+        let head = stream::iter([start_for(&req, &model, &mut counting)]);
         if req.stream {
             let units = sse_units(resp, self.dialect.decoder(), self.http.name.clone());
-            return Ok(Box::pin(head.chain(stream_answer(units, output))));
+            return Ok(Box::pin(head.chain(stream_answer(units, output, counting))));
         }
         let events = match self.http.body(resp).await {
             Ok(raw) => match self.dialect.whole(&raw) {
-                Ok(deltas) => whole_answer(raw, deltas, output),
+                Ok(deltas) => whole_answer(raw, deltas, output, counting),
                 Err(()) => vec![error(&self.http.invalid_answer())],
             },
             Err(e) => vec![error(&e)],
@@ -124,6 +127,24 @@ impl<D: Dialect> Provider for HttpProvider<D> {
     }
 }
 
+/// Relay's counting for one call: the upstream model's tokenizer over the client's request.
+pub fn counting_for(req: &ChatRequest, upstream_model: &str) -> Counting {
+    Counting::new(crate::tokens::Tokenizer::for_model(upstream_model), req.protocol(), req.body.clone())
+}
+
+/// The `Start` event; with `count_input` it carries the request's input tokens, so that an answer the
+/// client abandons can still be billed its input.
+pub fn start_for(req: &ChatRequest, upstream_model: &str, counting: &mut Counting) -> ChatEvent {
+    let mut ev = start(upstream_model);
+    if req.count_input
+        && let Some(Event::Start(s)) = ev.event.as_mut()
+    {
+        s.input_tokens = counting.input_tokens();
+        s.input_source = counting.source() as i32;
+    }
+    ev
+}
+
 pub fn answer_ctx(req: &ChatRequest) -> AnswerCtx {
     AnswerCtx {
         request_id: req.request_id.clone(),
@@ -131,28 +152,6 @@ pub fn answer_ctx(req: &ChatRequest) -> AnswerCtx {
         created: relay_core::ids::now_ms() / 1000,
         include_usage: req.client_wants_usage,
     }
-}
-
-/// A rough count (4 characters a token) for providers without a counting API; reported as inexact.
-pub fn estimate_tokens(ir: &Request) -> u64 {
-    let mut chars: usize = ir.system.iter().map(String::len).sum();
-    for m in &ir.messages {
-        for p in &m.parts {
-            chars += match p {
-                crate::ir::Part::Text(t) => t.len(),
-                crate::ir::Part::ToolCall { name, arguments, .. } => name.len() + arguments.len(),
-                crate::ir::Part::ToolResult { content, .. } => content.len(),
-                crate::ir::Part::Thinking { text, .. } => text.len(),
-                crate::ir::Part::Image(_) => 1000,
-                crate::ir::Part::RedactedThinking { data } => data.len() / 4,
-            };
-        }
-    }
-    for t in &ir.tools {
-        chars +=
-            t.name.len() + t.parameters.to_string().len() + t.description.as_ref().map_or(0, String::len);
-    }
-    (chars as u64).div_ceil(4).max(1)
 }
 
 /// The provider's credential as one header (`name: format(key)`), empty when it has no key.
@@ -195,11 +194,14 @@ pub fn start(upstream_model: &str) -> ChatEvent {
     ev(Event::Start(pb::Start {
         upstream_model: upstream_model.to_owned(),
         upstream_request_id: String::new(),
+        input_tokens: 0,
+        input_source: 0,
     }))
 }
 
-pub fn chunk(data: Bytes) -> ChatEvent {
-    ev(Event::Chunk(pb::Chunk { data }))
+/// Bytes for the client, with the output tokens produced up to and including them.
+pub fn chunk_counted(data: Bytes, output_tokens: u64) -> ChatEvent {
+    ev(Event::Chunk(pb::Chunk { data, output_tokens }))
 }
 
 pub fn finish(choice_index: u32, reason: pb::FinishReason) -> ChatEvent {

@@ -143,6 +143,7 @@ pub fn usage_of(u: &Value) -> TokenUsage {
         cached_input_tokens: n(&u["prompt_tokens_details"]["cached_tokens"]),
         cache_write_tokens: 0,
         reasoning_tokens: n(&u["completion_tokens_details"]["reasoning_tokens"]),
+        ..Default::default()
     }
 }
 

@@ -1,0 +1,300 @@
+//! Running one chat call to its end, whatever the client does: failover before the first byte, bytes
+//! forwarded as they come, and the model group's disconnect policy when the client leaves early.
+//!
+//! The call runs in its own tracked task, so a client that goes away (its handler future dropped) cannot
+//! cut the accounting short: with `drain` the task keeps reading the upstream (up to `edge.drain_max_secs`)
+//! and books the provider's own usage; with `cancel` it stops the upstream and books what was produced
+//! (input counted by the adapter, output delivered so far). Defaults: whole answers drain, streams cancel.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::{Stream, StreamExt};
+use relay_core::contracts::ChatEventStream;
+use relay_core::pb::adapter::v1::{ChatRequest, Start, chat_event::Event};
+use relay_core::pb::common::v1::DisconnectPolicy;
+use relay_core::pb::routing::v1::Deployment;
+use relay_core::{ErrorCode, RelayError};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::Edge;
+use crate::dispatch::with_failover;
+use crate::error::Inbound;
+use crate::usage::UsageRecord;
+
+/// What happens when the client leaves mid-answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Keep reading the upstream for at most this long, and bill the provider's usage.
+    Drain(Duration),
+    /// Stop the upstream; bill the counted input and the output delivered so far.
+    Cancel,
+}
+
+impl Policy {
+    /// The model group's choice, or the default for the answer's kind.
+    pub fn of(configured: DisconnectPolicy, stream: bool, drain_max: Duration) -> Self {
+        match configured {
+            DisconnectPolicy::Drain => Self::Drain(drain_max),
+            DisconnectPolicy::Cancel => Self::Cancel,
+            DisconnectPolicy::Unspecified if stream => Self::Cancel,
+            DisconnectPolicy::Unspecified => Self::Drain(drain_max),
+        }
+    }
+}
+
+/// One chat call, ready to dispatch: the request (its deployment filled in per attempt) and where to try.
+pub struct ChatCall {
+    pub request: ChatRequest,
+    pub candidates: Vec<Deployment>,
+    pub policy: Policy,
+    pub inbound: Inbound,
+}
+
+/// Runs the call in a tracked task and answers the client from it. If the client leaves, the task goes on
+/// by the policy and books the usage itself.
+pub async fn respond(edge: Edge, call: ChatCall, rec: UsageRecord) -> Response {
+    let (tx, rx) = tokio::sync::oneshot::channel::<Response>();
+    let left = CancellationToken::new();
+    let _client_gone = left.clone().drop_guard();
+    let task_edge = edge.clone();
+    edge.inner.background.spawn(
+        async move {
+            let resp = run(task_edge, call, rec, left, &tx).await;
+            // Err = the client left: a stream body dropped here applies the policy itself.
+            let _ = tx.send(resp);
+        }
+        .in_current_span(),
+    );
+    rx.await.unwrap_or_else(|_| {
+        Inbound::OpenAiChat.error(RelayError::internal("the answer task ended without an answer"))
+    })
+}
+
+async fn run(
+    edge: Edge,
+    call: ChatCall,
+    mut rec: UsageRecord,
+    left: CancellationToken,
+    tx: &tokio::sync::oneshot::Sender<Response>,
+) -> Response {
+    let inbound = call.inbound;
+    let policy = call.policy;
+    let stopping = edge.inner.stopping.clone();
+    let opened = {
+        let open = with_failover(&call.candidates, Some(&mut rec), |dep| {
+            let mut req = call.request.clone();
+            req.deployment = Some(dep.clone());
+            open(&edge, req)
+        });
+        tokio::select! {
+            r = open => Some(r),
+            () = gone(&left, policy, &stopping) => None,
+        }
+    };
+    let (events, start) = match opened {
+        Some(Ok(v)) => v,
+        Some(Err(e)) => {
+            rec.fail(&e, e.http_status());
+            return inbound.error(e);
+        }
+        // The client left while the upstream had not answered yet (or drain ran out): rec's drop books it.
+        None => return inbound.error(RelayError::new(ErrorCode::Cancelled, "client disconnected")),
+    };
+    rec.started(&start);
+    if call.request.stream {
+        return stream_response(ForwardStream {
+            events: Some(events),
+            rec: Some(rec),
+            inbound,
+            policy,
+            edge: edge.clone(),
+            span: tracing::Span::current(),
+        });
+    }
+    let whole = tokio::select! {
+        r = whole_response(events, &mut rec) => Some(r),
+        () = gone(&left, policy, &stopping) => None,
+    };
+    match whole {
+        Some(Ok(resp)) if tx.is_closed() => {
+            rec.cancelled();
+            resp
+        }
+        Some(Ok(resp)) => {
+            rec.succeed();
+            resp
+        }
+        Some(Err(e)) => {
+            rec.fail(&e, e.http_status());
+            inbound.error(e)
+        }
+        None => {
+            rec.cancelled();
+            inbound.error(RelayError::new(ErrorCode::Cancelled, "client disconnected"))
+        }
+    }
+}
+
+/// Resolves when the call must stop because the client left: at once under `cancel`, after the drain
+/// bound under `drain`; and when the process is shutting down and the client is gone.
+async fn gone(left: &CancellationToken, policy: Policy, stopping: &CancellationToken) {
+    left.cancelled().await;
+    match policy {
+        Policy::Cancel => {}
+        Policy::Drain(max) => {
+            tokio::select! {
+                () = tokio::time::sleep(max) => {
+                    metrics::counter!("relay_edge_drain_cut_total").increment(1);
+                }
+                () = stopping.cancelled() => {}
+            }
+        }
+    }
+}
+
+/// Calls the adapter and waits for the upstream to accept (the `Start` event). A failure before that is
+/// returned as an error, so the caller can fail over or answer with a real HTTP status.
+async fn open(edge: &Edge, req: ChatRequest) -> Result<(ChatEventStream, Start), RelayError> {
+    let mut events = edge.inner.services.adapter.chat(req).await?;
+    match events.next().await.and_then(|e| e.event) {
+        Some(Event::Start(s)) => Ok((events, s)),
+        Some(Event::Error(e)) => Err(RelayError::from_pb(&e)),
+        _ => {
+            Err(RelayError::new(ErrorCode::UpstreamProtocol, "the adapter ended the call without an answer"))
+        }
+    }
+}
+
+async fn whole_response(mut events: ChatEventStream, rec: &mut UsageRecord) -> Result<Response, RelayError> {
+    let mut body = Vec::new();
+    let mut failed = None;
+    while let Some(ev) = events.next().await {
+        match ev.event {
+            Some(Event::Chunk(c)) => {
+                rec.output_seen(c.output_tokens);
+                body.extend_from_slice(&c.data);
+            }
+            Some(Event::Usage(u)) => rec.usage(u),
+            // Usage may follow an error (what the upstream produced before failing): keep reading.
+            Some(Event::Error(e)) => failed = Some(RelayError::from_pb(&e)),
+            Some(Event::Start(_) | Event::Finish(_)) | None => {}
+        }
+    }
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    rec.first_byte();
+    let mut resp = (StatusCode::OK, body).into_response();
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Ok(resp)
+}
+
+fn stream_response(forward: ForwardStream) -> Response {
+    let mut resp = (StatusCode::OK, Body::from_stream(forward)).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
+}
+
+/// The response body of a stream: adapter bytes out as they come, side events into the usage record.
+/// Dropped early (client gone) it applies the policy: `cancel` drops the adapter stream (which cancels the
+/// upstream call) and books what was delivered; `drain` hands the stream to a task that reads it to the end.
+struct ForwardStream {
+    events: Option<ChatEventStream>,
+    rec: Option<UsageRecord>,
+    inbound: Inbound,
+    policy: Policy,
+    edge: Edge,
+    span: tracing::Span,
+}
+
+impl Stream for ForwardStream {
+    type Item = Result<Bytes, std::convert::Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        let _g = this.span.enter();
+        loop {
+            let (Some(rec), Some(events)) = (this.rec.as_mut(), this.events.as_mut()) else {
+                return Poll::Ready(None);
+            };
+            let ev = match events.poll_next_unpin(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(ev) => ev,
+            };
+            match ev.and_then(|e| e.event) {
+                Some(Event::Chunk(c)) => {
+                    rec.first_byte();
+                    rec.output_seen(c.output_tokens);
+                    return Poll::Ready(Some(Ok(c.data)));
+                }
+                Some(Event::Usage(u)) => rec.usage(u),
+                Some(Event::Start(_) | Event::Finish(_)) => {}
+                Some(Event::Error(e)) => {
+                    let e = RelayError::from_pb(&e);
+                    if let Some(rec) = this.rec.take() {
+                        rec.fail(&e, 200);
+                    }
+                    this.events = None;
+                    return Poll::Ready(Some(Ok(this.inbound.stream_error(&e))));
+                }
+                None => {
+                    if let Some(rec) = this.rec.take() {
+                        rec.succeed();
+                    }
+                    this.events = None;
+                    return Poll::Ready(None);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for ForwardStream {
+    fn drop(&mut self) {
+        let (Some(rec), Some(events)) = (self.rec.take(), self.events.take()) else { return };
+        match self.policy {
+            // Dropping `events` cancels the upstream; dropping `rec` books it cancelled, counted.
+            Policy::Cancel => drop((events, rec)),
+            Policy::Drain(max) => {
+                let stopping = self.edge.inner.stopping.clone();
+                self.edge
+                    .inner
+                    .background
+                    .spawn(drain(events, rec, max, stopping).instrument(self.span.clone()));
+            }
+        }
+    }
+}
+
+/// Reads an abandoned answer to its end (or the bound), so that the provider's own usage is billed.
+async fn drain(
+    mut events: ChatEventStream,
+    mut rec: UsageRecord,
+    max: Duration,
+    stopping: CancellationToken,
+) {
+    let read = async {
+        while let Some(ev) = events.next().await {
+            match ev.event {
+                Some(Event::Chunk(c)) => rec.output_seen(c.output_tokens),
+                Some(Event::Usage(u)) => rec.usage(u),
+                _ => {}
+            }
+        }
+    };
+    tokio::select! {
+        () = read => {}
+        () = tokio::time::sleep(max) => metrics::counter!("relay_edge_drain_cut_total").increment(1),
+        () = stopping.cancelled() => {}
+    }
+    rec.cancelled();
+}

@@ -1,0 +1,86 @@
+//! `relay billing ...`: the books, straight from the database in `database.url` (run it where billing
+//! runs, or against a replica). `reconcile` proves the invariants and compares a provider's usage CSV;
+//! `dlq list` shows events billing could not store; `dlq replay` records them again (after a fix).
+
+use prost::Message as _;
+use relay_core::pb::events::v1::UsageEvent;
+use relay_events::{Handled, UsageHandler as _};
+
+use crate::config::Config;
+
+pub const USAGE: &str = "  \
+  billing reconcile [--provider-csv FILE]   check the ledger (exit 1 if the books do not reconcile)
+  billing dlq list | replay                 dead-lettered usage events: show, or record them again";
+
+pub fn run(args: &[String], cfg: &Config) -> i32 {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let cfg = cfg.clone();
+    let result = crate::cli::block_on(async move {
+        let db = relay_db::Db::connect(&cfg.database.url).await?;
+        let store = relay_billing::UsageStore::new(db.clone());
+        match args.as_slice() {
+            ["reconcile", rest @ ..] => reconcile(&db, rest).await,
+            ["dlq", "list"] => {
+                let letters = store.dead_letters().await?;
+                println!("id,request_id,at_ms,reason");
+                for d in &letters {
+                    println!("{},{},{},{}", d.id, d.request_id, d.at_ms, d.reason.replace(['\n', ','], " "));
+                }
+                eprintln!("{} dead letter(s)", letters.len());
+                Ok(0)
+            }
+            ["dlq", "replay"] => {
+                let billing = relay_billing::BillingService::new(store.clone(), cfg.billing.clone()).await?;
+                let recorder = billing.recorder();
+                let (mut ok, mut failed) = (0, 0);
+                for d in store.dead_letters().await? {
+                    let Ok(event) = UsageEvent::decode(d.event.as_slice()) else {
+                        eprintln!("{}: not a usage event; left in place", d.id);
+                        failed += 1;
+                        continue;
+                    };
+                    // Replay tries once more and never dead-letters again on its own.
+                    let verdict = recorder.handle_batch(std::slice::from_ref(&event), &[0]).await;
+                    if verdict.first() == Some(&Handled::Stored)
+                        && store.get(&event.request_id).await?.is_some()
+                    {
+                        store.delete_dead_letter(&d.id).await?;
+                        ok += 1;
+                    } else {
+                        eprintln!("{}: still not recorded ({verdict:?})", d.id);
+                        failed += 1;
+                    }
+                }
+                println!("replayed {ok}, still failing {failed}");
+                Ok(i32::from(failed > 0))
+            }
+            _ => Err(anyhow::anyhow!("usage:\n{USAGE}")),
+        }
+    });
+    result.unwrap_or_else(|e| {
+        eprintln!("relay: {e:#}");
+        crate::cli::EXIT_CONFIG
+    })
+}
+
+async fn reconcile(db: &relay_db::Db, rest: &[&str]) -> anyhow::Result<i32> {
+    let report = relay_billing::reconcile::check(db).await?;
+    println!("{report}");
+    let mut ok = report.ok();
+    match rest {
+        [] => {}
+        ["--provider-csv", path] => {
+            let csv = std::fs::read_to_string(path)?;
+            let (table, matched) = relay_billing::reconcile::compare_provider_csv(&report, &csv)
+                .map_err(|e| anyhow::anyhow!("{path}: {e}"))?;
+            println!("\n{table}");
+            println!(
+                "{}",
+                if matched { "provider usage matches" } else { "provider usage differs (see variance)" }
+            );
+            ok &= matched;
+        }
+        _ => anyhow::bail!("usage:\n{USAGE}"),
+    }
+    Ok(i32::from(!ok))
+}
