@@ -104,6 +104,22 @@ async fn five_processes_over_grpc_nats_and_postgres() {
     let ids: BTreeSet<String> = counts.into_iter().map(|(id, _)| id).collect();
     assert_eq!(ids, sent.iter().cloned().collect::<BTreeSet<_>>());
 
+    // The books reconcile: every record has exactly one balanced posting set, nothing dead-lettered.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+        .args(["billing", "reconcile", "--config"])
+        .arg(dir.join("billing.toml"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("books balance"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = relay_billing::reconcile::check(&db).await.unwrap();
+    assert_eq!(report.records as usize, sent.len());
+    assert_eq!(report.transactions, report.records);
+
     edge.stop().await;
     for p in [billing, auth, routing, adapter] {
         p.stop().await;

@@ -31,6 +31,11 @@ name = "mock"
 deployments = [{{ provider = "mock", model = "gpt-mock-upstream" }}]
 
 [[routing.models]]
+name = "mock-cancel"
+on_disconnect = "cancel"
+deployments = [{{ provider = "mock", model = "gpt-mock-upstream" }}]
+
+[[routing.models]]
 name = "demo"
 deployments = [{{ provider = "demo", model = "relay-demo-1" }}]
 "#,

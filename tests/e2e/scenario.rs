@@ -154,5 +154,123 @@ pub async fn run(base: &str, billing: &GrpcBilling, mock: &MockOpenAi) -> Vec<St
     assert!(u.input_tokens > 0, "{u:?}");
     sent.push(rid);
 
+    sent.extend(disconnects(base, billing, mock).await);
+    sent.extend(hostile_fields(base, billing).await);
+
+    sent
+}
+
+/// Clients that leave early are billed what the provider bills: a stream abandoned after four content
+/// chunks is billed its input and the delivered output; a whole answer the client gave up on is drained
+/// and billed the upstream's own usage; with `on_disconnect = "cancel"` it is billed its input.
+async fn disconnects(base: &str, billing: &GrpcBilling, mock: &MockOpenAi) -> Vec<String> {
+    let c = crate::client::http();
+    let mut sent = Vec::new();
+
+    let mut body = user(MODEL, "a1 a2 a3 a4 a5 a6 a7 a8 a9 a10 a11 a12 [[mock chunk_delay_ms=100]]");
+    body["stream"] = json!(true);
+    let mut r = c
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(crate::harness::KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let rid = r.headers()["x-relay-request-id"].to_str().unwrap().to_owned();
+    let mut content = 0;
+    let mut buf = String::new();
+    while content < 4 {
+        buf.push_str(std::str::from_utf8(&r.chunk().await.unwrap().unwrap()).unwrap());
+        content = buf
+            .matches("\"content\":\"")
+            .count()
+            .saturating_sub(usize::from(buf.contains("\"content\":\"\"")));
+    }
+    drop(r);
+    let ev = recorded_usage(billing, &rid).await;
+    assert_eq!(ev.outcome(), Outcome::Cancelled);
+    let u = ev.usage.unwrap();
+    assert!(u.input_tokens > 0 && u.output_tokens >= 4, "input and delivered output billed: {u:?}");
+    // Each word chunk is at most 3 tokens; one more chunk may have been in flight.
+    assert!(u.output_tokens <= 3 * (content as u64 + 2), "only what was delivered: {u:?}");
+    assert_eq!(u.output_source(), relay_core::pb::common::v1::UsageSource::Counted);
+    sent.push(rid);
+
+    // A whole answer the client stops waiting for: drained, billed the provider's usage.
+    let text = format!("slow whole answer {} [[mock delay_ms=1200]]", uuid::Uuid::now_v7().simple());
+    let quick = reqwest::Client::builder().timeout(std::time::Duration::from_millis(400)).build().unwrap();
+    let err = quick
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(crate::harness::KEY)
+        .json(&user(MODEL, &text))
+        .send()
+        .await;
+    assert!(err.is_err(), "the client gave up");
+    let rid = wait_for_record_of(billing, mock, &text).await;
+    let ev = recorded_usage(billing, &rid).await;
+    assert_eq!(ev.outcome(), Outcome::Cancelled);
+    let (p, cmp) = mock_usage(&text);
+    let u = ev.usage.unwrap();
+    assert_eq!((u.input_tokens, u.output_tokens), (p, cmp), "the upstream's own usage");
+    assert_eq!(u.input_source(), relay_core::pb::common::v1::UsageSource::Provider);
+    sent.push(rid);
+
+    // The same with the model group's `cancel` policy: the upstream is stopped, the input billed.
+    let text = format!("cancelled whole answer {} [[mock delay_ms=1200]]", uuid::Uuid::now_v7().simple());
+    let err = quick
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(crate::harness::KEY)
+        .json(&user("mock-cancel", &text))
+        .send()
+        .await;
+    assert!(err.is_err());
+    let rid = wait_for_record_of(billing, mock, &text).await;
+    let ev = recorded_usage(billing, &rid).await;
+    let u = ev.usage.unwrap();
+    assert_eq!(ev.outcome(), Outcome::Cancelled);
+    assert!(u.input_tokens > 0 && u.output_tokens == 0, "{u:?}");
+    sent.push(rid);
+    sent
+}
+
+/// The billing id of the request whose upstream call carried `text` (the client never saw its headers).
+async fn wait_for_record_of(billing: &GrpcBilling, mock: &MockOpenAi, text: &str) -> String {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let seen = mock.requests_containing(text);
+        if let Some(id) =
+            seen.first().and_then(|r| r.headers.get("x-request-id")?.to_str().ok().map(str::to_owned))
+        {
+            let req = relay_core::pb::billing::v1::GetUsageRequest { request_id: id.clone() };
+            if relay_core::contracts::Billing::get_usage(billing, req).await.is_ok() {
+                return id;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no usage record for `{text}`");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Fields a client controls that billing must store or refuse, without ever stalling the consumer.
+async fn hostile_fields(base: &str, billing: &GrpcBilling) -> Vec<String> {
+    let c = crate::client::http();
+    let mut sent = Vec::new();
+    for user_field in ["u".repeat(257), "nul\u{0}byte".to_owned(), "line\nbreak".to_owned()] {
+        let mut body = user(MODEL, "hostile");
+        body["user"] = json!(user_field);
+        let a = chat(&c, base, body).await;
+        assert_eq!(a.status, 400, "{}", a.body);
+        assert_eq!(a.body["error"]["param"], "user");
+        sent.push(a.request_id);
+    }
+    // A NUL in a field billing stores (the model name) is stored, replaced, and the next event still flows.
+    let a = chat(&c, base, user("mo\u{0}del", "hi")).await;
+    assert_eq!(a.status, 404);
+    recorded_usage(billing, &a.request_id).await;
+    sent.push(a.request_id);
+    let a = chat(&c, base, user(MODEL, "after the hostile ones")).await;
+    assert_eq!(a.status, 200);
+    recorded_usage(billing, &a.request_id).await;
+    sent.push(a.request_id);
     sent
 }

@@ -3,7 +3,7 @@
 //! Replies `ECHO: <last user text>` (directives removed), one token per space-separated word, usage
 //! `prompt = 1000 + words of all input`, `completion = reply tokens`. Streams one chunk per token, the usage
 //! chunk when `stream_options.include_usage` is set, then `[DONE]`. Knobs travel in the message text:
-//! `[[mock status=503]]`, `[[mock chunk_delay_ms=50]]`, `[[mock die_after=2]]` (close after N events).
+//! `[[mock status=503]]`, `[[mock chunk_delay_ms=50]]`, `[[mock delay_ms=500]]` (whole answers), `[[mock die_after=2]]` (close after N events).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -139,6 +139,9 @@ async fn chat(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> 
     let model = req["model"].as_str().unwrap_or("mock").to_owned();
     let id = "chatcmpl-mock";
     if req["stream"] != json!(true) {
+        if let Some(ms) = knob(&knobs, "delay_ms") {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
         return axum::Json(json!({"id": id, "object": "chat.completion", "created": 1, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
             "usage": usage}))
