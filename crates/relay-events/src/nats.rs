@@ -32,6 +32,8 @@ pub struct NatsConfig {
     pub retry_delay_ms: u64,
     /// Events the consumer takes (and billing records in one transaction) at a time.
     pub batch_size: usize,
+    /// How long a delivered event may stay unacknowledged (a consumer that died) before redelivery.
+    pub ack_wait_secs: u64,
 }
 
 impl Default for NatsConfig {
@@ -44,25 +46,47 @@ impl Default for NatsConfig {
             max_age_hours: 72,
             retry_delay_ms: 1000,
             batch_size: 256,
+            ack_wait_secs: 30,
         }
     }
 }
 
-/// Connects and makes sure the stream exists with our settings.
+/// Connects (in the background when the server is not up yet) and makes sure the stream exists. A process
+/// may start during a NATS outage: until the stream can be created, a background task keeps trying, the
+/// edge's outbox holds events, and the consumer retries.
 pub async fn connect_jetstream(url: &str, cfg: &NatsConfig) -> anyhow::Result<jetstream::Context> {
     let client =
         async_nats::ConnectOptions::new().name("relay").retry_on_initial_connect().connect(url).await?;
     let js = jetstream::new(client);
-    js.get_or_create_stream(stream::Config {
-        name: cfg.stream.clone(),
-        subjects: vec![cfg.subject.clone()],
-        duplicate_window: Duration::from_secs(cfg.dedupe_window_secs),
-        max_age: Duration::from_secs(cfg.max_age_hours * 3600),
-        storage: stream::StorageType::File,
-        ..Default::default()
-    })
-    .await?;
+    // At most briefly on the start-up path: a process must come up (and its outbox take events) during
+    // an outage; then the stream is made in the background.
+    if matches!(tokio::time::timeout(Duration::from_secs(2), ensure_stream(&js, cfg)).await, Ok(Ok(_))) {
+        return Ok(js);
+    }
+    let (bg, cfg) = (js.clone(), cfg.clone());
+    tokio::spawn(async move {
+        let mut delay = Duration::from_millis(200);
+        while let Err(e) = ensure_stream(&bg, &cfg).await {
+            tracing::warn!(error = %e, "usage stream not reachable yet; retrying");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    });
     Ok(js)
+}
+
+async fn ensure_stream(js: &jetstream::Context, cfg: &NatsConfig) -> anyhow::Result<stream::Stream> {
+    let stream = js
+        .get_or_create_stream(stream::Config {
+            name: cfg.stream.clone(),
+            subjects: vec![cfg.subject.clone()],
+            duplicate_window: Duration::from_secs(cfg.dedupe_window_secs),
+            max_age: Duration::from_secs(cfg.max_age_hours * 3600),
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+    Ok(stream)
 }
 
 // === impl NatsSink ===
@@ -124,7 +148,7 @@ impl NatsSource {
     }
 
     async fn consume<H: UsageHandler>(&self, handler: &H, stop: &CancellationToken) -> anyhow::Result<()> {
-        let stream = self.js.get_stream(&self.cfg.stream).await?;
+        let stream = ensure_stream(&self.js, &self.cfg).await?;
         let consumer: jetstream::consumer::Consumer<pull::Config> = stream
             .get_or_create_consumer(
                 &self.cfg.consumer,
@@ -132,7 +156,7 @@ impl NatsSource {
                     durable_name: Some(self.cfg.consumer.clone()),
                     ack_policy: jetstream::consumer::AckPolicy::Explicit,
                     filter_subject: self.cfg.subject.clone(),
-                    ack_wait: Duration::from_secs(30),
+                    ack_wait: Duration::from_secs(self.cfg.ack_wait_secs.max(1)),
                     // A batch is taken whole: let enough be in flight for one.
                     max_ack_pending: i64::try_from(self.cfg.batch_size.max(1) * 4).unwrap_or(1024),
                     ..Default::default()
