@@ -92,7 +92,8 @@ async fn send(c: &reqwest::Client, edge: &str, i: usize) -> Option<(String, Kind
     if kind != Kind::Whole {
         body["stream"] = json!(true);
     }
-    let mut r = c.post(format!("{edge}/v1/chat/completions")).bearer_auth(KEY).json(&body).send().await.ok()?;
+    let mut r =
+        c.post(format!("{edge}/v1/chat/completions")).bearer_auth(KEY).json(&body).send().await.ok()?;
     assert_eq!(r.status(), 200, "request {i}");
     let id = r.headers()["x-relay-request-id"].to_str().unwrap().to_owned();
     match kind {
@@ -130,7 +131,8 @@ async fn ten_thousand_requests_through_kills_and_a_rolling_restart_are_booked_on
     };
     let billing = RelayProc::start(&dir, "billing", &backend_cfg("\"billing\"", "")).await;
     let extra = format!("{}{}", auth_section(), upstream_sections(&mock));
-    let backend = RelayProc::start(&dir, "backend", &backend_cfg("\"auth\", \"routing\", \"adapter\"", &extra)).await;
+    let backend =
+        RelayProc::start(&dir, "backend", &backend_cfg("\"auth\", \"routing\", \"adapter\"", &extra)).await;
     let edge_cfg = format!(
         "[server]\nservices = [\"edge\"]\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
          shutdown_grace_secs = 5\n[remote]\nauth = \"{g}\"\nrouting = \"{g}\"\nadapter = \"{g}\"\n{shared}",
@@ -143,10 +145,15 @@ async fn ten_thousand_requests_through_kills_and_a_rolling_restart_are_booked_on
     let answered = Arc::new(AtomicUsize::new(0));
     let sent: Arc<Mutex<Vec<(String, Kind, String)>>> = Arc::default();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let c = reqwest::Client::builder().timeout(Duration::from_secs(60)).pool_max_idle_per_host(64).build().unwrap();
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap();
     let mut workers = Vec::new();
     for _ in 0..32 {
-        let (c, url, next, answered, sent) = (c.clone(), url.clone(), next.clone(), answered.clone(), sent.clone());
+        let (c, url, next, answered, sent) =
+            (c.clone(), url.clone(), next.clone(), answered.clone(), sent.clone());
         workers.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
@@ -221,8 +228,10 @@ async fn ten_thousand_requests_through_kills_and_a_rolling_restart_are_booked_on
         )
         .await
         .unwrap();
-    let booked: BTreeMap<String, (i64, i64, String)> =
-        rows.into_iter().map(|r| (r[0].text().to_owned(), (r[1].i64(), r[2].i64(), r[3].text().to_owned()))).collect();
+    let booked: BTreeMap<String, (i64, i64, String)> = rows
+        .into_iter()
+        .map(|r| (r[0].text().to_owned(), (r[1].i64(), r[2].i64(), r[3].text().to_owned())))
+        .collect();
     let ids: BTreeSet<&String> = sent.iter().map(|(id, _, _)| id).collect();
     assert_eq!(ids.len(), total, "every answer has its own billing id");
     assert!(ids.iter().all(|id| booked.contains_key(*id)), "an answered request is not booked");

@@ -40,20 +40,58 @@ impl RecordOutcome {
     }
 }
 
+// Each statement is written for a whole batch: `{rows}` becomes `($1, .., $n), (..)`, one group per row, so
+// a batch of events costs four round trips, not ten per event.
 const INSERT: &str = "INSERT INTO usage_records (request_id, schema_version, key_id, team_id, org_id, end_user, \
     model, deployment_id, provider, upstream_model, protocol, stream, input_tokens, output_tokens, \
     cached_input_tokens, cache_write_tokens, reasoning_tokens, outcome, error_code, http_status, started_at_ms, \
     duration_ms, ttfb_ms, attempts, recorded_at_ms, event, cost_micros, currency, client_request_id, \
-    input_source, output_source, sell_micros, price_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, \
-    $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, \
-    $31, $32, $33) ON CONFLICT (request_id) DO NOTHING";
+    input_source, output_source, sell_micros, price_id) VALUES {rows} \
+    ON CONFLICT (request_id) DO NOTHING RETURNING request_id";
+const RECORD_COLUMNS: usize = 33;
 
 const INSERT_TXN: &str = "INSERT INTO ledger_transactions (id, request_id, kind, price_id, memo, created_at_ms) \
-    VALUES ($1, $2, 'usage', $3, '', $4)";
-const INSERT_ACCOUNT: &str = "INSERT INTO ledger_accounts (id, kind, currency, created_at_ms) VALUES ($1, $2, $3, $4) \
+    VALUES {rows}";
+const INSERT_ACCOUNT: &str = "INSERT INTO ledger_accounts (id, kind, currency, created_at_ms) VALUES {rows} \
     ON CONFLICT (id) DO NOTHING";
 const INSERT_ENTRY: &str = "INSERT INTO ledger_entries (txn_id, seq, account_id, amount_micros, currency) \
-    VALUES ($1, $2, $3, $4, $5)";
+    VALUES {rows}";
+
+/// `sql` with `{rows}` replaced by `rows` groups of `cols` numbered placeholders.
+fn multi_row(sql: &str, rows: usize, cols: usize) -> String {
+    let mut groups = String::with_capacity(rows * cols * 5);
+    for r in 0..rows {
+        groups.push_str(if r == 0 { "(" } else { ", (" });
+        for c in 0..cols {
+            if c > 0 {
+                groups.push_str(", ");
+            }
+            groups.push('$');
+            groups.push_str(&(r * cols + c + 1).to_string());
+        }
+        groups.push(')');
+    }
+    sql.replace("{rows}", &groups)
+}
+
+/// Rows of `cols` columns that fit one statement on this backend.
+fn rows_per_statement(tx: &relay_db::Tx, cols: usize) -> usize {
+    (tx.max_params() / cols).clamp(1, 1000)
+}
+
+/// Runs `sql` once per chunk of as many rows as one statement takes.
+async fn insert_rows(
+    tx: &mut relay_db::Tx,
+    sql: &str,
+    cols: usize,
+    rows: Vec<Vec<Arg>>,
+) -> anyhow::Result<()> {
+    for chunk in rows.chunks(rows_per_statement(tx, cols)) {
+        let args: Vec<Arg> = chunk.iter().flatten().cloned().collect();
+        tx.execute(&multi_row(sql, chunk.len(), cols), &args).await?;
+    }
+    Ok(())
+}
 
 const GET: &str = "SELECT event FROM usage_records WHERE request_id = $1";
 
@@ -181,37 +219,70 @@ impl UsageStore {
         Ok(out.first().copied().unwrap_or(RecordOutcome::Duplicate))
     }
 
-    /// Records a batch in one transaction (all or nothing).
+    /// Records a batch in one transaction (all or nothing): the records that are new, then their posting
+    /// sets, accounts and entries, each as one multi-row statement.
     pub async fn record_batch(
         &self,
         items: &[(&UsageEvent, &Booking)],
     ) -> anyhow::Result<Vec<RecordOutcome>> {
         let now = relay_core::ids::now_ms();
-        let mut tx = self.db.begin().await?;
-        let mut out = Vec::with_capacity(items.len());
-        for (e, b) in items {
+        let ids: Vec<String> = items.iter().map(|(e, _)| storable(&e.request_id, 1024)).collect();
+        // The first of several copies in one batch is the one recorded.
+        let mut seen = std::collections::HashSet::new();
+        let firsts: Vec<usize> = (0..items.len()).filter(|&i| seen.insert(ids[i].as_str())).collect();
+        for &i in &firsts {
+            let (e, b) = items[i];
             anyhow::ensure!(b.balanced(), "posting set for {} does not balance", e.request_id);
-            if tx.execute(INSERT, &record_args(e, b, now)).await? == 0 {
-                out.push(RecordOutcome::Duplicate);
-                continue;
+        }
+        let mut tx = self.db.begin().await?;
+        let mut inserted = std::collections::HashSet::new();
+        for chunk in firsts.chunks(rows_per_statement(&tx, RECORD_COLUMNS)) {
+            let args: Vec<Arg> =
+                chunk.iter().flat_map(|&i| record_args(items[i].0, items[i].1, now)).collect();
+            let sql = multi_row(INSERT, chunk.len(), RECORD_COLUMNS);
+            for row in tx.fetch(&sql, &args, &[Col::Text]).await? {
+                inserted.insert(row.into_iter().next().map(Val::into_text).unwrap_or_default());
             }
+        }
+        let new: Vec<usize> = firsts.iter().copied().filter(|&i| inserted.contains(&ids[i])).collect();
+        let (mut txns, mut accounts, mut entries) =
+            (Vec::new(), std::collections::BTreeMap::new(), Vec::new());
+        for &i in &new {
+            let b = items[i].1;
             let txn = storable(&b.txn_id, 1100);
-            let rid = storable(&e.request_id, 1024);
-            tx.execute(INSERT_TXN, &[txn.clone().into(), rid.into(), b.price_id.clone().into(), now.into()])
-                .await?;
+            txns.push(vec![
+                txn.clone().into(),
+                ids[i].clone().into(),
+                "usage".into(),
+                b.price_id.clone().into(),
+                "".into(),
+                now.into(),
+            ]);
             for (seq, entry) in b.entries.iter().enumerate() {
                 let account = storable(&entry.account, 1100);
-                let currency = Arg::Text(b.currency.clone());
-                let args = [account.clone().into(), entry.kind.into(), currency.clone(), now.into()];
-                tx.execute(INSERT_ACCOUNT, &args).await?;
+                accounts.entry(account.clone()).or_insert((entry.kind, b.currency.clone()));
                 let seq = i64::try_from(seq).unwrap_or(i64::MAX);
-                let args = [txn.clone().into(), seq.into(), account.into(), entry.amount.into(), currency];
-                tx.execute(INSERT_ENTRY, &args).await?;
+                entries.push(vec![
+                    txn.clone().into(),
+                    seq.into(),
+                    account.into(),
+                    entry.amount.into(),
+                    b.currency.clone().into(),
+                ]);
             }
-            out.push(RecordOutcome::Inserted);
         }
+        let accounts: Vec<Vec<Arg>> = accounts
+            .into_iter()
+            .map(|(id, (kind, currency))| vec![id.into(), kind.into(), currency.into(), now.into()])
+            .collect();
+        insert_rows(&mut tx, INSERT_ACCOUNT, 4, accounts).await?;
+        insert_rows(&mut tx, INSERT_TXN, 6, txns).await?;
+        insert_rows(&mut tx, INSERT_ENTRY, 5, entries).await?;
         tx.commit().await?;
-        Ok(out)
+        let new: std::collections::HashSet<usize> = new.into_iter().collect();
+        Ok((0..items.len())
+            .map(|i| if new.contains(&i) { RecordOutcome::Inserted } else { RecordOutcome::Duplicate })
+            .collect())
     }
 
     /// Keeps an event billing cannot store (bad data, not an outage) for inspection and replay.

@@ -118,6 +118,15 @@ pub enum Tx {
 }
 
 impl Tx {
+    /// Parameters worth binding in one statement: Postgres takes up to 65,535; SQLite's binding cost grows
+    /// faster than linearly with the count, so its statements stay small.
+    pub fn max_params(&self) -> usize {
+        match self {
+            Self::Postgres(_) => 65_535,
+            Self::Sqlite(_) => 512,
+        }
+    }
+
     /// Runs one statement; returns the rows it affected.
     pub async fn execute(&mut self, sql: &str, args: &[Arg]) -> anyhow::Result<u64> {
         Ok(match self {
