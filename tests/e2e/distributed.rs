@@ -11,6 +11,72 @@ use crate::collector::Collector;
 use crate::harness::{RelayProc, auth_section, temp_dir};
 use crate::{client, scenario, upstream_sections};
 
+const ADMIN_TOKEN: &str = "e2e-billing-admin-token-0123";
+
+/// Billing's admin API on the billing process: usage grouped, the CSV export, a price version added and
+/// used by the next request, the reconcile report; nothing without the admin token.
+async fn billing_admin(billing: &RelayProc, edge: &RelayProc, db: &Db, requests: usize) {
+    let c = client::http();
+    let admin = format!("http://{}", billing.bound["admin"].as_str().unwrap());
+    let get = |path: &str| c.get(format!("{admin}{path}")).bearer_auth(ADMIN_TOKEN).send();
+    assert_eq!(c.get(format!("{admin}/admin/v1/usage")).send().await.unwrap().status(), 401);
+    let usage: serde_json::Value = get("/admin/v1/usage?group_by=key").await.unwrap().json().await.unwrap();
+    let rows = usage["data"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{usage}");
+    assert_eq!(
+        (rows[0]["group"].as_str(), rows[0]["requests"].as_u64()),
+        (Some("e2e"), Some(requests as u64))
+    );
+    assert_eq!(get("/admin/v1/usage?group_by=color").await.unwrap().status(), 400);
+    let csv = get("/admin/v1/usage/export?from=2020-01-01&format=focus").await.unwrap();
+    assert_eq!(csv.headers()["content-type"], "text/csv; charset=utf-8");
+    let csv = csv.text().await.unwrap();
+    assert!(csv.starts_with("BillingPeriodStart,") && csv.lines().count() > 1, "{csv}");
+
+    let price = serde_json::json!({"model": "gpt-mock-upstream", "provider": "mock", "input": 2_000_000, "output": 8_000_000});
+    let r = c
+        .post(format!("{admin}/admin/v1/prices"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&price)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = c
+        .post(format!("{admin}/admin/v1/prices"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&price)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "a price version is immutable");
+    let absurd = serde_json::json!({"model": "x", "input": -5, "output": 1});
+    let r = c
+        .post(format!("{admin}/admin/v1/prices"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&absurd)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let a = client::chat(&c, &edge.http(), client::user(scenario::MODEL, "priced now")).await;
+    let ev = client::recorded_usage(&client::billing_client(&billing.grpc()), &a.request_id).await;
+    let u = ev.usage.unwrap();
+    let want = (u.input_tokens * 2 + u.output_tokens * 8) as i64; // micros: tokens × price / 1M
+    let rows = db
+        .fetch(
+            "SELECT price_id, sell_micros FROM usage_records WHERE request_id = $1",
+            &[a.request_id.clone().into()],
+            &[relay_db::Col::Text, relay_db::Col::I64],
+        )
+        .await
+        .unwrap();
+    assert_eq!((rows[0][0].text(), rows[0][1].i64()), ("mock/gpt-mock-upstream@0", want));
+    let rec: serde_json::Value = get("/admin/v1/billing/reconcile").await.unwrap().json().await.unwrap();
+    assert_eq!(rec["ok"], true, "{rec}");
+    assert_eq!(rec["sell_micros"]["ledger"].as_i64(), Some(want));
+}
+
 fn common(nats: &str, db_url: &str, collector: &Collector, tag: &str) -> String {
     format!(
         "[bus]\nnats_url = \"{nats}\"\n[bus.jetstream]\nstream = \"RELAY_USAGE_{tag}\"\nsubject = \"relay.usage.v1.{tag}\"\n\
@@ -41,7 +107,8 @@ async fn five_processes_over_grpc_nats_and_postgres() {
     let upstreams = upstream_sections(&mock);
     let dir = temp_dir("distributed");
 
-    let billing = RelayProc::start(&dir, "billing", &backend("billing", &shared, "")).await;
+    let billing_extra = format!("[auth]\nadmin_token = \"{ADMIN_TOKEN}\"\n");
+    let billing = RelayProc::start(&dir, "billing", &backend("billing", &shared, &billing_extra)).await;
     let auth = RelayProc::start(&dir, "auth", &backend("auth", &shared, &auth_section())).await;
     let routing = RelayProc::start(&dir, "routing", &backend("routing", &shared, &upstreams)).await;
     let adapter = RelayProc::start(&dir, "adapter", &backend("adapter", &shared, &upstreams)).await;
@@ -116,9 +183,17 @@ async fn five_processes_over_grpc_nats_and_postgres() {
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+        .args(["billing", "export", "--from", "2020-01-01", "--config"])
+        .arg(dir.join("billing.toml"))
+        .output()
+        .unwrap();
+    let csv = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && csv.starts_with("date,key_id,team_id,org_id,model,"), "{csv}");
     let report = relay_billing::reconcile::check(&db).await.unwrap();
     assert_eq!(report.records as usize, sent.len());
     assert_eq!(report.transactions, report.records);
+    billing_admin(&billing, &edge, &db, sent.len()).await;
 
     edge.stop().await;
     for p in [billing, auth, routing, adapter] {

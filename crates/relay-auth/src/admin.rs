@@ -12,7 +12,6 @@ use axum::{Json, Router};
 use relay_core::{ErrorCode, RelayError, Secret};
 use serde::Deserialize;
 use serde_json::json;
-use subtle::ConstantTimeEq;
 
 use crate::keys;
 use crate::store::{KeyStore, Level, NewKey, NewScope};
@@ -74,12 +73,7 @@ impl From<anyhow::Error> for ApiError {
 type Answer = Result<Response, ApiError>;
 
 fn check(a: &Admin, headers: &HeaderMap) -> Result<(), ApiError> {
-    let presented = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if bool::from(presented.as_bytes().ct_eq(a.token.expose().as_bytes())) {
+    if relay_runtime::admin::bearer_matches(headers, a.token.expose()) {
         Ok(())
     } else {
         Err(ApiError(RelayError::new(ErrorCode::Unauthenticated, "Invalid admin token.")))

@@ -7,9 +7,11 @@
 //! to `usage_dead_letters` after `max_deliver` tries, so one bad event never stalls the rest. What does not
 //! belong here: anything on the request path (billing is never called while a client waits).
 
+pub mod admin;
 pub mod ledger;
 pub mod pricing;
 pub mod reconcile;
+pub mod reports;
 mod store;
 
 use std::sync::Arc;
@@ -83,12 +85,36 @@ impl BillingConfig {
     }
 }
 
+/// How often a running billing re-reads the `prices` table (versions added through another replica's
+/// admin API become visible within this).
+const PRICE_RELOAD: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Every price version, as last read from the database, and when.
+struct Prices {
+    book: std::sync::RwLock<(Arc<pricing::PriceBook>, std::time::Instant)>,
+}
+
+impl Prices {
+    fn current(&self) -> Arc<pricing::PriceBook> {
+        self.book.read().unwrap_or_else(std::sync::PoisonError::into_inner).0.clone()
+    }
+
+    fn stale(&self) -> bool {
+        self.book.read().unwrap_or_else(std::sync::PoisonError::into_inner).1.elapsed() > PRICE_RELOAD
+    }
+
+    fn set(&self, rows: Vec<pricing::PriceRow>) {
+        *self.book.write().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            (Arc::new(pricing::PriceBook::new(rows)), std::time::Instant::now());
+    }
+}
+
 /// The local billing service (queries) and the source of the recorder.
 #[derive(Clone)]
 pub struct BillingService {
     store: UsageStore,
     cfg: Arc<BillingConfig>,
-    prices: Arc<pricing::PriceBook>,
+    prices: Arc<Prices>,
 }
 
 impl BillingService {
@@ -101,13 +127,21 @@ impl BillingService {
             rows.extend(pricing::parse_catalog(&text, path).map_err(|e| anyhow::anyhow!(e.join("; ")))?);
         }
         store.save_prices(&rows).await?;
-        let prices = Arc::new(pricing::PriceBook::new(store.load_prices().await?));
+        let book = pricing::PriceBook::new(store.load_prices().await?);
+        let prices =
+            Arc::new(Prices { book: std::sync::RwLock::new((Arc::new(book), std::time::Instant::now())) });
         Ok(Self { store, cfg: Arc::new(cfg), prices })
+    }
+
+    /// Re-reads every price version (after one was added).
+    pub async fn reload_prices(&self) -> anyhow::Result<()> {
+        self.prices.set(self.store.load_prices().await?);
+        Ok(())
     }
 
     /// The handler that records consumed events.
     pub fn recorder(&self) -> Recorder {
-        Recorder { store: self.store.clone(), cfg: self.cfg.clone(), prices: self.prices.clone() }
+        Recorder { service: self.clone() }
     }
 
     pub fn store(&self) -> &UsageStore {
@@ -139,32 +173,31 @@ impl Billing for BillingService {
 /// Records each usage event once, with its posting set.
 #[derive(Clone)]
 pub struct Recorder {
-    store: UsageStore,
-    cfg: Arc<BillingConfig>,
-    prices: Arc<pricing::PriceBook>,
+    service: BillingService,
 }
 
 impl Recorder {
     pub fn book(&self, e: &UsageEvent) -> ledger::Booking {
-        ledger::book(e, &self.prices, &self.cfg.markups, self.cfg.default_markup_bps)
+        let cfg = &self.service.cfg;
+        ledger::book(e, &self.service.prices.current(), &cfg.markups, cfg.default_markup_bps)
     }
 
     /// One event alone (after its batch failed): stored, retried, or dead-lettered after `max_deliver`.
     async fn one(&self, e: &UsageEvent, attempt: u32) -> Handled {
         let booking = self.book(e);
-        match self.store.record(e, &booking).await {
+        match self.service.store.record(e, &booking).await {
             Ok(outcome) => {
                 metrics::counter!("relay_usage_events_total", "result" => outcome.label()).increment(1);
                 Handled::Stored
             }
             Err(err) if relay_db::is_transient(&err) => Handled::Retry(err.to_string()),
-            Err(err) if attempt < self.cfg.max_deliver => Handled::Retry(err.to_string()),
+            Err(err) if attempt < self.service.cfg.max_deliver => Handled::Retry(err.to_string()),
             Err(err) => self.dead_letter(&e.request_id, &format!("{err:#}"), e.encode_to_vec()).await,
         }
     }
 
     async fn dead_letter(&self, request_id: &str, reason: &str, payload: Vec<u8>) -> Handled {
-        match self.store.dead_letter(request_id, reason, payload).await {
+        match self.service.store.dead_letter(request_id, reason, payload).await {
             Ok(()) => {
                 metrics::counter!("relay_usage_events_total", "result" => "dead_letter").increment(1);
                 tracing::error!(request_id, reason, "usage event dead-lettered");
@@ -177,6 +210,11 @@ impl Recorder {
 
 impl UsageHandler for Recorder {
     async fn handle_batch(&self, events: &[UsageEvent], attempts: &[u32]) -> Vec<Handled> {
+        if self.service.prices.stale()
+            && let Err(e) = self.service.reload_prices().await
+        {
+            tracing::warn!(error = %e, "price catalog not reloaded; using the one in memory");
+        }
         let mut verdicts: Vec<Option<Handled>> = vec![None; events.len()];
         let mut batch = Vec::new();
         for (i, e) in events.iter().enumerate() {
@@ -193,7 +231,7 @@ impl UsageHandler for Recorder {
         }
         let bookings: Vec<_> = batch.iter().map(|&i| self.book(&events[i])).collect();
         let items: Vec<_> = batch.iter().zip(&bookings).map(|(&i, b)| (&events[i], b)).collect();
-        match self.store.record_batch(&items).await {
+        match self.service.store.record_batch(&items).await {
             Ok(outcomes) => {
                 for (&i, o) in batch.iter().zip(outcomes) {
                     metrics::counter!("relay_usage_events_total", "result" => o.label()).increment(1);

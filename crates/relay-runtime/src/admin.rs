@@ -32,3 +32,14 @@ pub fn router(readiness: Readiness) -> Router {
 async fn readyz(State(r): State<Readiness>) -> (StatusCode, &'static str) {
     if r.is_ready() { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") }
 }
+
+/// Does the request carry `Authorization: Bearer <token>`? Compared in constant time, so the answer's
+/// timing says nothing about how much of a guess was right. Shared by every admin API.
+pub fn bearer_matches(headers: &axum::http::HeaderMap, token: &str) -> bool {
+    let presented = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    bool::from(subtle::ConstantTimeEq::ct_eq(presented.as_bytes(), token.as_bytes()))
+}

@@ -244,6 +244,11 @@ pub async fn run(
             admin_app = admin_app.merge(api);
         }
     }
+    if let Some(billing) = local.billing.clone()
+        && let Some(api) = relay_billing::admin::router(billing, cfg.auth.admin_token.clone())
+    {
+        admin_app = admin_app.merge(api);
+    }
     let admin_task = {
         let stop = admin_stop.clone();
         tokio::spawn(async move {

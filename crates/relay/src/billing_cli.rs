@@ -10,6 +10,8 @@ use crate::config::Config;
 
 pub const USAGE: &str = "  \
   billing reconcile [--provider-csv FILE]   check the ledger (exit 1 if the books do not reconcile)
+  billing export --from YYYY-MM-DD [--to YYYY-MM-DD] [--focus]   usage and spend as CSV (FOCUS columns)
+  billing prices                            every price version billing knows (catalog + admin API)
   billing dlq list | replay                 dead-lettered usage events: show, or record them again";
 
 pub fn run(args: &[String], cfg: &Config) -> i32 {
@@ -20,6 +22,36 @@ pub fn run(args: &[String], cfg: &Config) -> i32 {
         let store = relay_billing::UsageStore::new(db.clone());
         match args.as_slice() {
             ["reconcile", rest @ ..] => reconcile(&db, rest).await,
+            ["export", rest @ ..] => {
+                let (from, to, focus) = export_args(rest)?;
+                print!("{}", relay_billing::reports::export_csv(&db, from, to, focus).await?);
+                Ok(0)
+            }
+            ["prices"] => {
+                let billing = relay_billing::BillingService::new(store.clone(), cfg.billing.clone()).await?;
+                println!(
+                    "id,provider,model,currency,input,output,cached_input,cache_write,reasoning,per_request,valid_from_ms,valid_to_ms,source"
+                );
+                for p in billing.store().load_prices().await? {
+                    println!(
+                        "{},{},{},{},{},{},{},{},{},{},{},{},\"{}\"",
+                        p.id,
+                        p.provider,
+                        p.model,
+                        p.currency,
+                        p.input,
+                        p.output,
+                        p.cached_input,
+                        p.cache_write,
+                        p.reasoning,
+                        p.per_request,
+                        p.valid_from_ms,
+                        p.valid_to_ms,
+                        p.source.replace('"', "'")
+                    );
+                }
+                Ok(0)
+            }
             ["dlq", "list"] => {
                 let letters = store.dead_letters().await?;
                 println!("id,request_id,at_ms,reason");
@@ -61,6 +93,26 @@ pub fn run(args: &[String], cfg: &Config) -> i32 {
         eprintln!("relay: {e:#}");
         crate::cli::EXIT_CONFIG
     })
+}
+
+fn export_args(rest: &[&str]) -> anyhow::Result<(i64, i64, bool)> {
+    let (mut from, mut to, mut focus) = (None, relay_core::ids::now_ms() + 1, false);
+    let mut it = rest.iter();
+    while let Some(a) = it.next() {
+        let date = |v: Option<&&str>| {
+            v.and_then(|d| relay_billing::reports::date_ms(d))
+                .ok_or_else(|| anyhow::anyhow!("{a} needs a date YYYY-MM-DD"))
+        };
+        match *a {
+            "--from" => from = Some(date(it.next())?),
+            "--to" => to = date(it.next())?,
+            "--focus" => focus = true,
+            other => anyhow::bail!("unknown argument `{other}`\nusage:\n{USAGE}"),
+        }
+    }
+    let from = from.ok_or_else(|| anyhow::anyhow!("--from is required\nusage:\n{USAGE}"))?;
+    anyhow::ensure!(to > from, "--to must be after --from");
+    Ok((from, to, focus))
 }
 
 async fn reconcile(db: &relay_db::Db, rest: &[&str]) -> anyhow::Result<i32> {
