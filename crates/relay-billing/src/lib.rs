@@ -9,7 +9,7 @@
 
 pub mod admin;
 pub mod ledger;
-pub mod pricing;
+pub use relay_pricing as pricing;
 pub mod reconcile;
 pub mod reports;
 mod store;

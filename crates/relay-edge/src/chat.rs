@@ -19,7 +19,8 @@ use serde_json::Value;
 use crate::Edge;
 use crate::answer::{self, ChatCall};
 use crate::dispatch::{
-    admission, admit, check_end_user, ensure_allowed, read_json, required_model, route, with_failover,
+    admission, admit, billable, check_end_user, ensure_allowed, read_json, required_model, route,
+    with_failover,
 };
 use crate::error::Inbound;
 use crate::request::RequestCtx;
@@ -233,7 +234,8 @@ async fn prepare(
     rec.request(&model, stream, env.end_user(), bytes.len());
     ensure_allowed(principal, &model).map_err(plain)?;
     let route = route(edge, &model, stream).await.map_err(plain)?;
-    let lease = admission(ctx, principal, bytes.len(), env.max_output(), &route.candidates);
+    let candidates = billable(principal, &model, &route.candidates).map_err(plain)?;
+    let lease = admission(ctx, principal, bytes.len(), env.max_output(), &candidates);
     let rate = admit(edge, rec, lease).await.map_err(|d| (d.error, d.headers))?;
     let drain_max = std::time::Duration::from_secs(edge.inner.cfg.drain_max_secs);
     let policy = answer::Policy::of(route.on_disconnect(), stream, drain_max);
@@ -248,7 +250,7 @@ async fn prepare(
         client_model: model,
         count_input: policy == answer::Policy::Cancel,
     };
-    Ok((ChatCall { request, candidates: route.candidates.clone(), policy, inbound }, rate))
+    Ok((ChatCall { request, candidates, policy, inbound }, rate))
 }
 
 /// `POST /v1/messages/count_tokens`: input tokens for an Anthropic-shaped request on the routed model

@@ -64,6 +64,31 @@ pub fn ensure_allowed(principal: &Principal, model: &str) -> Result<(), RelayErr
     }
 }
 
+/// The candidates this caller may be sent to: a key with a budget never goes to a deployment Relay could
+/// not bill (no price, and not marked free by the operator).
+pub fn billable(
+    principal: &Principal,
+    model: &str,
+    candidates: &[Deployment],
+) -> Result<Vec<Deployment>, RelayError> {
+    let has_budget = principal
+        .scopes
+        .iter()
+        .any(|s| s.budget.as_ref().and_then(|b| b.limit.as_ref()).is_some_and(|m| m.micros > 0));
+    if !has_budget {
+        return Ok(candidates.to_vec());
+    }
+    let ok: Vec<Deployment> = candidates.iter().filter(|d| d.price.is_some() || d.free).cloned().collect();
+    if ok.is_empty() {
+        return Err(RelayError::new(
+            ErrorCode::PermissionDenied,
+            format!("The model `{model}` has no price, and this key has a budget, so it cannot be billed. Ask the operator to price it or mark it free."),
+        )
+        .with_param("model"));
+    }
+    Ok(ok)
+}
+
 pub async fn route(edge: &Edge, model: &str, stream: bool) -> Result<Arc<RouteResponse>, RelayError> {
     if let Some(r) = edge.inner.routes.get(&model.to_owned()) {
         return Ok(r);
@@ -147,4 +172,30 @@ pub async fn admit(
     let headers = edge.inner.services.limiter.admit(&a).await?;
     rec.hold(a);
     Ok(headers)
+}
+
+#[cfg(test)]
+mod tests {
+    use relay_core::pb::auth::v1::{Budget, Scope};
+    use relay_core::pb::common::v1::Money;
+    use relay_core::pb::routing::v1::Price;
+
+    use super::*;
+
+    #[test]
+    fn keys_with_a_budget_skip_unpriced_deployments() {
+        let priced = Deployment { id: "p".into(), price: Some(Price::default()), ..Default::default() };
+        let unpriced = Deployment { id: "u".into(), ..Default::default() };
+        let free = Deployment { id: "f".into(), free: true, ..Default::default() };
+        let open = Principal::default();
+        let budget =
+            Some(Budget { limit: Some(Money { micros: 10, currency: "USD".into() }), ..Default::default() });
+        let capped = Principal { scopes: vec![Scope { budget, ..Default::default() }], ..Default::default() };
+        let ids = |v: Vec<Deployment>| v.into_iter().map(|d| d.id).collect::<Vec<_>>();
+        let all = [unpriced.clone(), priced, free];
+        assert_eq!(ids(billable(&open, "m", &all).unwrap()), ["u", "p", "f"]);
+        assert_eq!(ids(billable(&capped, "m", &all).unwrap()), ["p", "f"]);
+        let e = billable(&capped, "m", &[unpriced]).unwrap_err();
+        assert_eq!((e.code, e.param.as_deref()), (ErrorCode::PermissionDenied, Some("model")));
+    }
 }

@@ -15,7 +15,8 @@ use serde_json::json;
 use crate::Edge;
 use crate::chat;
 use crate::dispatch::{
-    admission, admit, check_end_user, ensure_allowed, read_json, required_model, route, with_failover,
+    admission, admit, billable, check_end_user, ensure_allowed, read_json, required_model, route,
+    with_failover,
 };
 use crate::error::{Inbound, OpenAiError};
 use crate::request::{self, RequestCtx};
@@ -146,9 +147,10 @@ async fn embed(
     rec.request(&model, false, env.user.as_deref().unwrap_or(""), bytes.len());
     ensure_allowed(p, &model)?;
     let route = route(edge, &model, false).await?;
-    let lease = admission(ctx, p, bytes.len(), Some(0), &route.candidates);
+    let candidates = billable(p, &model, &route.candidates)?;
+    let lease = admission(ctx, p, bytes.len(), Some(0), &candidates);
     admit(edge, rec, lease).await.map_err(|d| d.error)?;
-    with_failover(&route.candidates, Some(rec), |dep| {
+    with_failover(&candidates, Some(rec), |dep| {
         let req = EmbedRequest {
             request_id: ctx.request_id.clone(),
             body: bytes.clone(),

@@ -77,9 +77,13 @@ pub struct DeploymentConfig {
     pub model: String,
     #[serde(default = "one")]
     pub weight: u32,
-    /// Integer micro-units per million tokens; absent = unpriced (budgets count it as free).
+    /// Integer micro-units per million tokens; absent = the shipped catalog's price for the model, if any.
     #[serde(default)]
     pub price: Option<PriceConfig>,
+    /// No price on purpose: keys with a budget may use it (otherwise an unpriced deployment is refused
+    /// for them, since Relay could not bill it).
+    #[serde(default)]
+    pub free: bool,
     /// Answer length assumed when a request sets no limit (bounds budget and token reservations).
     #[serde(default = "default_max_output")]
     pub max_output_tokens: u64,
@@ -121,6 +125,9 @@ impl RoutingConfig {
                 errors.push(format!("{at}: needs at least one deployment"));
             }
             for (j, d) in m.deployments.iter().enumerate() {
+                if d.free && d.price.is_some() {
+                    errors.push(format!("{at}.deployments[{j}]: a free deployment cannot have a price"));
+                }
                 if d.price.as_ref().is_some_and(|p| {
                     p.input_per_mtok_micros < 0
                         || p.output_per_mtok_micros < 0
@@ -153,6 +160,11 @@ pub struct RoutingService {
 impl RoutingService {
     pub fn new(cfg: &RoutingConfig) -> Self {
         let created = 1_700_000_000;
+        // Deployments without a configured price take the catalog's, so budget reservations are real bounds.
+        let catalog = relay_pricing::parse_catalog(relay_pricing::SHIPPED_CATALOG, "catalog")
+            .map(relay_pricing::PriceBook::new)
+            .unwrap_or_default();
+        let now = relay_core::ids::now_ms();
         let mut models = HashMap::new();
         let mut order = Vec::new();
         for m in &cfg.models {
@@ -164,13 +176,23 @@ impl RoutingService {
                     provider: d.provider.clone(),
                     upstream_model: d.model.clone(),
                     weight: d.weight,
-                    price: d.price.as_ref().map(|p| Price {
-                        input_per_mtok_micros: p.input_per_mtok_micros,
-                        output_per_mtok_micros: p.output_per_mtok_micros,
-                        cached_input_per_mtok_micros: p.cached_input_per_mtok_micros,
-                        currency: p.currency.clone(),
-                    }),
+                    price: match &d.price {
+                        Some(p) => Some(Price {
+                            input_per_mtok_micros: p.input_per_mtok_micros,
+                            output_per_mtok_micros: p.output_per_mtok_micros,
+                            cached_input_per_mtok_micros: p.cached_input_per_mtok_micros,
+                            currency: p.currency.clone(),
+                        }),
+                        None if d.free => None,
+                        None => catalog.resolve(&d.provider, &d.model, now).map(|p| Price {
+                            input_per_mtok_micros: p.input,
+                            output_per_mtok_micros: p.output,
+                            cached_input_per_mtok_micros: p.cached_input,
+                            currency: p.currency.clone(),
+                        }),
+                    },
                     max_output_tokens: d.max_output_tokens,
+                    free: d.free,
                 })
                 .collect();
             let kind = match m.kind {
@@ -222,6 +244,7 @@ mod tests {
             model: m.into(),
             weight: 1,
             price: None,
+            free: false,
             max_output_tokens: 4096,
         };
         RoutingConfig {
@@ -264,6 +287,21 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.code, ErrorCode::ModelNotFound);
         assert_eq!(e.param.as_deref(), Some("model"));
+    }
+
+    #[tokio::test]
+    async fn unpriced_deployments_take_the_catalog_price_unless_free() {
+        let mut c = cfg();
+        c.models[0].deployments[0].model = "gpt-4o".into();
+        c.models[0].deployments[1].model = "gpt-4o".into();
+        c.models[0].deployments[1].free = true;
+        let r = RoutingService::new(&c)
+            .route(RouteRequest { model: "b".into(), ..Default::default() })
+            .await
+            .unwrap();
+        let p = r.candidates[0].price.clone().expect("catalog price");
+        assert_eq!((p.input_per_mtok_micros, p.output_per_mtok_micros), (2_500_000, 10_000_000));
+        assert!(r.candidates[1].price.is_none() && r.candidates[1].free);
     }
 
     #[test]

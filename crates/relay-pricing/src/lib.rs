@@ -1,6 +1,7 @@
-//! The price catalog: versioned prices per model (and optionally per provider), what a request costs at
-//! them, and the markup that turns Relay's cost into the customer's price. Pure: no IO here (the rows live
-//! in the `prices` table; `store.rs` loads and saves them).
+//! relay-pricing: the price catalog. Versioned prices per model (and optionally per provider), what a
+//! request costs at them, and the markup that turns Relay's cost into the customer's price. Shared by
+//! billing (which books with it) and routing (which prices deployments for budget reservations).
+//! Pure: no IO (billing keeps the rows in its `prices` table).
 
 use relay_core::pb::common::v1::TokenUsage;
 use serde::{Deserialize, Serialize};
