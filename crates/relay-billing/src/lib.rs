@@ -18,7 +18,10 @@ use std::sync::Arc;
 
 use prost::Message as _;
 use relay_core::contracts::{Billing, Result};
-use relay_core::pb::billing::v1::{GetUsageRequest, UsageSummaryRequest, UsageSummaryResponse};
+use relay_core::pb::billing::v1::{
+    GetUsageRequest, SpentRequest, SpentResponse, UsageSummaryRequest, UsageSummaryResponse,
+};
+use relay_core::pb::common::v1::Money;
 use relay_core::pb::events::v1::UsageEvent;
 use relay_core::{ErrorCode, RelayError, USAGE_EVENT_SCHEMA_VERSION};
 use relay_events::{Handled, UsageHandler};
@@ -167,6 +170,23 @@ impl Billing for BillingService {
     async fn usage_summary(&self, req: UsageSummaryRequest) -> Result<UsageSummaryResponse> {
         let to = if req.to_unix_ms == 0 { i64::MAX } else { req.to_unix_ms };
         self.store.summary(&req.key_id, req.from_unix_ms, to).await.map_err(|e| db_unavailable(&e))
+    }
+
+    async fn spent(&self, req: SpentRequest) -> Result<SpentResponse> {
+        let bad = || RelayError::invalid_request("scope must be key:<id>, team:<id> or org:<id>");
+        let (kind, id) = req.scope.split_once(':').ok_or_else(bad)?;
+        let column = match kind {
+            "key" => "key_id",
+            "team" => "team_id",
+            "org" => "org_id",
+            _ => return Err(bad()),
+        };
+        let micros = self
+            .store
+            .spent(column, id, req.from_unix_ms, req.to_unix_ms)
+            .await
+            .map_err(|e| db_unavailable(&e))?;
+        Ok(SpentResponse { spent: Some(Money { micros, currency: "USD".into() }) })
     }
 }
 

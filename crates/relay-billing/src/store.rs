@@ -326,6 +326,22 @@ impl UsageStore {
         Ok(())
     }
 
+    /// What `column` (`key_id`, `team_id` or `org_id`, never client input) = `id` was charged in the window.
+    pub async fn spent(
+        &self,
+        column: &'static str,
+        id: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> anyhow::Result<i64> {
+        let sql = format!(
+            "SELECT CAST(COALESCE(SUM(sell_micros), 0) AS BIGINT) FROM usage_records \
+             WHERE {column} = $1 AND started_at_ms >= $2 AND started_at_ms < $3"
+        );
+        let rows = self.db.fetch(&sql, &[id.into(), from_ms.into(), to_ms.into()], &[Col::I64]).await?;
+        Ok(rows.first().and_then(|r| r.first()).map_or(0, Val::i64))
+    }
+
     pub fn db(&self) -> &Db {
         &self.db
     }

@@ -40,6 +40,8 @@ pub trait Billing: Send + Sync + 'static {
     async fn get_usage(&self, req: billing::GetUsageRequest) -> Result<events::UsageEvent>;
     async fn usage_summary(&self, req: billing::UsageSummaryRequest)
     -> Result<billing::UsageSummaryResponse>;
+    /// What a scope was charged over a window, as booked (budget counters are rebuilt from it).
+    async fn spent(&self, req: billing::SpentRequest) -> Result<billing::SpentResponse>;
 }
 
 /// Where usage events go: NATS JetStream in production, an in-process channel when embedded.

@@ -7,10 +7,12 @@
 //! scope admits at most `rpm` requests and reserves at most `tpm` tokens; at any moment, spent plus reserved
 //! money never exceeds the budget, so total spend ≤ budget (+ the difference between one request's real
 //! and reserved cost when an upstream overruns its reservation).
+//! Budget spend counters are a cache of billing's ledger, rebuilt from it ([`seed`]).
 //! What does not belong here: who the caller is (auth), prices (routing), recording usage (billing).
 
 mod memory;
 mod redis_limiter;
+pub mod seed;
 
 use relay_core::contracts::{Admission, Denial, RateHeaders};
 use relay_core::pb::auth::v1::{BudgetPeriod, Scope, ScopeKind};

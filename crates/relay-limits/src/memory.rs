@@ -20,11 +20,42 @@ struct State {
 #[derive(Default)]
 pub struct MemoryLimiter {
     state: Mutex<State>,
+    seeder: Option<crate::seed::Seeder>,
 }
 
 impl MemoryLimiter {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Starts each budget counter from billing's books the first time this process meets it.
+    pub fn with_ledger(mut self, billing: std::sync::Arc<dyn relay_core::contracts::Billing>) -> Self {
+        self.seeder = Some(crate::seed::Seeder::new(billing, None));
+        self
+    }
+
+    async fn seed(&self, a: &Admission) -> Result<(), Denial> {
+        let Some(seeder) = &self.seeder else { return Ok(()) };
+        for (s, r) in active(a).into_iter().filter(|(_, r)| r.budget > 0) {
+            let name = scope_name(s);
+            let period = period_key(r.period, a.at_ms);
+            let counter = format!("{name}/{period}");
+            if !seeder.due(&counter) {
+                continue;
+            }
+            match seeder.spent(&name, r.period, a.at_ms).await {
+                Ok(spent) => {
+                    let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                    let v = st.spent.entry((name, period)).or_default();
+                    *v = (*v).max(spent);
+                    seeder.done(counter);
+                }
+                Err(e) => {
+                    tracing::warn!(scope = %name, error = %e, "budget counter not rebuilt from the ledger yet")
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Money spent by a scope in a period.
@@ -47,6 +78,7 @@ impl State {
 #[async_trait::async_trait]
 impl Limiter for MemoryLimiter {
     async fn admit(&self, a: &Admission) -> Result<RateHeaders, Denial> {
+        self.seed(a).await?;
         let scopes = active(a);
         let m = minute(a.at_ms);
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -138,6 +170,44 @@ mod tests {
 
     fn adm(id: &str, scopes: Vec<Scope>, tokens: u64, cost: i64) -> Admission {
         Admission { request_id: id.into(), at_ms: 1_800_000_000_000, scopes, tokens, cost_micros: cost }
+    }
+
+    struct Books;
+
+    #[async_trait::async_trait]
+    impl relay_core::contracts::Billing for Books {
+        async fn get_usage(
+            &self,
+            _: relay_core::pb::billing::v1::GetUsageRequest,
+        ) -> relay_core::contracts::Result<relay_core::pb::events::v1::UsageEvent> {
+            Ok(Default::default())
+        }
+        async fn usage_summary(
+            &self,
+            _: relay_core::pb::billing::v1::UsageSummaryRequest,
+        ) -> relay_core::contracts::Result<relay_core::pb::billing::v1::UsageSummaryResponse> {
+            Ok(Default::default())
+        }
+        async fn spent(
+            &self,
+            req: relay_core::pb::billing::v1::SpentRequest,
+        ) -> relay_core::contracts::Result<relay_core::pb::billing::v1::SpentResponse> {
+            let micros = if req.scope == "org:o" { 900 } else { 0 };
+            Ok(relay_core::pb::billing::v1::SpentResponse {
+                spent: Some(Money { micros, currency: "USD".into() }),
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_restarted_process_starts_budgets_from_the_books() {
+        let l = MemoryLimiter::new().with_ledger(std::sync::Arc::new(Books));
+        let org = scope(ScopeKind::Org, "o", 0, 0, 0, 1000);
+        let e = l.admit(&adm("1", vec![org.clone()], 1, 200)).await.unwrap_err();
+        assert_eq!(e.error.code, ErrorCode::InsufficientQuota, "900 booked before the restart");
+        l.admit(&adm("2", vec![org.clone()], 1, 100)).await.unwrap();
+        l.settle(&adm("2", vec![org.clone()], 1, 100), 1, 100).await;
+        assert_eq!(l.spent("org:o", "total"), 1000, "seeded once, then counted here");
     }
 
     #[tokio::test]

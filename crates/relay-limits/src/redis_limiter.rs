@@ -74,6 +74,7 @@ pub struct RedisLimiter {
     fallback: MemoryLimiter,
     admit: redis::Script,
     settle: redis::Script,
+    seeder: Option<crate::seed::Seeder>,
 }
 
 impl RedisLimiter {
@@ -98,7 +99,71 @@ impl RedisLimiter {
             fallback: MemoryLimiter::new(),
             admit: redis::Script::new(ADMIT),
             settle: redis::Script::new(SETTLE),
+            seeder: None,
         })
+    }
+
+    /// Rebuilds missing budget counters from billing's books (after a start, or Redis losing data).
+    pub fn with_ledger(self, billing: std::sync::Arc<dyn relay_core::contracts::Billing>) -> Self {
+        self.with_ledger_every(billing, crate::seed::RECHECK)
+    }
+
+    /// As [`Self::with_ledger`], looking again after `recheck` whether Redis still holds each counter.
+    pub fn with_ledger_every(
+        mut self,
+        billing: std::sync::Arc<dyn relay_core::contracts::Billing>,
+        recheck: std::time::Duration,
+    ) -> Self {
+        self.seeder = Some(crate::seed::Seeder::new(billing, Some(recheck)));
+        self
+    }
+
+    /// Makes sure every budget counter of the admission exists, from the ledger where it does not.
+    async fn seed(
+        &self,
+        a: &Admission,
+        scopes: &[(&relay_core::pb::auth::v1::Scope, Rules)],
+    ) -> Result<(), Denial> {
+        let Some(seeder) = &self.seeder else { return Ok(()) };
+        for (s, r) in scopes.iter().filter(|(_, r)| r.budget > 0) {
+            let name = scope_name(s);
+            let [.., counter] = self.keys(&name, r, a.at_ms);
+            if !seeder.due(&counter) {
+                continue;
+            }
+            let mut conn = self.conn.clone();
+            let mut exists = redis::cmd("EXISTS");
+            exists.arg(&counter);
+            match tokio::time::timeout(self.timeout, exists.query_async::<i64>(&mut conn)).await {
+                Ok(Ok(1)) => seeder.done(counter),
+                Ok(Ok(_)) => match seeder.spent(&name, r.period, a.at_ms).await {
+                    Ok(spent) => {
+                        let mut set = redis::cmd("SET");
+                        set.arg(&counter).arg(spent).arg("NX");
+                        let ttl = spent_ttl_ms(r);
+                        if ttl > 0 {
+                            set.arg("PX").arg(ttl);
+                        }
+                        if let Ok(Ok(())) =
+                            tokio::time::timeout(self.timeout, set.query_async::<()>(&mut conn)).await
+                        {
+                            metrics::counter!("relay_limits_budget_rebuilt_total").increment(1);
+                            tracing::info!(scope = %name, spent, "budget counter rebuilt from the ledger");
+                            seeder.done(counter);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(scope = %name, error = %e, "budget counter missing and the ledger unreadable");
+                        if self.on_error == OnRedisError::FailClosed {
+                            return Err(crate::seed::unavailable());
+                        }
+                    }
+                },
+                // Redis itself is failing: the admission below applies the outage policy.
+                _ => return Ok(()),
+            }
+        }
+        Ok(())
     }
 
     fn keys(&self, name: &str, r: &Rules, at_ms: i64) -> [String; 5] {
@@ -139,6 +204,7 @@ impl Limiter for RedisLimiter {
         if scopes.is_empty() {
             return Ok(Vec::new());
         }
+        self.seed(a, &scopes).await?;
         let mut inv = self.admit.prepare_invoke();
         for (s, r) in &scopes {
             for k in self.keys(&scope_name(s), r, a.at_ms) {

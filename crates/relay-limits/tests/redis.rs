@@ -178,3 +178,59 @@ async fn a_redis_outage_follows_the_configured_policy() {
     // Four calls, each bounded by the 250 ms Redis timeout: an outage never stalls requests for long.
     assert!(outage.elapsed() < std::time::Duration::from_secs(3), "{:?}", outage.elapsed());
 }
+
+/// Billing's books, as the limiter reads them: `spent` for every scope.
+struct Books(i64);
+
+#[async_trait::async_trait]
+impl relay_core::contracts::Billing for Books {
+    async fn get_usage(
+        &self,
+        _: relay_core::pb::billing::v1::GetUsageRequest,
+    ) -> relay_core::contracts::Result<relay_core::pb::events::v1::UsageEvent> {
+        Err(relay_core::RelayError::new(ErrorCode::NotFound, "none"))
+    }
+    async fn usage_summary(
+        &self,
+        _: relay_core::pb::billing::v1::UsageSummaryRequest,
+    ) -> relay_core::contracts::Result<relay_core::pb::billing::v1::UsageSummaryResponse> {
+        Ok(Default::default())
+    }
+    async fn spent(
+        &self,
+        req: relay_core::pb::billing::v1::SpentRequest,
+    ) -> relay_core::contracts::Result<relay_core::pb::billing::v1::SpentResponse> {
+        assert!(req.scope.starts_with("key:") && req.from_unix_ms < req.to_unix_ms);
+        Ok(relay_core::pb::billing::v1::SpentResponse {
+            spent: Some(Money { micros: self.0, currency: "USD".into() }),
+        })
+    }
+}
+
+#[tokio::test]
+async fn budget_counters_are_rebuilt_from_the_ledger_after_a_start_and_after_redis_loses_them() {
+    let Some(url) = relay_test_support::env_service("REDIS_URL") else {
+        return;
+    };
+    let prefix = format!("t{}", uuid::Uuid::now_v7().simple());
+    let books = Arc::new(Books(950));
+    let l = RedisLimiter::connect(&url, &prefix, OnRedisError::FailClosed)
+        .await
+        .unwrap()
+        .with_ledger_every(books, std::time::Duration::ZERO);
+    let s = scope("ledgered", 0, 0, 0, 1000);
+    let now = relay_core::ids::now_ms();
+    // A fresh process (empty Redis): the books say 950 of 1000 are spent, so 100 more is refused.
+    let e = l.admit(&adm(1, &s, 1, 100, now)).await.unwrap_err();
+    assert_eq!(e.error.code, ErrorCode::InsufficientQuota);
+    l.admit(&adm(2, &s, 1, 40, now)).await.unwrap();
+    l.settle(&adm(2, &s, 1, 40, now), 1, 40).await;
+    // Redis loses everything: the counter comes back from the books, not from zero.
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> =
+        redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut conn).await.unwrap();
+    let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await.unwrap();
+    let e = l.admit(&adm(3, &s, 1, 100, now)).await.unwrap_err();
+    assert_eq!(e.error.code, ErrorCode::InsufficientQuota, "rebuilt, not reset to zero");
+}

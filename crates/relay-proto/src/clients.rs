@@ -141,4 +141,8 @@ impl Billing for GrpcBilling {
         let r = self.0.clone().usage_summary(req).await.map_err(|s| from_status(&s, "billing"))?;
         Ok(r.into_inner())
     }
+    async fn spent(&self, req: billing::SpentRequest) -> Result<billing::SpentResponse> {
+        let r = self.0.clone().spent(req).await.map_err(|s| from_status(&s, "billing"))?;
+        Ok(r.into_inner())
+    }
 }

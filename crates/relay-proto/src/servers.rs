@@ -108,6 +108,9 @@ impl generated::billing::billing_service_server::BillingService for BillingServe
     ) -> GrpcResult<billing::UsageSummaryResponse> {
         reply(self.0.usage_summary(req.into_inner()).await)
     }
+    async fn spent(&self, req: Request<billing::SpentRequest>) -> GrpcResult<billing::SpentResponse> {
+        reply(self.0.spent(req.into_inner()).await)
+    }
 }
 
 pub fn billing(

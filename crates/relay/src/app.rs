@@ -69,19 +69,33 @@ async fn build_local(cfg: &Config) -> anyhow::Result<Local> {
     Ok(Local { auth, keys, router, adapter, billing, db })
 }
 
-async fn limiter(cfg: &relay_limits::LimitsConfig) -> anyhow::Result<Arc<dyn Limiter>> {
+/// `ledger`: billing, where budget counters are rebuilt from (none: counters start at zero).
+async fn limiter(
+    cfg: &relay_limits::LimitsConfig,
+    ledger: Option<Arc<dyn Billing>>,
+) -> anyhow::Result<Arc<dyn Limiter>> {
     Ok(match &cfg.redis_url {
-        Some(url) => Arc::new(
-            relay_limits::RedisLimiter::connect_with_timeout(
+        Some(url) => {
+            let l = relay_limits::RedisLimiter::connect_with_timeout(
                 url,
                 &cfg.key_prefix,
                 cfg.on_redis_error,
                 std::time::Duration::from_millis(cfg.redis_timeout_ms),
             )
             .await
-            .context("connecting to Redis")?,
-        ),
-        None => Arc::new(relay_limits::MemoryLimiter::new()),
+            .context("connecting to Redis")?;
+            Arc::new(match ledger {
+                Some(b) => l.with_ledger(b),
+                None => l,
+            })
+        }
+        None => {
+            let l = relay_limits::MemoryLimiter::new();
+            Arc::new(match ledger {
+                Some(b) => l.with_ledger(b),
+                None => l,
+            })
+        }
     })
 }
 
@@ -98,6 +112,17 @@ impl relay_auth::admin::Invalidate for BusInvalidate {
         let bus = self.0.clone();
         let target = format!("{kind}:{id}");
         tokio::spawn(async move { bus.publish(target).await });
+    }
+}
+
+/// Billing for the edge's limiter: in this process, or at `remote.billing`.
+fn ledger(local: &Local, cfg: &Config) -> anyhow::Result<Option<Arc<dyn Billing>>> {
+    if let Some(b) = &local.billing {
+        return Ok(Some(Arc::new(b.clone())));
+    }
+    match &cfg.remote.billing {
+        Some(addr) => Ok(Some(Arc::new(relay_proto::clients::GrpcBilling::new(channel(addr)?)))),
+        None => Ok(None),
     }
 }
 
@@ -194,7 +219,7 @@ pub async fn run(
                 .clone()
                 .map(|o| Arc::new(o) as Arc<dyn UsageSink>)
                 .context("edge without a usage sink")?,
-            limiter: limiter(&cfg.limits).await?,
+            limiter: limiter(&cfg.limits, ledger(&local, &cfg)?).await?,
         };
         let edge = relay_edge::Edge::new(cfg.edge.clone(), services);
         let mut announcements =

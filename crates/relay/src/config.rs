@@ -58,6 +58,9 @@ pub struct RemoteConfig {
     pub auth: Option<String>,
     pub routing: Option<String>,
     pub adapter: Option<String>,
+    /// Billing, for rebuilding budget counters from the ledger (optional: without it they start at zero
+    /// after a restart or a Redis data loss).
+    pub billing: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

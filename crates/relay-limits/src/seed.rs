@@ -1,0 +1,114 @@
+//! Budget counters are a cache of the ledger. The first time a process meets a budget scope in a period
+//! (so after every start), and again every [`RECHECK`] for Redis (so after Redis lost its data), a missing
+//! spent counter is rebuilt from billing's books before the admission runs. Billing lags the edge by the
+//! outbox's delay, so a rebuilt counter may miss the last moments of spend; `fail_closed` refuses requests
+//! while the books cannot be read, `fail_open` admits on what the counter holds.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use relay_core::contracts::Billing;
+use relay_core::pb::auth::v1::BudgetPeriod;
+use relay_core::pb::billing::v1::SpentRequest;
+use relay_core::{ErrorCode, RelayError};
+
+/// How often a process looks again whether Redis still holds a budget counter.
+pub const RECHECK: Duration = Duration::from_secs(30);
+/// Longest wait for billing's answer.
+const LEDGER_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub struct Seeder {
+    billing: Arc<dyn Billing>,
+    /// Counter key -> when this process last made sure it exists.
+    checked: Mutex<HashMap<String, Instant>>,
+    recheck: Option<Duration>,
+}
+
+impl Seeder {
+    /// `recheck`: look again after this long (Redis can lose data); `None`: once per process (memory).
+    pub fn new(billing: Arc<dyn Billing>, recheck: Option<Duration>) -> Self {
+        Self { billing, checked: Mutex::new(HashMap::new()), recheck }
+    }
+
+    /// Has this counter not been made sure of recently?
+    pub fn due(&self, counter: &str) -> bool {
+        let checked = self.checked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match (checked.get(counter), self.recheck) {
+            (None, _) => true,
+            (Some(at), Some(every)) => at.elapsed() > every,
+            (Some(_), None) => false,
+        }
+    }
+
+    pub fn done(&self, counter: String) {
+        let mut checked = self.checked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if checked.len() > 100_000 {
+            checked.clear();
+        }
+        checked.insert(counter, Instant::now());
+    }
+
+    /// What the books say `scope` (`key:<id>`…) spent in the period `at_ms` falls in.
+    pub async fn spent(&self, scope: &str, period: BudgetPeriod, at_ms: i64) -> Result<i64, RelayError> {
+        let (from, to) = period_bounds(period, at_ms);
+        let req = SpentRequest { scope: scope.to_owned(), from_unix_ms: from, to_unix_ms: to };
+        match tokio::time::timeout(LEDGER_TIMEOUT, self.billing.spent(req)).await {
+            Ok(Ok(r)) => Ok(r.spent.map_or(0, |m| m.micros)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(RelayError::new(ErrorCode::Unavailable, "billing did not answer in time")),
+        }
+    }
+}
+
+/// The UTC window `[from, to)` of the budget period `at_ms` falls in.
+pub fn period_bounds(period: BudgetPeriod, at_ms: i64) -> (i64, i64) {
+    use chrono::{Datelike, NaiveDate};
+    let t = chrono::DateTime::from_timestamp_millis(at_ms).unwrap_or_default().date_naive();
+    let ms = |d: Option<NaiveDate>| {
+        d.and_then(|d| d.and_hms_opt(0, 0, 0)).map_or(0, |d| d.and_utc().timestamp_millis())
+    };
+    match period {
+        BudgetPeriod::Daily => (ms(Some(t)), ms(t.succ_opt())),
+        BudgetPeriod::Monthly => {
+            let first = NaiveDate::from_ymd_opt(t.year(), t.month(), 1);
+            let next = if t.month() == 12 {
+                NaiveDate::from_ymd_opt(t.year() + 1, 1, 1)
+            } else {
+                NaiveDate::from_ymd_opt(t.year(), t.month() + 1, 1)
+            };
+            (ms(first), ms(next))
+        }
+        BudgetPeriod::Total | BudgetPeriod::Unspecified => (0, i64::MAX),
+    }
+}
+
+/// The refusal when the books must be read and cannot be (`fail_closed`).
+pub fn unavailable() -> relay_core::contracts::Denial {
+    relay_core::contracts::Denial {
+        error: RelayError::new(
+            ErrorCode::Unavailable,
+            "Budget accounting is unavailable; try again shortly.",
+        ),
+        headers: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn periods_are_utc_calendar_windows() {
+        let at = 1_795_374_211_000; // 2026-11-22T...Z
+        let (d0, d1) = period_bounds(BudgetPeriod::Daily, at);
+        assert_eq!((d1 - d0, d0 <= at && at < d1), (86_400_000, true));
+        let (m0, m1) = period_bounds(BudgetPeriod::Monthly, at);
+        assert_eq!((m1 - m0) / 86_400_000, 30, "November");
+        assert!(m0 <= at && at < m1);
+        let dec = 1_796_083_200_000 + 5; // 2026-12-01
+        let (_, end) = period_bounds(BudgetPeriod::Monthly, dec);
+        assert_eq!((end - 1_796_083_200_000) / 86_400_000, 31, "December rolls into January");
+        assert_eq!(period_bounds(BudgetPeriod::Total, at), (0, i64::MAX));
+    }
+}
