@@ -59,6 +59,7 @@ pub struct ChatCall {
 /// Runs the call in a tracked task and answers the client from it. If the client leaves, the task goes on
 /// by the policy and books the usage itself.
 pub async fn respond(edge: Edge, call: ChatCall, rec: UsageRecord) -> Response {
+    let inbound = call.inbound;
     let (tx, rx) = tokio::sync::oneshot::channel::<Response>();
     let left = CancellationToken::new();
     let _client_gone = left.clone().drop_guard();
@@ -71,9 +72,8 @@ pub async fn respond(edge: Edge, call: ChatCall, rec: UsageRecord) -> Response {
         }
         .in_current_span(),
     );
-    rx.await.unwrap_or_else(|_| {
-        Inbound::OpenAiChat.error(RelayError::internal("the answer task ended without an answer"))
-    })
+    rx.await
+        .unwrap_or_else(|_| inbound.error(RelayError::internal("the answer task ended without an answer")))
 }
 
 async fn run(

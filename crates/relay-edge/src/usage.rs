@@ -35,6 +35,8 @@ pub struct UsageRecord {
     counted_input: Option<(u64, UsageSource)>,
     /// Output tokens on the last chunk that reached the edge (Relay's count).
     output_seen: u64,
+    /// An upstream accepted the request (its `Start` arrived).
+    upstream_started: bool,
 }
 
 impl UsageRecord {
@@ -61,6 +63,7 @@ impl UsageRecord {
             body_bytes: 0,
             counted_input: None,
             output_seen: 0,
+            upstream_started: false,
         }
     }
 
@@ -73,6 +76,7 @@ impl UsageRecord {
 
     /// The upstream accepted; the adapter may have counted the input already.
     pub fn started(&mut self, s: &Start) {
+        self.upstream_started = true;
         if s.input_tokens > 0 {
             self.counted_input = Some((s.input_tokens, s.input_source()));
         }
@@ -126,10 +130,13 @@ impl UsageRecord {
         self.finish(Outcome::Cancelled, Some(&e), 499);
     }
 
-    /// What to bill when no `Usage` event arrived: counted input (or the byte bound's estimate once an
-    /// upstream was called) and the output that reached the edge. Nothing when no upstream was called.
-    fn fallback_usage(&self) -> TokenUsage {
-        if self.event.attempts == 0 {
+    /// What to bill when no `Usage` event arrived: counted input (or the byte bound's estimate) and the
+    /// output that reached the edge. Nothing when no upstream was called, nor for an error the upstream
+    /// answered before accepting the request (providers do not bill refusals); a client that left while an
+    /// upstream was working on its request is billed that request's input.
+    fn fallback_usage(&self, outcome: Outcome) -> TokenUsage {
+        let in_flight = self.event.attempts > 0 && outcome == Outcome::Cancelled;
+        if !(self.upstream_started || in_flight) {
             return TokenUsage::default();
         }
         let (input, input_source) =
@@ -153,7 +160,7 @@ impl UsageRecord {
         self.event.http_status = u32::from(http_status);
         self.event.duration_ms = elapsed_ms(self.started);
         if self.event.usage.is_none() && outcome != Outcome::Success {
-            let u = self.fallback_usage();
+            let u = self.fallback_usage(outcome);
             if u != TokenUsage::default() {
                 self.event.usage = Some(u);
             }

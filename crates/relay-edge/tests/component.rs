@@ -213,7 +213,10 @@ async fn non_retryable_upstream_errors_keep_their_status_and_do_not_fail_over() 
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"]["message"], "bad schema");
     assert_eq!(*h.adapter.0.lock().unwrap(), ["rejects"]);
-    assert_eq!(events(&h).await[0].outcome(), Outcome::Error);
+    let ev = &events(&h).await[0];
+    assert_eq!(ev.outcome(), Outcome::Error);
+    // The upstream refused before accepting: providers bill nothing, and neither does Relay.
+    assert_eq!(ev.usage.unwrap_or_default().input_tokens, 0);
 }
 
 #[tokio::test]

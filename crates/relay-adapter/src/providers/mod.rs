@@ -92,16 +92,23 @@ impl<D: Dialect> Provider for HttpProvider<D> {
                 .map_err(|e| RelayError::internal(e.to_string()))?
         };
         let headers = self.dialect.headers(&req.passthrough_headers);
+        let mut counting = counting_for(&req, &model);
+        let counted = req.count_input.then(|| counting.count_input_in_background(protocol, req.body.clone()));
         let resp = self
             .http
             .post(&self.dialect.chat_url(&model, req.stream), &req.request_id, headers, body)
             .await?;
+        if let Some(Ok(n)) = match counted {
+            Some(h) => Some(h.await),
+            None => None,
+        } {
+            counting.set_input_tokens(n);
+        }
         let output = if native {
             Output::Native { drop_usage_only: protocol == Protocol::OpenaiChat && !req.client_wants_usage }
         } else {
             Output::Converted { protocol, ctx: answer_ctx(&req) }
         };
-        let mut counting = counting_for(&req, &model);
         let head = stream::iter([start_for(&req, &model, &mut counting)]);
         if req.stream {
             let units = sse_units(resp, self.dialect.decoder(), self.http.name.clone());
