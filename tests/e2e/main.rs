@@ -9,6 +9,7 @@ mod distributed;
 mod embedded;
 mod harness;
 mod limits;
+mod prepaid;
 mod scenario;
 
 use relay_test_support::MockOpenAi;

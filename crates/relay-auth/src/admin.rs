@@ -96,8 +96,13 @@ fn check_policy(p: &crate::store::Policy) -> Result<(), ApiError> {
     if [p.rpm, p.tpm, p.max_concurrent, p.budget_micros].iter().any(|v| *v < 0) {
         return Err(bad("limits and budgets cannot be negative"));
     }
-    if !["", "daily", "monthly", "total"].contains(&p.budget_period.as_str()) {
-        return Err(bad("budget_period must be daily, monthly or total"));
+    if !["", "daily", "monthly", "total", "prepaid"].contains(&p.budget_period.as_str()) {
+        return Err(bad("budget_period must be daily, monthly, total or prepaid"));
+    }
+    if p.budget_period == "prepaid" && p.budget_micros != 0 {
+        return Err(bad(
+            "a prepaid scope's limit is its top-ups (POST /admin/v1/billing/topups): leave budget_micros 0",
+        ));
     }
     Ok(())
 }
@@ -242,7 +247,7 @@ fn openapi() -> serde_json::Value {
     let policy = json!({"rpm": {"type": "integer", "minimum": 0}, "tpm": {"type": "integer", "minimum": 0},
         "max_concurrent": {"type": "integer", "minimum": 0}, "budget_micros": {"type": "integer", "minimum": 0,
         "description": "integer micro-units of USD; 0 = no budget"},
-        "budget_period": {"type": "string", "enum": ["daily", "monthly", "total"]}});
+        "budget_period": {"type": "string", "enum": ["daily", "monthly", "total", "prepaid"]}});
     let mut scope = json!({"type": "object", "required": ["name"], "properties": {"id": {"type": "string"}, "name": {"type": "string"}, "metadata": {"type": "object"}}});
     let mut key = json!({"type": "object", "required": ["team_id"], "properties": {"team_id": {"type": "string"}, "name": {"type": "string"},
         "allowed_models": {"type": "array", "items": {"type": "string"}}, "ip_allowlist": {"type": "array", "items": {"type": "string"}},

@@ -155,6 +155,7 @@ fn period(p: &str) -> BudgetPeriod {
     match p {
         "daily" => BudgetPeriod::Daily,
         "monthly" => BudgetPeriod::Monthly,
+        "prepaid" => BudgetPeriod::Prepaid,
         _ => BudgetPeriod::Total,
     }
 }

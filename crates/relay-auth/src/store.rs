@@ -14,7 +14,7 @@ pub struct Policy {
     pub tpm: i64,
     pub max_concurrent: i64,
     pub budget_micros: i64,
-    /// `daily`, `monthly` or `total`.
+    /// `daily`, `monthly`, `total`, or `prepaid` (the limit is the scope's top-ups in the ledger).
     pub budget_period: String,
 }
 

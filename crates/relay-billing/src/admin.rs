@@ -30,6 +30,9 @@ pub fn router(billing: BillingService, token: Option<Secret>) -> Option<Router> 
             .route("/admin/v1/usage/export", get(export))
             .route("/admin/v1/prices", get(list_prices).post(add_price))
             .route("/admin/v1/billing/reconcile", get(reconcile))
+            .route("/admin/v1/billing/topups", axum::routing::post(topup))
+            .route("/admin/v1/billing/credits", axum::routing::post(credit))
+            .route("/admin/v1/billing/balance", get(balance))
             .with_state(Admin { billing, token }),
     )
 }
@@ -164,4 +167,77 @@ async fn reconcile(State(a): State<Admin>, headers: HeaderMap) -> Result<Respons
         "output_tokens": r.output_tokens,
     }))
     .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Credit {
+    scope: String,
+    amount_micros: i64,
+    #[serde(default)]
+    memo: String,
+}
+
+/// Money received for a prepaid scope.
+async fn topup(
+    State(a): State<Admin>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    post_credit(a, headers, body, "topup").await
+}
+
+/// Money given to a prepaid scope (a goodwill credit, a correction): a new entry, never an edit.
+async fn credit(
+    State(a): State<Admin>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    post_credit(a, headers, body, "adjustment").await
+}
+
+async fn post_credit(
+    a: Admin,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+    kind: &'static str,
+) -> Result<Response, ApiError> {
+    check(&a, &headers)?;
+    let c: Credit = serde_json::from_slice(&body).map_err(|e| bad(format!("invalid body: {e}")))?;
+    if !["key:", "team:", "org:"].iter().any(|p| c.scope.starts_with(p)) || c.scope.len() > 300 {
+        return Err(bad("`scope` must be key:<id>, team:<id> or org:<id>"));
+    }
+    if c.amount_micros <= 0 || c.amount_micros > i64::MAX / 4 {
+        return Err(bad("`amount_micros` must be a positive number of micro-units"));
+    }
+    let id = a.billing.store().credit(&c.scope, c.amount_micros, kind, &c.memo).await?;
+    let b = scope_balance(&a, &c.scope).await?;
+    Ok((StatusCode::CREATED, Json(json!({"id": id, "kind": kind, "scope": c.scope, "balance": b})))
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScopeQuery {
+    scope: String,
+}
+
+async fn balance(
+    State(a): State<Admin>,
+    headers: HeaderMap,
+    q: Query<ScopeQuery>,
+) -> Result<Response, ApiError> {
+    check(&a, &headers)?;
+    if !["key:", "team:", "org:"].iter().any(|p| q.scope.starts_with(p)) {
+        return Err(bad("`scope` must be key:<id>, team:<id> or org:<id>"));
+    }
+    Ok(Json(scope_balance(&a, &q.scope).await?).into_response())
+}
+
+/// Prepaid, all-time spend and what is left, for one scope.
+async fn scope_balance(a: &Admin, scope: &str) -> Result<serde_json::Value, ApiError> {
+    let (prepaid, spent) = a.billing.balance(scope).await?;
+    Ok(
+        json!({"scope": scope, "prepaid_micros": prepaid, "spent_micros": spent, "balance_micros": prepaid - spent}),
+    )
 }

@@ -136,6 +136,17 @@ impl BillingService {
         Ok(Self { store, cfg: Arc::new(cfg), prices })
     }
 
+    /// (everything topped up or credited, all-time spend) of a scope (`key:<id>`, `team:<id>`, `org:<id>`).
+    pub async fn balance(&self, scope: &str) -> anyhow::Result<(i64, i64)> {
+        let (kind, id) = scope.split_once(':').ok_or_else(|| anyhow::anyhow!("scope must be kind:id"))?;
+        let column = match kind {
+            "key" => "key_id",
+            "team" => "team_id",
+            _ => "org_id",
+        };
+        Ok((self.store.prepaid(scope).await?, self.store.spent(column, id, 0, i64::MAX).await?))
+    }
+
     /// Re-reads every price version (after one was added).
     pub async fn reload_prices(&self) -> anyhow::Result<()> {
         self.prices.set(self.store.load_prices().await?);
@@ -186,7 +197,11 @@ impl Billing for BillingService {
             .spent(column, id, req.from_unix_ms, req.to_unix_ms)
             .await
             .map_err(|e| db_unavailable(&e))?;
-        Ok(SpentResponse { spent: Some(Money { micros, currency: "USD".into() }) })
+        let prepaid = self.store.prepaid(&req.scope).await.map_err(|e| db_unavailable(&e))?;
+        Ok(SpentResponse {
+            spent: Some(Money { micros, currency: "USD".into() }),
+            prepaid: Some(Money { micros: prepaid, currency: "USD".into() }),
+        })
     }
 }
 

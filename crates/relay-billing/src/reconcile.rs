@@ -14,6 +14,7 @@ const DAY_MS: i64 = 86_400_000;
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Report {
     pub records: i64,
+    /// Usage posting sets (top-ups and credits are transactions too, not counted here).
     pub transactions: i64,
     pub unbalanced_transactions: i64,
     pub records_without_postings: i64,
@@ -51,7 +52,7 @@ pub async fn check(db: &Db) -> anyhow::Result<Report> {
     let sum = |col: &str| format!("CAST(COALESCE(SUM({col}), 0) AS BIGINT)");
     let mut r = Report {
         records: one(db, "SELECT COUNT(*) FROM usage_records").await?,
-        transactions: one(db, "SELECT COUNT(*) FROM ledger_transactions").await?,
+        transactions: one(db, "SELECT COUNT(*) FROM ledger_transactions WHERE kind = 'usage'").await?,
         unbalanced_transactions: one(
             db,
             "SELECT COUNT(*) FROM (SELECT txn_id FROM ledger_entries GROUP BY txn_id, currency \

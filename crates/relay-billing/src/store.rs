@@ -342,6 +342,62 @@ impl UsageStore {
         Ok(rows.first().and_then(|r| r.first()).map_or(0, Val::i64))
     }
 
+    /// Posts a top-up (`kind` = `topup`: money received) or a credit (`adjustment`: given, e.g. to make up
+    /// for an outage) of `amount` micros to a scope's prepaid balance, as its own balanced transaction:
+    /// `funds` (top-up) or `adjustments` (credit) debited, `prepaid:<scope>` credited. Returns its id.
+    pub async fn credit(
+        &self,
+        scope: &str,
+        amount: i64,
+        kind: &'static str,
+        memo: &str,
+    ) -> anyhow::Result<String> {
+        anyhow::ensure!(
+            amount > 0 && amount <= i64::MAX / 4,
+            "amount must be a positive number of micro-units"
+        );
+        anyhow::ensure!(
+            ["key:", "team:", "org:"].iter().any(|p| scope.starts_with(p)) && scope.len() <= 300,
+            "scope must be key:<id>, team:<id> or org:<id>"
+        );
+        let source = match kind {
+            "topup" => ("funds", "funds"),
+            _ => ("adjustments", "adjustment"),
+        };
+        let txn = relay_core::ids::new_request_id();
+        let now = relay_core::ids::now_ms();
+        let prepaid = storable(&format!("prepaid:{scope}"), 1100);
+        let mut tx = self.db.begin().await?;
+        for (account, kind) in [(source.0.to_owned(), source.1), (prepaid.clone(), "prepaid")] {
+            tx.execute(
+                &multi_row(INSERT_ACCOUNT, 1, 4),
+                &[account.into(), kind.into(), "USD".into(), now.into()],
+            )
+            .await?;
+        }
+        let memo = storable(memo, 500);
+        let args: Vec<Arg> =
+            vec![txn.clone().into(), "".into(), kind.into(), "".into(), memo.into(), now.into()];
+        // NULL request id: not a request's posting set.
+        let sql = "INSERT INTO ledger_transactions (id, request_id, kind, price_id, memo, created_at_ms) \
+            VALUES ($1, NULLIF($2, ''), $3, $4, $5, $6)";
+        tx.execute(sql, &args).await?;
+        let entries = vec![
+            vec![txn.clone().into(), 0i64.into(), source.0.into(), amount.into(), "USD".into()],
+            vec![txn.clone().into(), 1i64.into(), prepaid.into(), (-amount).into(), "USD".into()],
+        ];
+        insert_rows(&mut tx, INSERT_ENTRY, 5, entries).await?;
+        tx.commit().await?;
+        Ok(txn)
+    }
+
+    /// Everything topped up or credited to a scope's prepaid balance.
+    pub async fn prepaid(&self, scope: &str) -> anyhow::Result<i64> {
+        let sql = "SELECT CAST(COALESCE(SUM(amount_micros), 0) AS BIGINT) FROM ledger_entries WHERE account_id = $1";
+        let rows = self.db.fetch(sql, &[format!("prepaid:{scope}").into()], &[Col::I64]).await?;
+        Ok(-rows.first().and_then(|r| r.first()).map_or(0, Val::i64))
+    }
+
     pub fn db(&self) -> &Db {
         &self.db
     }

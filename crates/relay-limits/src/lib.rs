@@ -66,18 +66,24 @@ pub(crate) struct Rules {
     pub concurrent: i64,
     pub budget: i64,
     pub period: BudgetPeriod,
+    /// The limit is the scope's top-ups in the ledger ([`seed::apply_prepaid`] sets `budget`).
+    pub prepaid: bool,
 }
 
 impl Rules {
     pub fn of(s: &Scope) -> Self {
         let l = s.limits.unwrap_or_default();
         let b = s.budget.clone().unwrap_or_default();
+        let period = BudgetPeriod::try_from(b.period).unwrap_or(BudgetPeriod::Total);
+        let prepaid = period == BudgetPeriod::Prepaid;
         Self {
             rpm: i64::from(l.requests_per_minute),
             tpm: i64::try_from(l.tokens_per_minute).unwrap_or(i64::MAX),
             concurrent: i64::from(l.max_concurrent),
-            budget: b.limit.map_or(0, |m| m.micros),
-            period: BudgetPeriod::try_from(b.period).unwrap_or(BudgetPeriod::Total),
+            // Until the balance is read, a prepaid scope counts spend against an unreachable limit.
+            budget: if prepaid { i64::MAX / 4 } else { b.limit.map_or(0, |m| m.micros) },
+            period,
+            prepaid,
         }
     }
 
@@ -107,7 +113,7 @@ pub(crate) fn period_key(period: BudgetPeriod, at_ms: i64) -> String {
     match period {
         BudgetPeriod::Daily => t.format("d%Y%m%d").to_string(),
         BudgetPeriod::Monthly => t.format("m%Y%m").to_string(),
-        BudgetPeriod::Total | BudgetPeriod::Unspecified => "total".into(),
+        BudgetPeriod::Total | BudgetPeriod::Prepaid | BudgetPeriod::Unspecified => "total".into(),
     }
 }
 

@@ -75,11 +75,11 @@ impl State {
     }
 }
 
-#[async_trait::async_trait]
-impl Limiter for MemoryLimiter {
-    async fn admit(&self, a: &Admission) -> Result<RateHeaders, Denial> {
+impl MemoryLimiter {
+    async fn admit_once(&self, a: &Admission) -> Result<RateHeaders, Denial> {
         self.seed(a).await?;
-        let scopes = active(a);
+        let mut scopes = active(a);
+        crate::seed::apply_prepaid(self.seeder.as_ref(), a, &mut scopes).await?;
         let m = minute(a.at_ms);
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         st.forget_old_windows(m);
@@ -127,6 +127,22 @@ impl Limiter for MemoryLimiter {
             }
         }
         Ok(out)
+    }
+}
+
+#[async_trait::async_trait]
+impl Limiter for MemoryLimiter {
+    async fn admit(&self, a: &Admission) -> Result<RateHeaders, Denial> {
+        match self.admit_once(a).await {
+            // A prepaid scope out of money may have been topped up since its balance was read.
+            Err(d)
+                if d.error.code == relay_core::ErrorCode::InsufficientQuota
+                    && self.seeder.as_ref().is_some_and(|s| s.refresh_prepaid(a)) =>
+            {
+                self.admit_once(a).await
+            }
+            r => r,
+        }
     }
 
     async fn settle(&self, a: &Admission, tokens: u64, cost_micros: i64) {
@@ -195,6 +211,7 @@ mod tests {
             let micros = if req.scope == "org:o" { 900 } else { 0 };
             Ok(relay_core::pb::billing::v1::SpentResponse {
                 spent: Some(Money { micros, currency: "USD".into() }),
+                prepaid: None,
             })
         }
     }

@@ -193,17 +193,17 @@ fn spent_ttl_ms(r: &Rules) -> i64 {
     match r.period {
         BudgetPeriod::Daily => 2 * 86_400_000,
         BudgetPeriod::Monthly => 40 * 86_400_000,
-        BudgetPeriod::Total | BudgetPeriod::Unspecified => 0,
+        BudgetPeriod::Total | BudgetPeriod::Prepaid | BudgetPeriod::Unspecified => 0,
     }
 }
 
-#[async_trait::async_trait]
-impl Limiter for RedisLimiter {
-    async fn admit(&self, a: &Admission) -> Result<RateHeaders, Denial> {
-        let scopes = active(a);
+impl RedisLimiter {
+    async fn admit_once(&self, a: &Admission) -> Result<RateHeaders, Denial> {
+        let mut scopes = active(a);
         if scopes.is_empty() {
             return Ok(Vec::new());
         }
+        crate::seed::apply_prepaid(self.seeder.as_ref(), a, &mut scopes).await?;
         self.seed(a, &scopes).await?;
         let mut inv = self.admit.prepare_invoke();
         for (s, r) in &scopes {
@@ -250,6 +250,22 @@ impl Limiter for RedisLimiter {
                 tracing::error!(?other, "unexpected answer from the admission script");
                 Err(Denial { error: RelayError::internal("rate limiting failed"), headers: Vec::new() })
             }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Limiter for RedisLimiter {
+    async fn admit(&self, a: &Admission) -> Result<RateHeaders, Denial> {
+        match self.admit_once(a).await {
+            // A prepaid scope out of money may have been topped up since its balance was read.
+            Err(d)
+                if d.error.code == relay_core::ErrorCode::InsufficientQuota
+                    && self.seeder.as_ref().is_some_and(|s| s.refresh_prepaid(a)) =>
+            {
+                self.admit_once(a).await
+            }
+            r => r,
         }
     }
 

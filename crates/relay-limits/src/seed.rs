@@ -15,11 +15,16 @@ use relay_core::{ErrorCode, RelayError};
 
 /// How often a process looks again whether Redis still holds a budget counter.
 pub const RECHECK: Duration = Duration::from_secs(30);
+/// A refused prepaid scope's balance is read again after this long (a top-up applies within it), and
+/// no sooner (an exhausted key retrying in a loop costs billing one read per scope per interval).
+pub const REFRESH: Duration = Duration::from_secs(2);
 /// Longest wait for billing's answer.
 const LEDGER_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct Seeder {
     billing: Arc<dyn Billing>,
+    /// Prepaid scope -> (when read, its top-ups): re-read every [`RECHECK`], so a top-up applies within it.
+    prepaid: Mutex<HashMap<String, (Instant, i64)>>,
     /// Counter key -> when this process last made sure it exists.
     checked: Mutex<HashMap<String, Instant>>,
     recheck: Option<Duration>,
@@ -28,7 +33,7 @@ pub struct Seeder {
 impl Seeder {
     /// `recheck`: look again after this long (Redis can lose data); `None`: once per process (memory).
     pub fn new(billing: Arc<dyn Billing>, recheck: Option<Duration>) -> Self {
-        Self { billing, checked: Mutex::new(HashMap::new()), recheck }
+        Self { billing, prepaid: Mutex::new(HashMap::new()), checked: Mutex::new(HashMap::new()), recheck }
     }
 
     /// Has this counter not been made sure of recently?
@@ -51,13 +56,56 @@ impl Seeder {
 
     /// What the books say `scope` (`key:<id>`…) spent in the period `at_ms` falls in.
     pub async fn spent(&self, scope: &str, period: BudgetPeriod, at_ms: i64) -> Result<i64, RelayError> {
+        Ok(self.books(scope, period, at_ms).await?.0)
+    }
+
+    /// (spent in the period, all top-ups) for `scope`.
+    async fn books(&self, scope: &str, period: BudgetPeriod, at_ms: i64) -> Result<(i64, i64), RelayError> {
         let (from, to) = period_bounds(period, at_ms);
         let req = SpentRequest { scope: scope.to_owned(), from_unix_ms: from, to_unix_ms: to };
         match tokio::time::timeout(LEDGER_TIMEOUT, self.billing.spent(req)).await {
-            Ok(Ok(r)) => Ok(r.spent.map_or(0, |m| m.micros)),
+            Ok(Ok(r)) => Ok((r.spent.map_or(0, |m| m.micros), r.prepaid.map_or(0, |m| m.micros))),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(RelayError::new(ErrorCode::Unavailable, "billing did not answer in time")),
         }
+    }
+
+    /// After a budget refusal: forgets the balances of this admission's prepaid scopes read longer than
+    /// [`REFRESH`] ago. `true` = one was forgotten, so admitting again may see a top-up.
+    pub fn refresh_prepaid(&self, a: &relay_core::contracts::Admission) -> bool {
+        let mut cache = self.prepaid.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut forgot = false;
+        for (s, _) in crate::active(a).into_iter().filter(|(_, r)| r.prepaid) {
+            let name = crate::scope_name(s);
+            if cache.get(&name).is_some_and(|(at, _)| at.elapsed() > REFRESH) {
+                cache.remove(&name);
+                forgot = true;
+            }
+        }
+        forgot
+    }
+
+    /// A prepaid scope's limit: everything topped up or credited to it.
+    async fn prepaid_limit(&self, scope: &str, at_ms: i64) -> Result<i64, RelayError> {
+        let fresh = {
+            let cache = self.prepaid.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            // An empty balance is read again soon: a top-up must apply quickly.
+            cache
+                .get(scope)
+                .filter(|(at, v)| at.elapsed() <= if *v > 0 { RECHECK } else { REFRESH })
+                .map(|(_, v)| *v)
+        };
+        if let Some(v) = fresh {
+            return Ok(v);
+        }
+        metrics::counter!("relay_limits_prepaid_reads_total").increment(1);
+        let (_, prepaid) = self.books(scope, BudgetPeriod::Prepaid, at_ms).await?;
+        let mut cache = self.prepaid.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cache.len() > 100_000 {
+            cache.clear();
+        }
+        cache.insert(scope.to_owned(), (Instant::now(), prepaid));
+        Ok(prepaid)
     }
 }
 
@@ -79,8 +127,35 @@ pub fn period_bounds(period: BudgetPeriod, at_ms: i64) -> (i64, i64) {
             };
             (ms(first), ms(next))
         }
-        BudgetPeriod::Total | BudgetPeriod::Unspecified => (0, i64::MAX),
+        BudgetPeriod::Total | BudgetPeriod::Prepaid | BudgetPeriod::Unspecified => (0, i64::MAX),
     }
+}
+
+/// Sets the limit of every prepaid scope from the books; a scope with nothing topped up is refused here.
+/// Without the books (no billing configured, or unreachable) a prepaid scope cannot be admitted.
+pub(crate) async fn apply_prepaid(
+    seeder: Option<&Seeder>,
+    a: &relay_core::contracts::Admission,
+    scopes: &mut [(&relay_core::pb::auth::v1::Scope, crate::Rules)],
+) -> Result<(), relay_core::contracts::Denial> {
+    for (s, r) in scopes.iter_mut().filter(|(_, r)| r.prepaid) {
+        let name = crate::scope_name(s);
+        let Some(seeder) = seeder else {
+            tracing::error!(scope = %name, "prepaid budget without billing configured (remote.billing)");
+            return Err(unavailable());
+        };
+        match seeder.prepaid_limit(&name, a.at_ms).await {
+            Ok(limit) if limit > 0 => r.budget = limit,
+            Ok(_) => {
+                return Err(crate::denial(s, crate::Refusal::Budget, a.at_ms, Vec::new()));
+            }
+            Err(e) => {
+                tracing::warn!(scope = %name, error = %e, "prepaid balance unreadable");
+                return Err(unavailable());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The refusal when the books must be read and cannot be (`fail_closed`).

@@ -203,6 +203,7 @@ impl relay_core::contracts::Billing for Books {
         assert!(req.scope.starts_with("key:") && req.from_unix_ms < req.to_unix_ms);
         Ok(relay_core::pb::billing::v1::SpentResponse {
             spent: Some(Money { micros: self.0, currency: "USD".into() }),
+            prepaid: None,
         })
     }
 }

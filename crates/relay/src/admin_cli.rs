@@ -13,7 +13,7 @@ pub const USAGE: &str = "  \
   teams create --org O --name N [--id I] [limits]    teams list --org O | show ID | disable ID | enable ID
   keys  create --team T [--name N] [--models a,b] [--ips 10.0.0.0/8,...] [--expires-at-ms MS] [limits]
   keys  list [--team T] [--org O] | show ID | revoke ID | disable ID | enable ID
-  limits: --rpm N --tpm N --max-concurrent N --budget-micros N --budget-period daily|monthly|total
+  limits: --rpm N --tpm N --max-concurrent N --budget-micros N --budget-period daily|monthly|total|prepaid
   (--admin-url URL, or $RELAY_ADMIN_URL; token from $RELAY_ADMIN_TOKEN or auth.admin_token)";
 
 struct Request {

@@ -12,6 +12,9 @@ pub const USAGE: &str = "  \
   billing reconcile [--provider-csv FILE]   check the ledger (exit 1 if the books do not reconcile)
   billing export --from YYYY-MM-DD [--to YYYY-MM-DD] [--focus]   usage and spend as CSV (FOCUS columns)
   billing prices                            every price version billing knows (catalog + admin API)
+  billing topup|credit --scope key:ID|team:ID|org:ID --amount-micros N [--memo TEXT]
+                                            money received / given for a prepaid scope (ledger entries)
+  billing balance --scope key:ID|team:ID|org:ID   prepaid, spent and left
   billing dlq list | replay                 dead-lettered usage events: show, or record them again";
 
 pub fn run(args: &[String], cfg: &Config) -> i32 {
@@ -50,6 +53,31 @@ pub fn run(args: &[String], cfg: &Config) -> i32 {
                         p.source.replace('"', "'")
                     );
                 }
+                Ok(0)
+            }
+            [kind @ ("topup" | "credit"), rest @ ..] => {
+                let (scope, amount, memo) = credit_args(rest)?;
+                let kind = if *kind == "topup" { "topup" } else { "adjustment" };
+                let id = store.credit(&scope, amount, kind, &memo).await?;
+                let billing = relay_billing::BillingService::new(store.clone(), cfg.billing.clone()).await?;
+                let (prepaid, spent) = billing.balance(&scope).await?;
+                println!(
+                    "{kind} {id}: {scope} balance {} (prepaid {}, spent {})",
+                    micros(prepaid - spent),
+                    micros(prepaid),
+                    micros(spent)
+                );
+                Ok(0)
+            }
+            ["balance", "--scope", scope] => {
+                let billing = relay_billing::BillingService::new(store.clone(), cfg.billing.clone()).await?;
+                let (prepaid, spent) = billing.balance(scope).await?;
+                println!(
+                    "{scope}: balance {} (prepaid {}, spent {})",
+                    micros(prepaid - spent),
+                    micros(prepaid),
+                    micros(spent)
+                );
                 Ok(0)
             }
             ["dlq", "list"] => {
@@ -93,6 +121,32 @@ pub fn run(args: &[String], cfg: &Config) -> i32 {
         eprintln!("relay: {e:#}");
         crate::cli::EXIT_CONFIG
     })
+}
+
+use relay_billing::reconcile::micros;
+
+fn credit_args(rest: &[&str]) -> anyhow::Result<(String, i64, String)> {
+    let (mut scope, mut amount, mut memo) = (None, None, String::new());
+    let mut it = rest.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().copied().ok_or_else(|| anyhow::anyhow!("{a} needs a value"));
+        match *a {
+            "--scope" => scope = Some(value()?.to_owned()),
+            "--amount-micros" => {
+                amount = Some(
+                    value()?
+                        .parse::<i64>()
+                        .map_err(|_| anyhow::anyhow!("--amount-micros needs an integer"))?,
+                )
+            }
+            "--memo" => memo = value()?.to_owned(),
+            other => anyhow::bail!("unknown argument `{other}`\nusage:\n{USAGE}"),
+        }
+    }
+    match (scope, amount) {
+        (Some(s), Some(n)) => Ok((s, n, memo)),
+        _ => anyhow::bail!("--scope and --amount-micros are required\nusage:\n{USAGE}"),
+    }
 }
 
 fn export_args(rest: &[&str]) -> anyhow::Result<(i64, i64, bool)> {
