@@ -263,6 +263,9 @@ async fn hostile_fields(base: &str, billing: &GrpcBilling) -> Vec<String> {
         assert_eq!(a.body["error"]["param"], "user");
         sent.push(a.request_id);
     }
+    let a = chat(&c, base, user(&"m".repeat(300), "hi")).await;
+    assert_eq!((a.status, a.body["error"]["param"].as_str()), (400, Some("model")), "{}", a.body);
+    sent.push(a.request_id);
     // A NUL in a field billing stores (the model name) is stored, replaced, and the next event still flows.
     let a = chat(&c, base, user("mo\u{0}del", "hi")).await;
     assert_eq!(a.status, 404);

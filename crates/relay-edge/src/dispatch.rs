@@ -29,10 +29,21 @@ pub async fn read_json<T: serde::de::DeserializeOwned>(
     Ok((bytes, parsed))
 }
 
+/// Longest model name accepted: it is stored with every usage record and travels on the bus.
+pub const MAX_MODEL_BYTES: usize = 256;
+
 pub fn required_model(model: Option<String>) -> Result<String, RelayError> {
-    model
-        .filter(|m| !m.is_empty())
-        .ok_or_else(|| RelayError::invalid_request("you must provide a model parameter").with_param("model"))
+    let model = model.filter(|m| !m.is_empty()).ok_or_else(|| {
+        RelayError::invalid_request("you must provide a model parameter").with_param("model")
+    })?;
+    if model.len() > MAX_MODEL_BYTES {
+        return Err(RelayError::invalid_request(format!(
+            "`model` is too long: at most {MAX_MODEL_BYTES} bytes are allowed (got {}).",
+            model.len()
+        ))
+        .with_param("model"));
+    }
+    Ok(model)
 }
 
 /// Longest end-user id accepted (OpenAI `user`, Anthropic `metadata.user_id`). It is stored with every usage
