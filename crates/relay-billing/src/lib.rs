@@ -163,6 +163,13 @@ impl BillingService {
     }
 }
 
+/// How long after its request ended an event was booked: the end-to-end billing lag (outbox, bus, batch).
+fn record_lag(e: &UsageEvent, now_ms: i64) {
+    let ended = e.started_at_unix_ms.saturating_add(i64::try_from(e.duration_ms).unwrap_or(i64::MAX));
+    let lag = now_ms.saturating_sub(ended).max(0);
+    metrics::histogram!("relay_billing_lag_seconds").record(lag as f64 / 1000.0);
+}
+
 fn db_unavailable(e: &anyhow::Error) -> RelayError {
     tracing::error!(error = %e, "billing database query failed");
     RelayError::new(ErrorCode::Unavailable, "billing storage is unavailable")
@@ -268,8 +275,12 @@ impl UsageHandler for Recorder {
         let items: Vec<_> = batch.iter().zip(&bookings).map(|(&i, b)| (&events[i], b)).collect();
         match self.service.store.record_batch(&items).await {
             Ok(outcomes) => {
+                let now = relay_core::ids::now_ms();
                 for (&i, o) in batch.iter().zip(outcomes) {
                     metrics::counter!("relay_usage_events_total", "result" => o.label()).increment(1);
+                    if o == RecordOutcome::Inserted {
+                        record_lag(&events[i], now);
+                    }
                     verdicts[i] = Some(Handled::Stored);
                 }
             }

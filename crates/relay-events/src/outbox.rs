@@ -40,9 +40,26 @@ enum Cmd {
     Stop,
 }
 
+/// Events held in memory at most; past this (a long bus outage) the rest wait on disk only and are read
+/// back when their turn comes, so memory stays bounded however long the outage.
+const MAX_IN_MEMORY: usize = 10_000;
+
 struct Pending {
     seq: u64,
-    event: UsageEvent,
+    body: Body,
+}
+
+/// An event record's place on disk: (segment's first seq, byte offset, record length).
+type Location = (u64, u64, usize);
+
+enum Body {
+    Event(Box<UsageEvent>),
+    /// Where the record is: segment (its first seq), byte offset, record length.
+    OnDisk {
+        segment: u64,
+        offset: u64,
+        len: usize,
+    },
 }
 
 /// The producer side: implements [`UsageSink`], so the edge hands events to it like to any bus.
@@ -53,8 +70,11 @@ pub struct Outbox {
 }
 
 struct Shared {
+    dir: PathBuf,
     /// Events on disk and not yet acknowledged by the sink (seq -> enqueue time), for depth and age.
     pending: std::sync::Mutex<BTreeMap<u64, Instant>>,
+    /// Pending events whose bodies are held in memory.
+    in_memory: std::sync::atomic::AtomicUsize,
     stop: CancellationToken,
     writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     relay: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -78,7 +98,9 @@ impl Outbox {
         let (cmds, rx) = std_mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::unbounded_channel();
         let state = Arc::new(Shared {
+            dir: dir.to_owned(),
             pending: std::sync::Mutex::new(BTreeMap::new()),
+            in_memory: std::sync::atomic::AtomicUsize::new(0),
             stop: CancellationToken::new(),
             writer: std::sync::Mutex::new(None),
             relay: std::sync::Mutex::new(None),
@@ -86,9 +108,9 @@ impl Outbox {
         if !replayed.is_empty() {
             tracing::info!(events = replayed.len(), dir = %dir.display(), "outbox: replaying undelivered usage events");
         }
-        for (seq, event) in replayed {
+        for (seq, (segment, offset, len)) in replayed {
             lock_map(&state.pending).insert(seq, Instant::now());
-            let _ = ready_tx.send(Pending { seq, event });
+            let _ = ready_tx.send(Pending { seq, body: Body::OnDisk { segment, offset, len } });
         }
         let writer_state = state.clone();
         let writer = std::thread::Builder::new()
@@ -170,8 +192,25 @@ async fn relay(
         let (sink, cmds, state, retry_tx) = (sink.clone(), cmds.clone(), state.clone(), retry_tx.clone());
         tasks.spawn(async move {
             let _permit = permit;
-            let ok = matches!(tokio::time::timeout(PUBLISH_TIMEOUT, sink.publish(item.event.clone())).await, Ok(Ok(())));
+            let event = match &item.body {
+                Body::Event(e) => (**e).clone(),
+                Body::OnDisk { segment, offset, len } => match load(&state.dir, *segment, *offset, *len).await {
+                    Some(e) => e,
+                    None => {
+                        // Unreadable after it was written: nothing can deliver it. Counted, never silent.
+                        metrics::counter!("relay_edge_usage_lost_total").increment(1);
+                        tracing::error!(seq = item.seq, "outbox: usage event unreadable on disk; lost");
+                        let _ = cmds.send(Cmd::Done(item.seq));
+                        lock_map(&state.pending).remove(&item.seq);
+                        return;
+                    }
+                },
+            };
+            let ok = matches!(tokio::time::timeout(PUBLISH_TIMEOUT, sink.publish(event.clone())).await, Ok(Ok(())));
             if ok {
+                if matches!(item.body, Body::Event(_)) {
+                    state.in_memory.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 metrics::counter!("relay_outbox_published_total").increment(1);
                 let _ = cmds.send(Cmd::Done(item.seq));
                 lock_map(&state.pending).remove(&item.seq);
@@ -180,7 +219,7 @@ async fn relay(
             }
             metrics::counter!("relay_outbox_publish_failures_total").increment(1);
             if attempt % 10 == 0 {
-                tracing::warn!(request_id = %item.event.request_id, attempt, "outbox: usage event not delivered yet; retrying");
+                tracing::warn!(request_id = %event.request_id, attempt, "outbox: usage event not delivered yet; retrying");
             }
             // Back off (the bus is likely down); the event stays on disk meanwhile.
             let delay = crate::retry_delay(Duration::from_millis(200), attempt + 1).min(Duration::from_secs(5));
@@ -193,6 +232,23 @@ async fn relay(
     }
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
+}
+
+/// Reads one event record back from its segment.
+async fn load(dir: &Path, segment: u64, offset: u64, len: usize) -> Option<UsageEvent> {
+    let path = dir.join(format!("{segment:020}.seg"));
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Seek as _, SeekFrom};
+        let mut f = File::open(path).ok()?;
+        f.seek(SeekFrom::Start(offset)).ok()?;
+        let mut buf = vec![0; len];
+        f.read_exact(&mut buf).ok()?;
+        let (kind, _, payload, _) = read_record(&buf)?;
+        (kind == KIND_EVENT).then(|| UsageEvent::decode(payload).ok()).flatten()
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 fn report(state: &Shared) {
@@ -224,8 +280,9 @@ struct Log {
 }
 
 impl Log {
-    /// Reads every segment (cutting torn tails), and returns the events not marked done.
-    fn open(dir: &Path, lock: File, fsync: bool) -> anyhow::Result<(Self, Vec<(u64, UsageEvent)>)> {
+    /// Reads every segment (cutting torn tails), and returns where the events not marked done are:
+    /// seq -> (segment, offset, record length).
+    fn open(dir: &Path, lock: File, fsync: bool) -> anyhow::Result<(Self, Vec<(u64, Location)>)> {
         let mut files: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter_map(|p| {
@@ -234,7 +291,7 @@ impl Log {
             })
             .collect();
         files.sort();
-        let mut events: BTreeMap<u64, (UsageEvent, u64)> = BTreeMap::new();
+        let mut events: BTreeMap<u64, Location> = BTreeMap::new();
         let mut segments = BTreeMap::new();
         let mut next_seq = 1;
         for (first, path) in files {
@@ -242,12 +299,13 @@ impl Log {
             File::open(&path)?.read_to_end(&mut bytes)?;
             let mut at = 0;
             while let Some((kind, seq, payload, len)) = read_record(&bytes[at..]) {
+                let offset = at as u64;
                 at += len;
                 next_seq = next_seq.max(seq + 1);
                 match kind {
                     KIND_EVENT => {
-                        if let Ok(ev) = UsageEvent::decode(payload) {
-                            events.insert(seq, (ev, first));
+                        if UsageEvent::decode(payload).is_ok() {
+                            events.insert(seq, (first, offset, len));
                         }
                     }
                     _ => {
@@ -262,7 +320,7 @@ impl Log {
             segments.insert(first, Segment { path, outstanding: 0 });
         }
         let mut owner = HashMap::new();
-        for (seq, (_, first)) in &events {
+        for (seq, (first, _, _)) in &events {
             owner.insert(*seq, *first);
             if let Some(s) = segments.get_mut(first) {
                 s.outstanding += 1;
@@ -289,7 +347,7 @@ impl Log {
             segments,
             owner,
         };
-        Ok((log, events.into_iter().map(|(seq, (ev, _))| (seq, ev)).collect()))
+        Ok((log, events.into_iter().collect()))
     }
 
     /// The writer thread: batches whatever is waiting, one write and one sync per batch.
@@ -311,8 +369,9 @@ impl Log {
                     Cmd::Append(ev, ack) => {
                         let seq = self.next_seq;
                         self.next_seq += 1;
+                        let at = buf.len();
                         encode_record(&mut buf, KIND_EVENT, seq, &ev.encode_to_vec());
-                        appended.push((seq, ev, ack));
+                        appended.push((seq, ev, ack, at, buf.len() - at));
                     }
                     Cmd::Done(seq) => {
                         encode_record(&mut buf, KIND_DONE, seq, &[]);
@@ -321,19 +380,27 @@ impl Log {
                     Cmd::Stop => {}
                 }
             }
+            let base = self.active_bytes;
             let written = self.write(&buf);
             if let Err(e) = &written {
                 metrics::counter!("relay_outbox_write_errors_total").increment(1);
                 tracing::error!(error = %e, "outbox: write failed");
             }
-            for (seq, ev, ack) in appended {
+            for (seq, ev, ack, at, len) in appended {
                 if written.is_ok() {
                     self.owner.insert(seq, self.active_first);
                     if let Some(s) = self.segments.get_mut(&self.active_first) {
                         s.outstanding += 1;
                     }
                     lock_map(&state.pending).insert(seq, Instant::now());
-                    let _ = ready.send(Pending { seq, event: *ev });
+                    let held = state.in_memory.load(std::sync::atomic::Ordering::Relaxed);
+                    let body = if held < MAX_IN_MEMORY {
+                        state.in_memory.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        Body::Event(ev)
+                    } else {
+                        Body::OnDisk { segment: self.active_first, offset: base + at as u64, len }
+                    };
+                    let _ = ready.send(Pending { seq, body });
                 }
                 let _ = ack.send(written.is_ok());
             }
@@ -492,6 +559,25 @@ mod tests {
         assert_eq!(segs, 1, "only the active segment is left");
     }
 
+    #[tokio::test]
+    async fn a_long_outage_keeps_memory_bounded_and_loses_nothing() {
+        let d = dir("bounded");
+        let sink = Arc::new(Flaky::default());
+        sink.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        let ob = Outbox::open(&d, sink.clone(), 64, false).unwrap();
+        let n = MAX_IN_MEMORY as u32 + 2_000;
+        for i in 0..n {
+            ob.publish(ev(i)).await.unwrap();
+        }
+        assert!(ob.state.in_memory.load(std::sync::atomic::Ordering::SeqCst) <= MAX_IN_MEMORY);
+        sink.down.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(ob.shutdown(Duration::from_secs(60)).await, 0);
+        let mut got = sink.got.lock().unwrap().clone();
+        got.sort();
+        got.dedup();
+        assert_eq!(got.len(), n as usize, "the ones kept only on disk were read back and delivered");
+    }
+
     #[test]
     fn torn_tails_are_cut_and_intact_records_kept() {
         let mut buf = Vec::new();
@@ -505,8 +591,14 @@ mod tests {
         std::fs::write(d.join(format!("{:020}.seg", 1)), &buf).unwrap();
         let lock = File::create(d.join("LOCK")).unwrap();
         let (log, replayed) = Log::open(&d, lock, false).unwrap();
-        let ids: Vec<_> = replayed.iter().map(|(s, e)| (*s, e.request_id.clone())).collect();
-        assert_eq!(ids, vec![(2, "r2".to_string())]);
+        let seqs: Vec<u64> = replayed.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, vec![2]);
+        let (segment, offset, len) = replayed[0].1;
+        let loaded = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(load(&d, segment, offset, len));
+        assert_eq!(loaded.unwrap().request_id, "r2", "read back from its place on disk");
         assert_eq!(log.next_seq, 3);
         assert_eq!(std::fs::metadata(d.join(format!("{:020}.seg", 1))).unwrap().len() as usize, whole);
         let mut flipped = buf[..whole].to_vec();
