@@ -40,24 +40,8 @@ impl Counting {
         Self { tokenizer, input: Some(input), known_input: None }
     }
 
-    /// Counts the input on a blocking thread, while the upstream is being called (large prompts take
-    /// milliseconds to tokenize; the upstream's first answer takes longer).
-    pub fn count_input_in_background(&self, protocol: Protocol, body: Bytes) -> tokio::task::JoinHandle<u64> {
-        let t = self.tokenizer;
-        tokio::task::spawn_blocking(move || match inbound::parse_request(protocol, &body) {
-            Ok(ir) => t.count_request(&ir),
-            Err(_) => (body.len() as u64).div_ceil(4),
-        })
-    }
-
-    /// The input count, known from elsewhere (see [`Self::count_input_in_background`]).
-    pub fn set_input_tokens(&mut self, n: u64) {
-        self.known_input = Some(n);
-        self.input = None;
-    }
-
-    /// The input count now (and remembered), e.g. for the `Start` event of a cancellable answer.
-    pub fn input_tokens(&mut self) -> u64 {
+    /// The input count now (and remembered).
+    fn input_tokens(&mut self) -> u64 {
         if let Some(n) = self.known_input {
             return n;
         }
@@ -222,9 +206,14 @@ pub fn whole_answer(
 ) -> Vec<ChatEvent> {
     let mut resp = Response::default();
     let mut out = Vec::new();
+    // Relay counts a whole answer only when the provider reported no output (tokenizing kilobytes of
+    // answer for nothing would cost more than the rest of the request).
+    let count = !deltas.iter().any(|d| matches!(d, Delta::Usage(u) if u.output_tokens > 0));
     let mut produced = 0;
     for d in deltas {
-        produced += counting.tokenizer.count_delta(&d);
+        if count {
+            produced += counting.tokenizer.count_delta(&d);
+        }
         if let Delta::Finish { choice, reason } = &d {
             out.push(finish(*choice, reason.to_pb()));
         }

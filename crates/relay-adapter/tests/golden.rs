@@ -88,7 +88,6 @@ fn request(protocol: Protocol, upstream: &str, body: Bytes, stream: bool) -> Cha
         client_wants_usage: true,
         passthrough_headers: [("anthropic-beta".to_string(), "beta-flag-1".to_string())].into(),
         client_model: "client-model".into(),
-        count_input: false,
     }
 }
 

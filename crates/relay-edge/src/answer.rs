@@ -4,7 +4,8 @@
 //! The call runs in its own tracked task, so a client that goes away (its handler future dropped) cannot
 //! cut the accounting short: with `drain` the task keeps reading the upstream (up to `edge.drain_max_secs`)
 //! and books the provider's own usage; with `cancel` it stops the upstream and books what was produced
-//! (input counted by the adapter, output delivered so far). Defaults: whole answers drain, streams cancel.
+//! (input counted by the adapter afterwards, output delivered so far). Defaults: whole answers drain,
+//! streams cancel.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -15,7 +16,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::{Stream, StreamExt};
 use relay_core::contracts::ChatEventStream;
-use relay_core::pb::adapter::v1::{ChatRequest, Start, chat_event::Event};
+use relay_core::pb::adapter::v1::{ChatRequest, CountTokensRequest, chat_event::Event};
 use relay_core::pb::common::v1::DisconnectPolicy;
 use relay_core::pb::routing::v1::Deployment;
 use relay_core::{ErrorCode, RelayError};
@@ -86,6 +87,13 @@ async fn run(
     let inbound = call.inbound;
     let policy = call.policy;
     let stopping = edge.inner.stopping.clone();
+    rec.countable(CountTokensRequest {
+        request_id: call.request.request_id.clone(),
+        protocol: call.request.protocol,
+        body: call.request.body.clone(),
+        deployment: None,
+        passthrough_headers: call.request.passthrough_headers.clone(),
+    });
     let opened = {
         let open = with_failover(&call.candidates, Some(&mut rec), |dep| {
             let mut req = call.request.clone();
@@ -97,7 +105,7 @@ async fn run(
             () = gone(&left, policy, &stopping) => None,
         }
     };
-    let (events, start) = match opened {
+    let events = match opened {
         Some(Ok(v)) => v,
         Some(Err(e)) => {
             rec.fail(&e, e.http_status());
@@ -106,7 +114,7 @@ async fn run(
         // The client left while the upstream had not answered yet (or drain ran out): rec's drop books it.
         None => return inbound.error(RelayError::new(ErrorCode::Cancelled, "client disconnected")),
     };
-    rec.started(&start);
+    rec.started();
     if call.request.stream {
         return stream_response(ForwardStream {
             events: Some(events),
@@ -160,10 +168,10 @@ async fn gone(left: &CancellationToken, policy: Policy, stopping: &CancellationT
 
 /// Calls the adapter and waits for the upstream to accept (the `Start` event). A failure before that is
 /// returned as an error, so the caller can fail over or answer with a real HTTP status.
-async fn open(edge: &Edge, req: ChatRequest) -> Result<(ChatEventStream, Start), RelayError> {
+async fn open(edge: &Edge, req: ChatRequest) -> Result<ChatEventStream, RelayError> {
     let mut events = edge.inner.services.adapter.chat(req).await?;
     match events.next().await.and_then(|e| e.event) {
-        Some(Event::Start(s)) => Ok((events, s)),
+        Some(Event::Start(_)) => Ok(events),
         Some(Event::Error(e)) => Err(RelayError::from_pb(&e)),
         _ => {
             Err(RelayError::new(ErrorCode::UpstreamProtocol, "the adapter ended the call without an answer"))

@@ -248,7 +248,6 @@ async fn prepare(
         client_wants_usage: env.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false),
         passthrough_headers: passthrough(inbound, headers),
         client_model: model,
-        count_input: policy == answer::Policy::Cancel,
     };
     Ok((ChatCall { request, candidates, policy, inbound }, rate))
 }

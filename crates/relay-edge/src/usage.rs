@@ -1,13 +1,14 @@
 //! One usage event per authenticated request, whatever happens: success, error, or a client that left.
 //! The event is handed to the usage sink (a durable outbox in front of the bus) after the response, off
 //! the request path. When the answer ended without the provider's usage, the record bills Relay's counts:
-//! input from the adapter's tokenizer (or, before the upstream answered, the body's bytes / 4), output as
-//! counted on the chunks that reached the edge.
+//! input as the adapter counts it for the deployment (the provider's count-tokens endpoint where it has
+//! one, else the model's tokenizer; the body's bytes / 4 if even that fails), asked only then, off the
+//! request path; output as counted on the chunks that reached the edge.
 
 use std::time::{Duration, Instant};
 
 use relay_core::contracts::Admission;
-use relay_core::pb::adapter::v1::Start;
+use relay_core::pb::adapter::v1::CountTokensRequest;
 use relay_core::pb::auth::v1::Principal;
 use relay_core::pb::common::v1::{Money, Protocol, TokenUsage, UsageSource};
 use relay_core::pb::events::v1::{Outcome, UsageEvent};
@@ -31,8 +32,8 @@ pub struct UsageRecord {
     price: Option<Price>,
     /// Request body size, for an input estimate when nothing better is known.
     body_bytes: u64,
-    /// Input tokens the adapter counted before the upstream answered (with their source).
-    counted_input: Option<(u64, UsageSource)>,
+    /// The request as the adapter can count it (set once a deployment was tried).
+    countable: Option<CountTokensRequest>,
     /// Output tokens on the last chunk that reached the edge (Relay's count).
     output_seen: u64,
     /// An upstream accepted the request (its `Start` arrived).
@@ -61,7 +62,7 @@ impl UsageRecord {
             lease: None,
             price: None,
             body_bytes: 0,
-            counted_input: None,
+            countable: None,
             output_seen: 0,
             upstream_started: false,
         }
@@ -74,12 +75,14 @@ impl UsageRecord {
         self.body_bytes = u64::try_from(body_bytes).unwrap_or(u64::MAX);
     }
 
-    /// The upstream accepted; the adapter may have counted the input already.
-    pub fn started(&mut self, s: &Start) {
+    /// The upstream accepted the request.
+    pub fn started(&mut self) {
         self.upstream_started = true;
-        if s.input_tokens > 0 {
-            self.counted_input = Some((s.input_tokens, s.input_source()));
-        }
+    }
+
+    /// What to count the input of, should the answer end without the provider's usage.
+    pub fn countable(&mut self, req: CountTokensRequest) {
+        self.countable = Some(req);
     }
 
     /// Output tokens produced up to a chunk the edge received.
@@ -88,6 +91,9 @@ impl UsageRecord {
     }
 
     pub fn attempt(&mut self, d: &Deployment) {
+        if let Some(c) = self.countable.as_mut() {
+            c.deployment = Some(d.clone());
+        }
         self.event.attempts += 1;
         self.event.deployment_id = d.id.clone();
         self.event.provider = d.provider.clone();
@@ -130,24 +136,12 @@ impl UsageRecord {
         self.finish(Outcome::Cancelled, Some(&e), 499);
     }
 
-    /// What to bill when no `Usage` event arrived: counted input (or the byte bound's estimate) and the
-    /// output that reached the edge. Nothing when no upstream was called, nor for an error the upstream
-    /// answered before accepting the request (providers do not bill refusals); a client that left while an
-    /// upstream was working on its request is billed that request's input.
-    fn fallback_usage(&self, outcome: Outcome) -> TokenUsage {
+    /// Does this end need Relay's own count? Only when no `Usage` event arrived, and then not for an error
+    /// the upstream answered before accepting the request (providers do not bill refusals); a client that
+    /// left while an upstream was working on its request is billed that request's input.
+    fn needs_count(&self, outcome: Outcome) -> bool {
         let in_flight = self.event.attempts > 0 && outcome == Outcome::Cancelled;
-        if !(self.upstream_started || in_flight) {
-            return TokenUsage::default();
-        }
-        let (input, input_source) =
-            self.counted_input.unwrap_or((self.body_bytes.div_ceil(4), UsageSource::Estimated));
-        TokenUsage {
-            input_tokens: input,
-            input_source: input_source as i32,
-            output_tokens: self.output_seen,
-            output_source: UsageSource::Counted as i32,
-            ..Default::default()
-        }
+        self.event.usage.is_none() && outcome != Outcome::Success && (self.upstream_started || in_flight)
     }
 
     fn finish(&mut self, outcome: Outcome, e: Option<&RelayError>, http_status: u16) {
@@ -159,26 +153,58 @@ impl UsageRecord {
         self.event.error_code = e.map_or(0, |e| e.code.to_pb() as i32);
         self.event.http_status = u32::from(http_status);
         self.event.duration_ms = elapsed_ms(self.started);
-        if self.event.usage.is_none() && outcome != Outcome::Success {
-            let u = self.fallback_usage(outcome);
-            if u != TokenUsage::default() {
-                self.event.usage = Some(u);
-            }
-        }
-        let usage = self.event.usage.unwrap_or_default();
-        let cost = self.price.as_ref().map_or(0, |p| relay_core::cost_micros(&usage, p));
-        let currency = self.price.as_ref().map_or_else(|| "USD".to_owned(), |p| p.currency.clone());
-        self.event.cost = Some(Money { micros: cost, currency });
-        let event = std::mem::take(&mut self.event);
-        let sink = self.edge.inner.services.usage.clone();
-        let limiter = self.edge.inner.services.limiter.clone();
-        let lease = self.lease.take();
+        // What the adapter should count (only when needed), and the estimate if it cannot.
+        let count =
+            self.needs_count(outcome).then(|| (self.countable.take(), self.body_bytes, self.output_seen));
+        let mut event = std::mem::take(&mut self.event);
+        let (sink, limiter) =
+            (self.edge.inner.services.usage.clone(), self.edge.inner.services.limiter.clone());
+        let adapter = self.edge.inner.services.adapter.clone();
+        let (lease, price) = (self.lease.take(), self.price.take());
         self.edge.inner.background.spawn(async move {
+            if let Some((countable, body_bytes, output)) = count {
+                let (input, source) = count_input(adapter.as_ref(), countable, body_bytes).await;
+                event.usage = Some(TokenUsage {
+                    input_tokens: input,
+                    input_source: source as i32,
+                    output_tokens: output,
+                    output_source: UsageSource::Counted as i32,
+                    ..Default::default()
+                });
+            }
+            let usage = event.usage.unwrap_or_default();
+            let cost = price.as_ref().map_or(0, |p| relay_core::cost_micros(&usage, p));
+            let currency = price.as_ref().map_or_else(|| "USD".to_owned(), |p| p.currency.clone());
+            event.cost = Some(Money { micros: cost, currency });
             if let Some(lease) = lease {
                 limiter.settle(&lease, usage.input_tokens + usage.output_tokens, cost).await;
             }
             publish(sink.as_ref(), event).await
         });
+    }
+}
+
+/// Longest wait for the adapter's count of an abandoned request's input.
+const COUNT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The input of a request whose answer ended without usage: counted by the adapter for the deployment
+/// that was called, else estimated from its size (every 4 bytes a token).
+async fn count_input(
+    adapter: &dyn relay_core::contracts::Adapter,
+    req: Option<CountTokensRequest>,
+    body_bytes: u64,
+) -> (u64, UsageSource) {
+    let estimate = (body_bytes.div_ceil(4), UsageSource::Estimated);
+    let Some(req) = req.filter(|r| r.deployment.is_some()) else { return estimate };
+    match tokio::time::timeout(COUNT_TIMEOUT, adapter.count_tokens(req)).await {
+        Ok(Ok(r)) if r.input_tokens > 0 => {
+            let source = match r.source() {
+                UsageSource::Unspecified => UsageSource::Counted,
+                s => s,
+            };
+            (r.input_tokens, source)
+        }
+        _ => estimate,
     }
 }
 

@@ -16,7 +16,7 @@ use relay_core::pb::common::v1::{TokenUsage, UsageSource};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Provider, answer_ctx, counting_for, start_for, upstream_model};
+use super::{Provider, answer_ctx, counting_for, start, upstream_model};
 use crate::config::ProviderConfig;
 use crate::convert::{Output, Unit, stream_answer, whole_answer};
 use crate::inbound;
@@ -106,8 +106,8 @@ impl Provider for Demo {
             plan.tokens.iter().map(|t| Delta::Text { choice: 0, text: t.clone() }).collect();
         deltas.push(Delta::Finish { choice: 0, reason: plan.reason });
         deltas.push(Delta::Usage(plan.usage));
-        let mut counting = counting_for(&req, &model);
-        let head = stream::iter([start_for(&req, &model, &mut counting)]);
+        let counting = counting_for(&req, &model);
+        let head = stream::iter([start(&model)]);
         if !req.stream {
             let events = whole_answer(Bytes::new(), deltas, output, counting);
             return Ok(Box::pin(head.chain(stream::iter(events))));

@@ -92,24 +92,17 @@ impl<D: Dialect> Provider for HttpProvider<D> {
                 .map_err(|e| RelayError::internal(e.to_string()))?
         };
         let headers = self.dialect.headers(&req.passthrough_headers);
-        let mut counting = counting_for(&req, &model);
-        let counted = req.count_input.then(|| counting.count_input_in_background(protocol, req.body.clone()));
         let resp = self
             .http
             .post(&self.dialect.chat_url(&model, req.stream), &req.request_id, headers, body)
             .await?;
-        if let Some(Ok(n)) = match counted {
-            Some(h) => Some(h.await),
-            None => None,
-        } {
-            counting.set_input_tokens(n);
-        }
+        let counting = counting_for(&req, &model);
         let output = if native {
             Output::Native { drop_usage_only: protocol == Protocol::OpenaiChat && !req.client_wants_usage }
         } else {
             Output::Converted { protocol, ctx: answer_ctx(&req) }
         };
-        let head = stream::iter([start_for(&req, &model, &mut counting)]);
+        let head = stream::iter([start(&model)]);
         if req.stream {
             let units = sse_units(resp, self.dialect.decoder(), self.http.name.clone());
             return Ok(Box::pin(head.chain(stream_answer(units, output, counting))));
@@ -137,19 +130,6 @@ impl<D: Dialect> Provider for HttpProvider<D> {
 /// Relay's counting for one call: the upstream model's tokenizer over the client's request.
 pub fn counting_for(req: &ChatRequest, upstream_model: &str) -> Counting {
     Counting::new(crate::tokens::Tokenizer::for_model(upstream_model), req.protocol(), req.body.clone())
-}
-
-/// The `Start` event; with `count_input` it carries the request's input tokens, so that an answer the
-/// client abandons can still be billed its input.
-pub fn start_for(req: &ChatRequest, upstream_model: &str, counting: &mut Counting) -> ChatEvent {
-    let mut ev = start(upstream_model);
-    if req.count_input
-        && let Some(Event::Start(s)) = ev.event.as_mut()
-    {
-        s.input_tokens = counting.input_tokens();
-        s.input_source = counting.source() as i32;
-    }
-    ev
 }
 
 pub fn answer_ctx(req: &ChatRequest) -> AnswerCtx {
@@ -201,8 +181,6 @@ pub fn start(upstream_model: &str) -> ChatEvent {
     ev(Event::Start(pb::Start {
         upstream_model: upstream_model.to_owned(),
         upstream_request_id: String::new(),
-        input_tokens: 0,
-        input_source: 0,
     }))
 }
 
