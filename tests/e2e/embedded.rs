@@ -76,3 +76,55 @@ async fn bad_config_reports_every_error_and_exits_64() {
         assert!(err.contains(needle), "{needle} not in {err}");
     }
 }
+
+/// `relay billing ...` against a database, with no serving settings at all (no pepper, no listeners).
+#[tokio::test]
+async fn billing_cli_manages_prices_balances_and_checks_the_books() {
+    let dir = temp_dir("billing-cli");
+    let url = format!("sqlite://{}", dir.join("b.db").display());
+    let relay = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+            .args(args)
+            .env("RELAY__DATABASE__URL", &url)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    assert_eq!(relay(&["migrate"]).0, Some(0));
+    let add = [
+        "billing",
+        "price-add",
+        "--model",
+        "m1",
+        "--provider",
+        "p",
+        "--input",
+        "1000000",
+        "--output",
+        "2000000",
+    ];
+    assert_eq!(relay(&add).0, Some(0));
+    let (code, out) = relay(&add);
+    assert!(code != Some(0) && out.contains("exists"), "{out}");
+    let (code, out) = relay(&["billing", "price-add", "--model", "m2", "--input", "-1", "--output", "1"]);
+    assert!(code != Some(0) && out.contains("input must be"), "{out}");
+    let (_, out) = relay(&["billing", "prices"]);
+    assert!(
+        out.contains("p/m1@0") && out.contains("*/gpt-4o@0"),
+        "shipped catalog and the new version: {out}"
+    );
+    let (code, out) = relay(&["billing", "topup", "--scope", "team:t", "--amount-micros", "2500000"]);
+    assert!(code == Some(0) && out.contains("balance 2.500000"), "{out}");
+    let (code, out) =
+        relay(&["billing", "credit", "--scope", "team:t", "--amount-micros", "500000", "--memo", "sorry"]);
+    assert!(code == Some(0) && out.contains("balance 3.000000"), "{out}");
+    assert!(relay(&["billing", "topup", "--scope", "nope", "--amount-micros", "1"]).0 != Some(0));
+    let (code, out) = relay(&["billing", "reconcile"]);
+    assert!(code == Some(0) && out.contains("books balance"), "top-ups balance too: {out}");
+    let (code, out) = relay(&["billing", "dlq", "list"]);
+    assert!(code == Some(0) && out.contains("0 dead letter(s)"), "{out}");
+    assert!(relay(&["billing", "frobnicate"]).0 != Some(0));
+}

@@ -12,6 +12,10 @@ pub const USAGE: &str = "  \
   billing reconcile [--provider-csv FILE]   check the ledger (exit 1 if the books do not reconcile)
   billing export --from YYYY-MM-DD [--to YYYY-MM-DD] [--focus]   usage and spend as CSV (FOCUS columns)
   billing prices                            every price version billing knows (catalog + admin API)
+  billing price-add --model M --input N --output N [--provider P] [--cached-input N] [--cache-write N]
+                    [--reasoning N] [--per-request N] [--currency USD] [--valid-from-ms MS] [--source TEXT]
+                                            add a price version (micro-units per million tokens);
+                                            running billing services use it within 30 s
   billing topup|credit --scope key:ID|team:ID|org:ID --amount-micros N [--memo TEXT]
                                             money received / given for a prepaid scope (ledger entries)
   billing balance --scope key:ID|team:ID|org:ID   prepaid, spent and left
@@ -53,6 +57,17 @@ pub fn run(args: &[String], cfg: &Config) -> i32 {
                         p.source.replace('"', "'")
                     );
                 }
+                Ok(0)
+            }
+            ["price-add", rest @ ..] => {
+                let row = price_args(rest)?
+                    .into_row("USD", "relay billing price-add")
+                    .map_err(|e| anyhow::anyhow!(e))?;
+                if store.load_prices().await?.iter().any(|r| r.id == row.id) {
+                    anyhow::bail!("price version `{}` exists; add one with a later --valid-from-ms", row.id);
+                }
+                store.save_prices(std::slice::from_ref(&row)).await?;
+                println!("added price version {}", row.id);
                 Ok(0)
             }
             [kind @ ("topup" | "credit"), rest @ ..] => {
@@ -124,6 +139,33 @@ pub fn run(args: &[String], cfg: &Config) -> i32 {
 }
 
 use relay_billing::reconcile::micros;
+
+fn price_args(rest: &[&str]) -> anyhow::Result<relay_billing::pricing::PriceEntry> {
+    let mut p = relay_billing::pricing::PriceEntry { provider: "*".into(), ..Default::default() };
+    let (mut input, mut output) = (false, false);
+    let mut it = rest.iter();
+    while let Some(a) = it.next() {
+        let v = it.next().copied().ok_or_else(|| anyhow::anyhow!("{a} needs a value"))?;
+        let n = || v.parse::<i64>().map_err(|_| anyhow::anyhow!("{a} needs an integer"));
+        match *a {
+            "--model" => p.model = v.to_owned(),
+            "--provider" => p.provider = v.to_owned(),
+            "--currency" => p.currency = Some(v.to_owned()),
+            "--source" => p.source = Some(v.to_owned()),
+            "--input" => (p.input, input) = (n()?, true),
+            "--output" => (p.output, output) = (n()?, true),
+            "--cached-input" => p.cached_input = n()?,
+            "--cache-write" => p.cache_write = n()?,
+            "--reasoning" => p.reasoning = n()?,
+            "--per-request" => p.per_request = n()?,
+            "--valid-from-ms" => p.valid_from_ms = n()?,
+            "--valid-to-ms" => p.valid_to_ms = n()?,
+            other => anyhow::bail!("unknown argument `{other}`\nusage:\n{USAGE}"),
+        }
+    }
+    anyhow::ensure!(!p.model.is_empty() && input && output, "--model, --input and --output are required");
+    Ok(p)
+}
 
 fn credit_args(rest: &[&str]) -> anyhow::Result<(String, i64, String)> {
     let (mut scope, mut amount, mut memo) = (None, None, String::new());

@@ -80,7 +80,12 @@ pub fn main_with(args: Vec<String>, env: HashMap<String, String>) -> i32 {
         // `--services` wins over file and environment, and goes through the same validation.
         env.insert("RELAY__SERVER__SERVICES".into(), format!("{services:?}"));
     }
-    let cfg = match Config::load(file.as_deref(), &env) {
+    let load = if matches!(args.command.as_str(), "migrate" | "billing") {
+        Config::load_for_database
+    } else {
+        Config::load
+    };
+    let cfg = match load(file.as_deref(), &env) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("relay: {e}");

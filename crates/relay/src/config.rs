@@ -110,6 +110,23 @@ impl Default for BusConfig {
 
 impl Config {
     pub fn load(file: Option<&Path>, env: &HashMap<String, String>) -> Result<Self, ConfigErrors> {
+        Self::load_checked(file, env, true)
+    }
+
+    /// For tools that only read the database (`migrate`, `billing ...`): every section is still parsed
+    /// strictly, but what only serving needs (peppers, addresses, listeners) is not required.
+    pub fn load_for_database(
+        file: Option<&Path>,
+        env: &HashMap<String, String>,
+    ) -> Result<Self, ConfigErrors> {
+        Self::load_checked(file, env, false)
+    }
+
+    fn load_checked(
+        file: Option<&Path>,
+        env: &HashMap<String, String>,
+        serving: bool,
+    ) -> Result<Self, ConfigErrors> {
         let mut src = ConfigSource::load(file, env)?;
         let mut errors = ConfigErrors::default();
         let cfg = Self {
@@ -127,7 +144,11 @@ impl Config {
         };
         src.finish(&mut errors);
         // Meaning is checked even when a section failed to parse, so one run lists every problem.
-        cfg.validate(&mut errors);
+        if serving {
+            cfg.validate(&mut errors);
+        } else if !(cfg.database.url.starts_with("postgres") || cfg.database.url.starts_with("sqlite:")) {
+            errors.push("database.url: must be postgres://… or sqlite:…");
+        }
         if errors.is_empty() { Ok(cfg) } else { Err(errors) }
     }
 
@@ -248,6 +269,20 @@ mod tests {
         for needle in ["remote.auth", "remote.routing", "remote.adapter", "bus.nats_url"] {
             assert!(errs.contains(needle), "{needle} missing in {errs}");
         }
+    }
+
+    #[test]
+    fn database_tools_need_no_serving_settings() {
+        let env = env(&[("RELAY__DATABASE__URL", "sqlite::memory:")]);
+        assert!(Config::load(None, &env).is_err(), "serving needs a pepper");
+        assert!(Config::load_for_database(None, &env).is_ok());
+        let bad = env_with(&[("RELAY__DATABASE__URL", "mysql://x"), ("RELAY__BILLING__NOPE", "1")]);
+        let errs = Config::load_for_database(None, &bad).unwrap_err().to_string();
+        assert!(errs.contains("database.url") && errs.contains("nope"), "{errs}");
+    }
+
+    fn env_with(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        env(pairs)
     }
 
     #[test]
