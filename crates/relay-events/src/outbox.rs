@@ -181,12 +181,18 @@ async fn relay(
     let permits = Arc::new(Semaphore::new(max));
     let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<(Pending, u32)>();
     let mut tasks = tokio::task::JoinSet::new();
+    // Depth and age are reported at least this often, so a stuck outbox shows in its metrics.
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         let (item, attempt) = tokio::select! {
             biased;
             () = state.stop.cancelled() => break,
             Some(r) = retry_rx.recv() => r,
             Some(p) = ready.recv() => (p, 0),
+            _ = tick.tick() => {
+                report(&state);
+                continue;
+            }
         };
         let Ok(permit) = permits.clone().acquire_owned().await else { break };
         let (sink, cmds, state, retry_tx) = (sink.clone(), cmds.clone(), state.clone(), retry_tx.clone());
