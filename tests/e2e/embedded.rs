@@ -32,6 +32,13 @@ async fn embedded_single_process_serves_and_records_every_request_once() {
     assert_eq!(c.get(format!("{admin}/readyz")).send().await.unwrap().status(), 200);
     let metrics = c.get(format!("{admin}/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("relay_edge_requests_total"), "{metrics}");
+    for name in [
+        "relay_outbox_pending_events",
+        "relay_outbox_oldest_pending_age_seconds",
+        "relay_billing_lag_seconds",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
 
     // Graceful stop flushes the bus; then SQLite holds exactly one row per request id.
     relay.stop().await;
