@@ -289,6 +289,23 @@ async fn upstream_errors_keep_status_and_retry_after() {
             assert_eq!(e.message.contains("upstream says no"), status < 500, "5xx bodies are not relayed");
         }
     }
+    // Relay's own provider credential refused: never the caller's 401/403, never the provider's message
+    // (it may quote the key), retryable so the next deployment is tried.
+    for status in [401, 403] {
+        *up.reply.lock().unwrap() =
+            (status, r#"{"error":{"message":"Incorrect API key provided: sk-abc***xyz"}}"#.into());
+        for upstream_kind in UPSTREAMS {
+            let Err(e) = a
+                .chat(request(Protocol::AnthropicMessages, upstream_kind, client.clone().into(), false))
+                .await
+            else {
+                panic!("{upstream_kind} {status}: no error")
+            };
+            assert!(e.code.is_retryable() && e.http_status() == 503, "{upstream_kind} {status}: {e:?}");
+            assert!(!e.message.contains("sk-abc"), "{}", e.message);
+            assert_eq!(e.upstream_status, Some(status));
+        }
+    }
 }
 
 #[tokio::test]

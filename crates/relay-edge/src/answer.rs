@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::Edge;
-use crate::dispatch::with_failover;
+use crate::dispatch::{served_headers, with_failover};
 use crate::error::Inbound;
 use crate::usage::UsageRecord;
 
@@ -108,15 +108,19 @@ async fn run(
     let events = match opened {
         Some(Ok(v)) => v,
         Some(Err(e)) => {
+            let mut resp = inbound.error(e.clone());
+            served_headers(resp.headers_mut(), &rec);
             rec.fail(&e, e.http_status());
-            return inbound.error(e);
+            return resp;
         }
         // The client left while the upstream had not answered yet (or drain ran out): rec's drop books it.
         None => return inbound.error(RelayError::new(ErrorCode::Cancelled, "client disconnected")),
     };
     rec.started();
     if call.request.stream {
-        return stream_response(ForwardStream {
+        let mut served = axum::http::HeaderMap::new();
+        served_headers(&mut served, &rec);
+        let mut resp = stream_response(ForwardStream {
             events: Some(events),
             rec: Some(rec),
             inbound,
@@ -124,6 +128,8 @@ async fn run(
             edge: edge.clone(),
             span: tracing::Span::current(),
         });
+        resp.headers_mut().extend(served);
+        return resp;
     }
     let whole = tokio::select! {
         r = whole_response(events, &mut rec) => Some(r),
@@ -134,13 +140,16 @@ async fn run(
             rec.cancelled();
             resp
         }
-        Some(Ok(resp)) => {
+        Some(Ok(mut resp)) => {
+            served_headers(resp.headers_mut(), &rec);
             rec.succeed();
             resp
         }
         Some(Err(e)) => {
+            let mut resp = inbound.error(e.clone());
+            served_headers(resp.headers_mut(), &rec);
             rec.fail(&e, e.http_status());
-            inbound.error(e)
+            resp
         }
         None => {
             rec.cancelled();

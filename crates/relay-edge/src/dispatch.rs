@@ -11,6 +11,18 @@ use relay_core::{ErrorCode, RelayError};
 use crate::Edge;
 use crate::usage::UsageRecord;
 
+/// `x-relay-deployment` (the deployment that served, or was tried last) and `x-relay-attempts`.
+pub fn served_headers(h: &mut axum::http::HeaderMap, rec: &UsageRecord) {
+    let (deployment, attempts) = rec.served_by();
+    if attempts == 0 {
+        return;
+    }
+    if let Ok(v) = axum::http::HeaderValue::from_str(deployment) {
+        h.insert("x-relay-deployment", v);
+    }
+    h.insert("x-relay-attempts", axum::http::HeaderValue::from(attempts));
+}
+
 /// Reads the body up to `limit` bytes (anything larger is refused without being read to the end) and
 /// parses the fields a handler needs; the bytes are kept to forward untouched.
 pub async fn read_json<T: serde::de::DeserializeOwned>(
@@ -126,7 +138,11 @@ where
         if let Some(r) = rec.as_deref_mut() {
             r.attempt(dep);
         }
-        match call(dep).await {
+        let result = call(dep).await;
+        if let Some(r) = rec.as_deref_mut() {
+            r.attempt_ended(result.as_ref().err());
+        }
+        match result {
             Ok(v) => return Ok(v),
             Err(e) if e.code.is_retryable() && i + 1 < candidates.len() => {
                 metrics::counter!("relay_edge_failover_total", "code" => e.code.as_str()).increment(1);

@@ -16,7 +16,7 @@ use crate::Edge;
 use crate::chat;
 use crate::dispatch::{
     admission, admit, billable, check_end_user, ensure_allowed, read_json, required_model, route,
-    with_failover,
+    served_headers, with_failover,
 };
 use crate::error::{Inbound, OpenAiError};
 use crate::request::{self, RequestCtx};
@@ -118,14 +118,17 @@ async fn embeddings(
         Ok(resp) => {
             rec.usage(resp.usage.unwrap_or_default());
             rec.first_byte();
-            rec.succeed();
             let mut r = (StatusCode::OK, resp.body).into_response();
             r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            served_headers(r.headers_mut(), &rec);
+            rec.succeed();
             Ok(r)
         }
         Err(e) => {
+            let mut r = OpenAiError(e.clone()).into_response();
+            served_headers(r.headers_mut(), &rec);
             rec.fail(&e, e.http_status());
-            Err(OpenAiError(e))
+            Ok(r)
         }
     }
 }

@@ -38,6 +38,8 @@ pub struct UsageRecord {
     output_seen: u64,
     /// An upstream accepted the request (its `Start` arrived).
     upstream_started: bool,
+    /// When the latest attempt began.
+    attempt_started: Option<Instant>,
 }
 
 impl UsageRecord {
@@ -65,6 +67,7 @@ impl UsageRecord {
             countable: None,
             output_seen: 0,
             upstream_started: false,
+            attempt_started: None,
         }
     }
 
@@ -78,6 +81,25 @@ impl UsageRecord {
     /// The upstream accepted the request.
     pub fn started(&mut self) {
         self.upstream_started = true;
+    }
+
+    /// How the latest attempt ended: answered (`None`) or failed before its first byte.
+    pub fn attempt_ended(&mut self, failure: Option<&RelayError>) {
+        let took = self.attempt_started.take().map_or(0, elapsed_ms);
+        if let Some(a) = self.event.attempt_log.last_mut() {
+            a.duration_ms = took;
+            a.answered = failure.is_none();
+            if let Some(e) = failure {
+                a.error_code = e.code.to_pb() as i32;
+                a.upstream_status = e.upstream_status.map_or(0, u32::from);
+            }
+        }
+    }
+
+    /// The deployment that served the request (the last one tried) and how many were tried, for the
+    /// `x-relay-deployment` and `x-relay-attempts` response headers.
+    pub fn served_by(&self) -> (&str, u32) {
+        (&self.event.deployment_id, self.event.attempts)
     }
 
     /// What to count the input of, should the answer end without the provider's usage.
@@ -94,6 +116,13 @@ impl UsageRecord {
         if let Some(c) = self.countable.as_mut() {
             c.deployment = Some(d.clone());
         }
+        self.attempt_started = Some(Instant::now());
+        self.event.attempt_log.push(relay_core::pb::events::v1::Attempt {
+            deployment_id: d.id.clone(),
+            provider: d.provider.clone(),
+            upstream_model: d.upstream_model.clone(),
+            ..Default::default()
+        });
         self.event.attempts += 1;
         self.event.deployment_id = d.id.clone();
         self.event.provider = d.provider.clone();

@@ -196,8 +196,15 @@ async fn fails_over_on_retryable_errors_before_the_first_byte() {
     assert_eq!(body, "{\"ok\":true}");
     assert_eq!(headers["content-type"], "application/json");
     assert_eq!(*h.adapter.0.lock().unwrap(), ["broken", "good"]);
+    assert_eq!(
+        (&headers["x-relay-deployment"], &headers["x-relay-attempts"]),
+        (&"good".to_string(), &"2".to_string())
+    );
     let evs = events(&h).await;
     assert_eq!(evs.len(), 1);
+    let log: Vec<_> = evs[0].attempt_log.iter().map(|a| (a.deployment_id.as_str(), a.answered)).collect();
+    assert_eq!(log, [("broken", false), ("good", true)], "every attempt is in the usage event");
+    assert_ne!(evs[0].attempt_log[0].error_code, 0);
     assert_eq!(
         (evs[0].attempts, evs[0].deployment_id.as_str(), evs[0].outcome()),
         (2, "good", Outcome::Success)

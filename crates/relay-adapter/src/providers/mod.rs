@@ -216,6 +216,19 @@ pub async fn upstream_error(provider: &str, resp: reqwest::Response) -> RelayErr
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u32>().ok());
     let body = read_limited(resp).await;
+    if matches!(status, 401 | 403) {
+        // Relay's own credential for this provider was refused (revoked key, region, permissions): the
+        // operator's problem, not the caller's. Never relayed as the caller's 401/403, never with the
+        // provider's message (it can quote key fragments); retryable, so the next deployment is tried.
+        tracing::error!(provider, status, "upstream provider refused Relay's credentials");
+        metrics::counter!("relay_upstream_auth_failures_total", "provider" => provider.to_owned())
+            .increment(1);
+        return RelayError::new(
+            ErrorCode::Unavailable,
+            format!("upstream provider `{provider}` refused Relay's credentials (HTTP {status})"),
+        )
+        .with_upstream_status(status);
+    }
     let message = if (400..500).contains(&status) {
         provider_message(&body)
             .unwrap_or_else(|| format!("upstream provider `{provider}` rejected the request"))
