@@ -95,7 +95,7 @@ async fn run(
         passthrough_headers: call.request.passthrough_headers.clone(),
     });
     let opened = {
-        let open = with_failover(&call.candidates, Some(&mut rec), |dep| {
+        let open = with_failover(&edge, &call.candidates, Some(&mut rec), |dep| {
             let mut req = call.request.clone();
             req.deployment = Some(dep.clone());
             open(&edge, req)

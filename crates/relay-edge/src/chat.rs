@@ -268,7 +268,7 @@ pub async fn count_tokens(
         ensure_allowed(&principal, &model)?;
         let route = route(&edge, &model, false).await?;
         let passthrough = passthrough(inbound, &headers);
-        with_failover(&route.candidates, None, |dep| {
+        with_failover(&edge, &route.candidates, None, |dep| {
             edge.inner.services.adapter.count_tokens(CountTokensRequest {
                 request_id: ctx.request_id.clone(),
                 protocol: inbound.protocol() as i32,

@@ -123,9 +123,11 @@ pub async fn route(edge: &Edge, model: &str, stream: bool) -> Result<Arc<RouteRe
     Ok(resp)
 }
 
-/// Tries each candidate in order until one accepts; moves on only on retryable failures. Each attempt is
-/// noted in the usage record, when there is one.
+/// Tries the candidates in the selector's order for this request until one accepts; moves on only on
+/// retryable failures. Each attempt is noted in the usage record (when there is one) and its outcome fed
+/// to the deployment's breaker.
 pub async fn with_failover<T, F, Fut>(
+    edge: &Edge,
     candidates: &[Deployment],
     mut rec: Option<&mut UsageRecord>,
     mut call: F,
@@ -134,6 +136,8 @@ where
     F: FnMut(&Deployment) -> Fut,
     Fut: std::future::Future<Output = Result<T, RelayError>>,
 {
+    // Weighted order for this request, isolated deployments last (relay-select).
+    let candidates = edge.inner.selector.order(candidates);
     for (i, dep) in candidates.iter().enumerate() {
         if let Some(r) = rec.as_deref_mut() {
             r.attempt(dep);
@@ -142,6 +146,13 @@ where
         if let Some(r) = rec.as_deref_mut() {
             r.attempt_ended(result.as_ref().err());
         }
+        edge.inner.selector.record(
+            &dep.id,
+            match &result {
+                Ok(_) => relay_select::Outcome::Answered,
+                Err(e) => relay_select::Outcome::Failed { code: e.code, upstream_status: e.upstream_status },
+            },
+        );
         match result {
             Ok(v) => return Ok(v),
             Err(e) if e.code.is_retryable() && i + 1 < candidates.len() => {

@@ -65,6 +65,8 @@ struct Inner {
     background: TaskTracker,
     /// Cancelled at shutdown: drains stop reading and book what they have.
     stopping: tokio_util::sync::CancellationToken,
+    /// Per-request deployment order and each deployment's breaker, from the outcomes seen here.
+    selector: relay_select::Selector,
 }
 
 impl Edge {
@@ -78,6 +80,7 @@ impl Edge {
                 routes: cache::TtlCache::new(10_000),
                 background: TaskTracker::new(),
                 stopping: tokio_util::sync::CancellationToken::new(),
+                selector: relay_select::Selector::default(),
             }),
         }
     }

@@ -153,7 +153,7 @@ async fn embed(
     let candidates = billable(p, &model, &route.candidates)?;
     let lease = admission(ctx, p, bytes.len(), Some(0), &candidates);
     admit(edge, rec, lease).await.map_err(|d| d.error)?;
-    with_failover(&candidates, Some(rec), |dep| {
+    with_failover(edge, &candidates, Some(rec), |dep| {
         let req = EmbedRequest {
             request_id: ctx.request_id.clone(),
             body: bytes.clone(),

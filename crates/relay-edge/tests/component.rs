@@ -52,11 +52,16 @@ impl Authenticator for FakeAuth {
 struct FakeRouter;
 
 fn dep(name: &str) -> Deployment {
+    dep_w(name, 1)
+}
+
+/// Weights decide the order (relay-select): a huge weight makes a deployment the first attempt.
+fn dep_w(name: &str, weight: u32) -> Deployment {
     Deployment {
         id: name.into(),
         provider: name.into(),
         upstream_model: name.into(),
-        weight: 1,
+        weight,
         ..Default::default()
     }
 }
@@ -65,8 +70,9 @@ fn dep(name: &str) -> Deployment {
 impl Router for FakeRouter {
     async fn route(&self, req: RouteRequest) -> Result<RouteResponse> {
         let candidates = match req.model.as_str() {
-            "ok-failover" => vec![dep("broken"), dep("good")],
-            "ok-rejects" => vec![dep("rejects"), dep("good")],
+            "ok-failover" => vec![dep_w("broken", u32::MAX), dep("good")],
+            "ok-rejects" => vec![dep_w("rejects", u32::MAX), dep("good")],
+            "ok-weighted" => vec![dep_w("w3", 3), dep_w("w1", 1)],
             "ok-dies" => vec![dep("dies")],
             "ok-good" | "secret-model" => vec![dep("good")],
             _ => return Err(RelayError::new(ErrorCode::ModelNotFound, "no such model")),
@@ -210,6 +216,31 @@ async fn fails_over_on_retryable_errors_before_the_first_byte() {
         (2, "good", Outcome::Success)
     );
     assert_eq!(evs[0].usage.unwrap().input_tokens, 7);
+}
+
+#[tokio::test]
+async fn weights_share_traffic_and_a_failing_deployment_is_isolated() {
+    let h = harness(1 << 20);
+    for _ in 0..400 {
+        let (status, headers, _) =
+            send(&h, "sk-all", "/v1/chat/completions", Some(chat("ok-weighted", false))).await;
+        assert_eq!(status, 200);
+        assert!(["w3", "w1"].contains(&headers["x-relay-deployment"].as_str()));
+    }
+    let calls = h.adapter.0.lock().unwrap().clone();
+    let share = calls.iter().filter(|c| *c == "w3").count() as f64 / calls.len() as f64;
+    assert!((share - 0.75).abs() < 0.08, "weight 3 of 4 served {share} of 400");
+
+    // `broken` is first by weight but fails every time: after three failures it is isolated, so the next
+    // requests go straight to `good` (no failed round trip first).
+    h.adapter.0.lock().unwrap().clear();
+    for _ in 0..10 {
+        let (status, headers, _) =
+            send(&h, "sk-all", "/v1/chat/completions", Some(chat("ok-failover", false))).await;
+        assert_eq!((status.as_u16(), headers["x-relay-deployment"].as_str()), (200, "good"));
+    }
+    let calls = h.adapter.0.lock().unwrap().clone();
+    assert_eq!(calls.iter().filter(|c| *c == "broken").count(), 3, "{calls:?}");
 }
 
 #[tokio::test]

@@ -75,8 +75,10 @@ pub struct DeploymentConfig {
     pub provider: String,
     /// The model name the provider knows.
     pub model: String,
-    #[serde(default = "one")]
-    pub weight: u32,
+    /// Share of first attempts among the model's deployments. Unset on all of them: they are tried in the
+    /// order listed (the first is the primary, the rest fallbacks).
+    #[serde(default)]
+    pub weight: Option<u32>,
     /// Integer micro-units per million tokens; absent = the shipped catalog's price for the model, if any.
     #[serde(default)]
     pub price: Option<PriceConfig>,
@@ -108,10 +110,6 @@ fn default_max_output() -> u64 {
     4096
 }
 
-fn one() -> u32 {
-    1
-}
-
 impl RoutingConfig {
     /// `providers`: names the adapter config defines (checked when both are in one config file).
     pub fn validate(&self, providers: Option<&[&str]>, errors: &mut Vec<String>) {
@@ -125,6 +123,9 @@ impl RoutingConfig {
                 errors.push(format!("{at}: needs at least one deployment"));
             }
             for (j, d) in m.deployments.iter().enumerate() {
+                if d.weight == Some(0) {
+                    errors.push(format!("{at}.deployments[{j}]: weight must be at least 1"));
+                }
                 if d.free && d.price.is_some() {
                     errors.push(format!("{at}.deployments[{j}]: a free deployment cannot have a price"));
                 }
@@ -175,7 +176,7 @@ impl RoutingService {
                     id: format!("{}@{}", d.model, d.provider),
                     provider: d.provider.clone(),
                     upstream_model: d.model.clone(),
-                    weight: d.weight,
+                    weight: d.weight.unwrap_or(0),
                     price: match &d.price {
                         Some(p) => Some(Price {
                             input_per_mtok_micros: p.input_per_mtok_micros,
@@ -242,7 +243,7 @@ mod tests {
         let dep = |p: &str, m: &str| DeploymentConfig {
             provider: p.into(),
             model: m.into(),
-            weight: 1,
+            weight: None,
             price: None,
             free: false,
             max_output_tokens: 4096,

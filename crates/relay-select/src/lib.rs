@@ -1,0 +1,284 @@
+//! relay-select: the per-request half of routing. Routing decides which deployments may serve a model and
+//! with what weight; this crate orders them for one request, in the process that sends it (no network hop:
+//! the decision costs well under a microsecond), and keeps each deployment's health from the outcomes of
+//! the attempts made through it.
+//!
+//! - **Weighted order**: healthy deployments in weighted-random order (weight 3 gets three times the first
+//!   attempts of weight 1), so cached routes still spread load; failover takes the rest in the same order.
+//!   When no candidate has a weight (all 0), they keep the order routing gave: priority, then fallbacks.
+//! - **Circuit breakers**: a deployment failing `failures_to_open` times in a row (timeouts, 5xx, 429,
+//!   unreachable), or refusing Relay's credential once, is isolated for a cool-down that doubles on each
+//!   relapse (up to `max_cooldown`); after it, one request at a time probes it (half-open): a success
+//!   closes the breaker, a failure re-opens it. Isolated deployments are tried only when nothing else is
+//!   left. Caller errors (400s) say nothing about a deployment's health.
+//!
+//! What does not belong here: IO, which deployments exist (routing), credentials (adapter).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use relay_core::ErrorCode;
+use relay_core::pb::routing::v1::Deployment;
+
+/// Breaker settings.
+#[derive(Debug, Clone, Copy)]
+pub struct BreakerConfig {
+    pub failures_to_open: u32,
+    pub cooldown: Duration,
+    pub max_cooldown: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self { failures_to_open: 3, cooldown: Duration::from_secs(2), max_cooldown: Duration::from_secs(60) }
+    }
+}
+
+/// How one attempt through a deployment ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The upstream accepted the request.
+    Answered,
+    /// The upstream (or the way to it) failed; `code` classifies it.
+    Failed { code: ErrorCode, upstream_status: Option<u16> },
+}
+
+/// How long a probe may take before another request may probe instead.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Closed,
+    Open {
+        until: Instant,
+    },
+    /// Cool-down over: one probe in flight since then (a probe that never reports, e.g. its client left,
+    /// is replaced after [`PROBE_TIMEOUT`]).
+    HalfOpen {
+        since: Instant,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Health {
+    state: State,
+    consecutive_failures: u32,
+    cooldown: Duration,
+}
+
+/// The health of every deployment this process sends to, and the order it tries them in.
+#[derive(Debug)]
+pub struct Selector {
+    cfg: BreakerConfig,
+    health: Mutex<HashMap<String, Health>>,
+    seed: AtomicU64,
+}
+
+impl Default for Selector {
+    fn default() -> Self {
+        Self::new(BreakerConfig::default())
+    }
+}
+
+/// What a breaker says about a deployment right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Availability {
+    Healthy,
+    /// Cool-down over; this request is the one probe.
+    Probe,
+    Isolated,
+}
+
+impl Selector {
+    pub fn new(cfg: BreakerConfig) -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0x9E37_79B9_7F4A_7C15, |d| d.as_nanos() as u64)
+            | 1;
+        Self { cfg, health: Mutex::new(HashMap::new()), seed: AtomicU64::new(seed) }
+    }
+
+    /// A uniform value in `[0, 1)` (xorshift64*: fast, good enough to spread load, not for secrets).
+    fn unit(&self) -> f64 {
+        let mut x = self.seed.load(Ordering::Relaxed);
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.seed.store(x, Ordering::Relaxed);
+        (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn availability(&self, health: &mut HashMap<String, Health>, id: &str, now: Instant) -> Availability {
+        let Some(h) = health.get_mut(id) else { return Availability::Healthy };
+        match h.state {
+            State::Closed => Availability::Healthy,
+            State::Open { until } if now < until => Availability::Isolated,
+            State::HalfOpen { since } if now.duration_since(since) < PROBE_TIMEOUT => Availability::Isolated,
+            State::Open { .. } | State::HalfOpen { .. } => {
+                h.state = State::HalfOpen { since: now };
+                Availability::Probe
+            }
+        }
+    }
+
+    /// The order to try `candidates` in for one request: available ones by weighted random draw (a
+    /// deployment due for its probe goes first), then isolated ones (only when nothing else is left).
+    pub fn order(&self, candidates: &[Deployment]) -> Vec<Deployment> {
+        if candidates.len() <= 1 {
+            return candidates.to_vec();
+        }
+        let now = Instant::now();
+        let (mut probes, mut available, mut isolated) = (Vec::new(), Vec::new(), Vec::new());
+        {
+            let mut health = self.health.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for d in candidates {
+                match self.availability(&mut health, &d.id, now) {
+                    Availability::Healthy => available.push(d),
+                    Availability::Probe => probes.push(d),
+                    Availability::Isolated => isolated.push(d),
+                }
+            }
+        }
+        let mut out: Vec<Deployment> = probes.into_iter().cloned().collect();
+        if candidates.iter().all(|d| d.weight == 0) {
+            out.extend(available.into_iter().cloned());
+            out.extend(isolated.into_iter().cloned());
+            return out;
+        }
+        // Weighted draw without replacement (an unweighted candidate among weighted ones counts as 1).
+        while !available.is_empty() {
+            let total: f64 = available.iter().map(|d| f64::from(d.weight.max(1))).sum();
+            let mut at = self.unit() * total;
+            let mut pick = available.len() - 1;
+            for (i, d) in available.iter().enumerate() {
+                at -= f64::from(d.weight.max(1));
+                if at < 0.0 {
+                    pick = i;
+                    break;
+                }
+            }
+            out.push(available.swap_remove(pick).clone());
+        }
+        out.extend(isolated.into_iter().cloned());
+        out
+    }
+
+    /// Feeds one attempt's outcome into the deployment's breaker.
+    pub fn record(&self, deployment_id: &str, outcome: Outcome) {
+        let mut health = self.health.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match outcome {
+            Outcome::Answered => {
+                health.remove(deployment_id);
+            }
+            Outcome::Failed { code, upstream_status } => {
+                let credential = matches!(upstream_status, Some(401 | 403));
+                if !(code.is_retryable() || credential) {
+                    return;
+                }
+                let h = health.entry(deployment_id.to_owned()).or_insert(Health {
+                    state: State::Closed,
+                    consecutive_failures: 0,
+                    cooldown: self.cfg.cooldown,
+                });
+                h.consecutive_failures += 1;
+                let relapse = matches!(h.state, State::HalfOpen { .. });
+                if relapse || credential || h.consecutive_failures >= self.cfg.failures_to_open {
+                    if relapse {
+                        h.cooldown = (h.cooldown * 2).min(self.cfg.max_cooldown);
+                    }
+                    h.state = State::Open { until: Instant::now() + h.cooldown };
+                }
+            }
+        }
+    }
+
+    /// Deployments whose breaker is not closed, for metrics and the admin view: (id, open, failures).
+    pub fn unhealthy(&self) -> Vec<(String, bool, u32)> {
+        let health = self.health.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        health
+            .iter()
+            .map(|(id, h)| (id.clone(), !matches!(h.state, State::Closed), h.consecutive_failures))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dep(id: &str, weight: u32) -> Deployment {
+        Deployment { id: id.into(), weight, ..Default::default() }
+    }
+
+    fn fail(s: &Selector, id: &str) {
+        s.record(id, Outcome::Failed { code: ErrorCode::UpstreamServerError, upstream_status: Some(500) });
+    }
+
+    #[test]
+    fn weights_share_first_attempts() {
+        let s = Selector::default();
+        let c = [dep("a", 3), dep("b", 1)];
+        let n = 40_000;
+        let a = (0..n).filter(|_| s.order(&c)[0].id == "a").count();
+        let share = a as f64 / f64::from(n);
+        assert!((share - 0.75).abs() < 0.02, "weight 3 of 4 got {share}");
+        assert_eq!(s.order(&c).len(), 2, "the rest stay as fallbacks");
+    }
+
+    #[test]
+    fn a_failing_deployment_is_isolated_then_probed_back() {
+        let s = Selector::new(BreakerConfig {
+            failures_to_open: 3,
+            cooldown: Duration::from_millis(50),
+            max_cooldown: Duration::from_secs(1),
+        });
+        let c = [dep("bad", 100), dep("good", 1)];
+        for _ in 0..3 {
+            fail(&s, "bad");
+        }
+        for _ in 0..50 {
+            assert_eq!(s.order(&c)[0].id, "good", "isolated: tried last");
+        }
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(s.order(&c)[0].id, "bad", "cool-down over: one probe");
+        assert_eq!(s.order(&c)[0].id, "good", "one probe at a time");
+        fail(&s, "bad");
+        assert_eq!(s.order(&c)[0].id, "good", "relapse: isolated again, longer");
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(s.order(&c)[0].id, "good", "the cool-down doubled");
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(s.order(&c)[0].id, "bad");
+        s.record("bad", Outcome::Answered);
+        let firsts = (0..200).filter(|_| s.order(&c)[0].id == "bad").count();
+        assert!(firsts > 150, "closed again: back to its weight ({firsts}/200)");
+    }
+
+    #[test]
+    fn without_weights_the_given_order_is_priority() {
+        let s = Selector::default();
+        let c = [dep("primary", 0), dep("fallback", 0)];
+        assert!((0..100).all(|_| s.order(&c)[0].id == "primary"));
+        for _ in 0..3 {
+            fail(&s, "primary");
+        }
+        assert_eq!(s.order(&c)[0].id, "fallback", "an isolated primary waits behind its fallback");
+    }
+
+    #[test]
+    fn caller_errors_do_not_count_and_refused_credentials_isolate_at_once() {
+        let s = Selector::default();
+        let c = [dep("a", 1000), dep("b", 1)];
+        for _ in 0..10 {
+            s.record(
+                "a",
+                Outcome::Failed { code: ErrorCode::UpstreamClientError, upstream_status: Some(400) },
+            );
+        }
+        assert!(s.unhealthy().is_empty(), "a 400 is the caller's fault");
+        s.record("a", Outcome::Failed { code: ErrorCode::Unavailable, upstream_status: Some(401) });
+        assert_eq!(s.order(&c)[0].id, "b");
+        assert_eq!(s.order(&[dep("a", 1)])[0].id, "a", "alone, an isolated deployment is still tried");
+    }
+}
