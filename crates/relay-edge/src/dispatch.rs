@@ -146,13 +146,13 @@ where
         if let Some(r) = rec.as_deref_mut() {
             r.attempt_ended(result.as_ref().err());
         }
-        edge.inner.selector.record(
-            &dep.id,
-            match &result {
-                Ok(_) => relay_select::Outcome::Answered,
-                Err(e) => relay_select::Outcome::Failed { code: e.code, upstream_status: e.upstream_status },
-            },
-        );
+        let outcome = match &result {
+            Ok(_) => relay_select::Outcome::Answered,
+            Err(e) => relay_select::Outcome::Failed { code: e.code, upstream_status: e.upstream_status },
+        };
+        if let Some(t) = edge.inner.selector.record(&dep.id, outcome) {
+            edge.announce(t.message(&dep.id));
+        }
         match result {
             Ok(v) => return Ok(v),
             Err(e) if e.code.is_retryable() && i + 1 < candidates.len() => {

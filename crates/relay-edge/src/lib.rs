@@ -65,12 +65,23 @@ struct Inner {
     background: TaskTracker,
     /// Cancelled at shutdown: drains stop reading and book what they have.
     stopping: tokio_util::sync::CancellationToken,
-    /// Per-request deployment order and each deployment's breaker, from the outcomes seen here.
+    /// Per-request deployment order and each deployment's breaker, from the outcomes seen here and the
+    /// breaker changes other replicas announce.
     selector: relay_select::Selector,
+    /// Tells the other replicas (the bus) when a breaker here changes state.
+    announce: Option<Announce>,
 }
+
+/// Sends one announcement (`breaker:...`) to every edge replica, this one included.
+pub type Announce = Arc<dyn Fn(String) + Send + Sync>;
 
 impl Edge {
     pub fn new(cfg: EdgeConfig, services: Services) -> Self {
+        Self::with_announce(cfg, services, None)
+    }
+
+    /// As [`Self::new`], sharing breaker changes with the other replicas through `announce`.
+    pub fn with_announce(cfg: EdgeConfig, services: Services, announce: Option<Announce>) -> Self {
         let principals = principal::PrincipalCache::new(cfg.auth_cache_entries);
         Self {
             inner: Arc::new(Inner {
@@ -81,6 +92,7 @@ impl Edge {
                 background: TaskTracker::new(),
                 stopping: tokio_util::sync::CancellationToken::new(),
                 selector: relay_select::Selector::default(),
+                announce,
             }),
         }
     }
@@ -88,6 +100,11 @@ impl Edge {
     /// Applies an access change announced on the bus (`key:<id>`, `team:<id>`, `org:<id>`): cached
     /// principals it covers are dropped, so the next request asks auth again.
     pub fn invalidate(&self, target: &str) {
+        if let Some((deployment, t)) = relay_select::Transition::parse(target) {
+            self.inner.selector.apply(deployment, t);
+            metrics::counter!("relay_edge_breaker_changes_total").increment(1);
+            return;
+        }
         self.inner.principals.invalidate(target);
         metrics::counter!("relay_edge_invalidations_total").increment(1);
     }
@@ -99,6 +116,13 @@ impl Edge {
         headers: &axum::http::HeaderMap,
     ) -> Result<std::sync::Arc<relay_core::pb::auth::v1::Principal>, relay_core::RelayError> {
         self.inner.principals.authenticate(self.inner.services.auth.as_ref(), headers, &ctx.client_ip).await
+    }
+
+    pub(crate) fn announce(&self, msg: String) {
+        tracing::warn!(change = %msg, "deployment breaker changed");
+        if let Some(a) = &self.inner.announce {
+            a(msg);
+        }
     }
 
     /// Stops drains of abandoned answers (they book what they have) and waits until every usage event

@@ -82,6 +82,34 @@ impl Default for Selector {
     }
 }
 
+/// A breaker changing state, for other replicas to apply ([`Selector::apply`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    Opened { cooldown: Duration },
+    Closed,
+}
+
+impl Transition {
+    /// The bus form: `breaker:open:<cooldown ms>:<deployment>` or `breaker:closed:<deployment>`.
+    pub fn message(self, deployment_id: &str) -> String {
+        match self {
+            Self::Opened { cooldown } => format!("breaker:open:{}:{deployment_id}", cooldown.as_millis()),
+            Self::Closed => format!("breaker:closed:{deployment_id}"),
+        }
+    }
+
+    /// Reads a bus message back: (deployment, transition), or `None` if it is not a breaker message.
+    pub fn parse(msg: &str) -> Option<(&str, Self)> {
+        let rest = msg.strip_prefix("breaker:")?;
+        if let Some(id) = rest.strip_prefix("closed:") {
+            return Some((id, Self::Closed));
+        }
+        let (ms, id) = rest.strip_prefix("open:")?.split_once(':')?;
+        let cooldown = Duration::from_millis(ms.parse::<u64>().ok()?.min(3_600_000));
+        Some((id, Self::Opened { cooldown }))
+    }
+}
+
 /// What a breaker says about a deployment right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Availability {
@@ -165,17 +193,19 @@ impl Selector {
         out
     }
 
-    /// Feeds one attempt's outcome into the deployment's breaker.
-    pub fn record(&self, deployment_id: &str, outcome: Outcome) {
+    /// Feeds one attempt's outcome into the deployment's breaker; returns the state change, if any, for
+    /// the other replicas.
+    pub fn record(&self, deployment_id: &str, outcome: Outcome) -> Option<Transition> {
         let mut health = self.health.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match outcome {
             Outcome::Answered => {
-                health.remove(deployment_id);
+                let was_open = health.remove(deployment_id).is_some_and(|h| h.state != State::Closed);
+                was_open.then_some(Transition::Closed)
             }
             Outcome::Failed { code, upstream_status } => {
                 let credential = matches!(upstream_status, Some(401 | 403));
                 if !(code.is_retryable() || credential) {
-                    return;
+                    return None;
                 }
                 let h = health.entry(deployment_id.to_owned()).or_insert(Health {
                     state: State::Closed,
@@ -184,12 +214,35 @@ impl Selector {
                 });
                 h.consecutive_failures += 1;
                 let relapse = matches!(h.state, State::HalfOpen { .. });
+                let closed = h.state == State::Closed;
                 if relapse || credential || h.consecutive_failures >= self.cfg.failures_to_open {
                     if relapse {
                         h.cooldown = (h.cooldown * 2).min(self.cfg.max_cooldown);
                     }
                     h.state = State::Open { until: Instant::now() + h.cooldown };
+                    return (closed || relapse).then_some(Transition::Opened { cooldown: h.cooldown });
                 }
+                None
+            }
+        }
+    }
+
+    /// Applies a state change another replica saw, so every replica isolates (and readmits) together.
+    pub fn apply(&self, deployment_id: &str, t: Transition) {
+        let mut health = self.health.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match t {
+            Transition::Closed => {
+                health.remove(deployment_id);
+            }
+            Transition::Opened { cooldown } => {
+                let h = health.entry(deployment_id.to_owned()).or_insert(Health {
+                    state: State::Closed,
+                    consecutive_failures: 0,
+                    cooldown,
+                });
+                h.cooldown = cooldown;
+                h.consecutive_failures = h.consecutive_failures.max(self.cfg.failures_to_open);
+                h.state = State::Open { until: Instant::now() + cooldown };
             }
         }
     }
@@ -213,7 +266,28 @@ mod tests {
     }
 
     fn fail(s: &Selector, id: &str) {
-        s.record(id, Outcome::Failed { code: ErrorCode::UpstreamServerError, upstream_status: Some(500) });
+        let _ = s
+            .record(id, Outcome::Failed { code: ErrorCode::UpstreamServerError, upstream_status: Some(500) });
+    }
+
+    #[test]
+    fn transitions_travel_to_other_replicas() {
+        let (a, b) = (Selector::default(), Selector::default());
+        let c = [dep("x", 100), dep("y", 1)];
+        let ok = |s: &Selector, id| s.record(id, Outcome::Answered);
+        let f = || Outcome::Failed { code: ErrorCode::UpstreamTimeout, upstream_status: None };
+        assert_eq!((a.record("x", f()), a.record("x", f())), (None, None));
+        let t = a.record("x", f()).expect("opened");
+        assert_eq!(a.record("x", f()), None, "already open: announced once");
+        let msg = t.message("x@p:1");
+        let (id, t2) = Transition::parse(&msg).unwrap();
+        assert_eq!((id, t2), ("x@p:1", t));
+        b.apply("x", t2);
+        assert!((0..50).all(|_| b.order(&c)[0].id == "y"), "the other replica isolates it too");
+        assert_eq!(ok(&a, "x"), Some(Transition::Closed));
+        b.apply("x", Transition::Closed);
+        assert!((0..200).any(|_| b.order(&c)[0].id == "x"));
+        assert_eq!(Transition::parse("key:abc"), None);
     }
 
     #[test]
@@ -250,7 +324,7 @@ mod tests {
         assert_eq!(s.order(&c)[0].id, "good", "the cool-down doubled");
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(s.order(&c)[0].id, "bad");
-        s.record("bad", Outcome::Answered);
+        let _ = s.record("bad", Outcome::Answered);
         let firsts = (0..200).filter(|_| s.order(&c)[0].id == "bad").count();
         assert!(firsts > 150, "closed again: back to its weight ({firsts}/200)");
     }

@@ -221,7 +221,13 @@ pub async fn run(
                 .context("edge without a usage sink")?,
             limiter: limiter(&cfg.limits, ledger(&local, &cfg)?).await?,
         };
-        let edge = relay_edge::Edge::new(cfg.edge.clone(), services);
+        // Breaker changes ride the invalidation bus, so every edge replica isolates a failing deployment.
+        let bus = invalidations.clone();
+        let announce: relay_edge::Announce = Arc::new(move |msg| {
+            let bus = bus.clone();
+            tokio::spawn(async move { bus.publish(msg).await });
+        });
+        let edge = relay_edge::Edge::with_announce(cfg.edge.clone(), services, Some(announce));
         let mut announcements =
             invalidations.subscribe().await.context("subscribing to key invalidations")?;
         let listener_edge = edge.clone();
