@@ -138,6 +138,7 @@ where
 {
     // Weighted order for this request, isolated deployments last (relay-select).
     let candidates = edge.inner.selector.order(candidates);
+    edge.inner.selector.first_attempt();
     for (i, dep) in candidates.iter().enumerate() {
         if let Some(r) = rec.as_deref_mut() {
             r.attempt(dep);
@@ -153,8 +154,21 @@ where
         if let Some(t) = edge.inner.selector.record(&dep.id, outcome) {
             edge.announce(t.message(&dep.id));
         }
+        let label = match &result {
+            Ok(_) => "answered",
+            Err(e) => e.code.as_str(),
+        };
+        metrics::counter!("relay_edge_upstream_attempts_total", "deployment" => dep.id.clone(), "result" => label)
+            .increment(1);
         match result {
             Ok(v) => return Ok(v),
+            Err(e)
+                if e.code.is_retryable() && i + 1 < candidates.len() && !edge.inner.selector.may_retry() =>
+            {
+                metrics::counter!("relay_edge_retry_budget_exhausted_total").increment(1);
+                tracing::warn!(deployment = %dep.id, "retry budget spent: not failing over");
+                return Err(e);
+            }
             Err(e) if e.code.is_retryable() && i + 1 < candidates.len() => {
                 metrics::counter!("relay_edge_failover_total", "code" => e.code.as_str()).increment(1);
                 tracing::warn!(deployment = %dep.id, code = e.code.as_str(), "deployment failed before first byte; trying next");

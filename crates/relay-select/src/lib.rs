@@ -68,12 +68,20 @@ struct Health {
     cooldown: Duration,
 }
 
+/// Failovers allowed on top of first attempts: every first attempt earns `RETRY_RATIO` of a retry, up to
+/// `RETRY_BURST` saved; a retry spends one. During a full outage upstream attempts stay within ~20 % over
+/// the requests instead of multiplying by the number of deployments.
+const RETRY_RATIO: f64 = 0.2;
+const RETRY_BURST: f64 = 20.0;
+
 /// The health of every deployment this process sends to, and the order it tries them in.
 #[derive(Debug)]
 pub struct Selector {
     cfg: BreakerConfig,
     health: Mutex<HashMap<String, Health>>,
     seed: AtomicU64,
+    /// Retries left in the budget, in thousandths (lock-free).
+    retry_budget: AtomicU64,
 }
 
 impl Default for Selector {
@@ -125,7 +133,26 @@ impl Selector {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0x9E37_79B9_7F4A_7C15, |d| d.as_nanos() as u64)
             | 1;
-        Self { cfg, health: Mutex::new(HashMap::new()), seed: AtomicU64::new(seed) }
+        let full = (RETRY_BURST * 1000.0) as u64;
+        Self {
+            cfg,
+            health: Mutex::new(HashMap::new()),
+            seed: AtomicU64::new(seed),
+            retry_budget: AtomicU64::new(full),
+        }
+    }
+
+    /// A request's first attempt: earns a fraction of a retry.
+    pub fn first_attempt(&self) {
+        let (earn, cap) = ((RETRY_RATIO * 1000.0) as u64, (RETRY_BURST * 1000.0) as u64);
+        let _ = self
+            .retry_budget
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some((v + earn).min(cap)));
+    }
+
+    /// May this request fail over once more? Spends one retry from the budget if so.
+    pub fn may_retry(&self) -> bool {
+        self.retry_budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1000)).is_ok()
     }
 
     /// A uniform value in `[0, 1)` (xorshift64*: fast, good enough to spread load, not for secrets).
@@ -268,6 +295,22 @@ mod tests {
     fn fail(s: &Selector, id: &str) {
         let _ = s
             .record(id, Outcome::Failed { code: ErrorCode::UpstreamServerError, upstream_status: Some(500) });
+    }
+
+    #[test]
+    fn the_retry_budget_bounds_failovers_to_a_fifth_of_requests() {
+        let s = Selector::default();
+        let mut retries = 0;
+        for _ in 0..1000 {
+            s.first_attempt();
+            // A full outage: every request would like to fail over twice.
+            for _ in 0..2 {
+                if s.may_retry() {
+                    retries += 1;
+                }
+            }
+        }
+        assert!((200..=221).contains(&retries), "{retries} retries for 1000 requests");
     }
 
     #[test]
