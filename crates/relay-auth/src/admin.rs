@@ -167,6 +167,9 @@ async fn create_key(
     check(&a, &h)?;
     let new = body(b)?;
     check_policy(&new.policy)?;
+    if new.allowed_regions.len() > 50 || !new.allowed_regions.iter().all(|r| relay_core::is_region_tag(r)) {
+        return Err(bad("allowed_regions entries must be region tags: 1-32 of a-z, 0-9 and '-'"));
+    }
     if !new.ip_allowlist.iter().all(|e| relay_core::is_ip_or_cidr(e)) {
         return Err(bad("ip_allowlist entries must be IP addresses or CIDRs"));
     }
@@ -250,7 +253,7 @@ fn openapi() -> serde_json::Value {
         "budget_period": {"type": "string", "enum": ["daily", "monthly", "total", "prepaid"]}});
     let mut scope = json!({"type": "object", "required": ["name"], "properties": {"id": {"type": "string"}, "name": {"type": "string"}, "metadata": {"type": "object"}}});
     let mut key = json!({"type": "object", "required": ["team_id"], "properties": {"team_id": {"type": "string"}, "name": {"type": "string"},
-        "allowed_models": {"type": "array", "items": {"type": "string"}}, "ip_allowlist": {"type": "array", "items": {"type": "string"}},
+        "allowed_models": {"type": "array", "items": {"type": "string"}}, "ip_allowlist": {"type": "array", "items": {"type": "string"}}, "allowed_regions": {"type": "array", "items": {"type": "string"}},
         "expires_at_ms": {"type": "integer"}, "metadata": {"type": "object"}}});
     for target in [&mut scope, &mut key] {
         if let (Some(props), Some(extra)) = (target["properties"].as_object_mut(), policy.as_object()) {

@@ -59,6 +59,9 @@ pub struct KeyConfig {
     /// Exact names or globs; empty = every model.
     #[serde(default)]
     pub allowed_models: Vec<String>,
+    /// Data residency: deployment region tags this key may be served in; empty = any.
+    #[serde(default)]
+    pub allowed_regions: Vec<String>,
     #[serde(default = "yes")]
     pub enabled: bool,
     /// Unix seconds; absent = never.
@@ -131,6 +134,7 @@ impl AuthService {
                 team_id: k.team.clone(),
                 org_id: k.org.clone(),
                 allowed_models: k.allowed_models.clone(),
+                allowed_regions: k.allowed_regions.clone(),
                 expires_at: k.expires_at.unwrap_or(0),
                 ..Default::default()
             };
@@ -221,6 +225,7 @@ impl AuthService {
                 scope(ScopeKind::Org, &k.org.id, &k.org.policy),
             ],
             ip_allowlist: k.key.ip_allowlist.clone(),
+            allowed_regions: k.key.allowed_regions.clone(),
         };
         let ttl = if k.key.expires_at_ms == 0 {
             self.cache_ttl_secs
@@ -294,6 +299,7 @@ mod tests {
             team: "t".into(),
             org: "o".into(),
             allowed_models: vec![],
+            allowed_regions: vec![],
             enabled: true,
             expires_at: None,
         }

@@ -93,13 +93,23 @@ async fn lifecycle(e: Env) {
     let (s, bad) =
         call(&e, "POST", "/admin/v1/keys", Some(json!({"team_id": team_id, "rpm": -1})), TOKEN).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}");
+    let (s, bad) = call(
+        &e,
+        "POST",
+        "/admin/v1/keys",
+        Some(json!({"team_id": team_id, "name": "x", "allowed_regions": ["EU West"]})),
+        TOKEN,
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}");
 
     let (s, created) = call(
         &e,
         "POST",
         "/admin/v1/keys",
         Some(json!({"team_id": team_id, "name": "ci", "rpm": 60,
-        "allowed_models": ["gpt-4o*"], "ip_allowlist": ["10.0.0.0/8"], "metadata": {"owner": "ci"}})),
+        "allowed_models": ["gpt-4o*"], "ip_allowlist": ["10.0.0.0/8"], "allowed_regions": ["eu"],
+        "metadata": {"owner": "ci"}})),
         TOKEN,
     )
     .await;
@@ -130,6 +140,7 @@ async fn lifecycle(e: Env) {
     assert_eq!(p.scopes[1].limits.unwrap().tokens_per_minute, 50000);
     assert_eq!(p.scopes[2].budget.clone().unwrap().limit.unwrap().micros, 9_000_000);
     assert_eq!(p.metadata["owner"], "ci");
+    assert_eq!(p.allowed_regions, ["eu"], "residency travels with the principal");
 
     // Wrong secret, wrong address, unknown id: refused, and the key never echoed.
     for (k, ip, code) in [

@@ -117,6 +117,12 @@ pub fn ip_allowed(allowlist: &[String], ip: &str) -> bool {
     })
 }
 
+/// Is `tag` a region tag (`eu`, `us-east-1`): 1..=32 of lowercase ASCII letters, digits and `-`?
+pub fn is_region_tag(tag: &str) -> bool {
+    (1..=32).contains(&tag.len())
+        && tag.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
 /// Is `entry` an IP address or a CIDR (v4 or v6) with a prefix that fits?
 pub fn is_ip_or_cidr(entry: &str) -> bool {
     let (net, bits) = match entry.split_once('/') {

@@ -19,7 +19,7 @@ use serde_json::Value;
 use crate::Edge;
 use crate::answer::{self, ChatCall};
 use crate::dispatch::{
-    admission, admit, billable, check_end_user, ensure_allowed, read_json, required_model, route,
+    admission, admit, billable, check_end_user, ensure_allowed, read_json, required_model, resident, route,
     with_failover,
 };
 use crate::error::Inbound;
@@ -234,7 +234,8 @@ async fn prepare(
     rec.request(&model, stream, env.end_user(), bytes.len());
     ensure_allowed(principal, &model).map_err(plain)?;
     let route = route(edge, &model, stream).await.map_err(plain)?;
-    let candidates = billable(principal, &model, &route.candidates).map_err(plain)?;
+    let candidates = resident(principal, &model, &route.candidates).map_err(plain)?;
+    let candidates = billable(principal, &model, &candidates).map_err(plain)?;
     let lease = admission(ctx, principal, bytes.len(), env.max_output(), &candidates);
     let rate = admit(edge, rec, lease).await.map_err(|d| (d.error, d.headers))?;
     let drain_max = std::time::Duration::from_secs(edge.inner.cfg.drain_max_secs);
@@ -268,7 +269,8 @@ pub async fn count_tokens(
         ensure_allowed(&principal, &model)?;
         let route = route(&edge, &model, false).await?;
         let passthrough = passthrough(inbound, &headers);
-        with_failover(&edge, &route.candidates, None, |dep| {
+        let candidates = resident(&principal, &model, &route.candidates)?;
+        with_failover(&edge, &candidates, None, |dep| {
             edge.inner.services.adapter.count_tokens(CountTokensRequest {
                 request_id: ctx.request_id.clone(),
                 protocol: inbound.protocol() as i32,

@@ -87,6 +87,31 @@ pub fn ensure_allowed(principal: &Principal, model: &str) -> Result<(), RelayErr
     }
 }
 
+/// Data residency: a key pinned to regions is only ever sent to deployments tagged with one of them (on
+/// failover too); none left is a 403 naming the constraint.
+pub fn resident(
+    principal: &Principal,
+    model: &str,
+    candidates: &[Deployment],
+) -> Result<Vec<Deployment>, RelayError> {
+    if principal.allowed_regions.is_empty() {
+        return Ok(candidates.to_vec());
+    }
+    let ok: Vec<Deployment> =
+        candidates.iter().filter(|d| principal.allowed_regions.contains(&d.region)).cloned().collect();
+    if ok.is_empty() {
+        return Err(RelayError::new(
+            ErrorCode::PermissionDenied,
+            format!(
+                "The model `{model}` has no deployment in the regions this key may use ({}).",
+                principal.allowed_regions.join(", ")
+            ),
+        )
+        .with_param("model"));
+    }
+    Ok(ok)
+}
+
 /// The candidates this caller may be sent to: a key with a budget never goes to a deployment Relay could
 /// not bill (no price, and not marked free by the operator).
 pub fn billable(

@@ -15,7 +15,7 @@ use serde_json::json;
 use crate::Edge;
 use crate::chat;
 use crate::dispatch::{
-    admission, admit, billable, check_end_user, ensure_allowed, read_json, required_model, route,
+    admission, admit, billable, check_end_user, ensure_allowed, read_json, required_model, resident, route,
     served_headers, with_failover,
 };
 use crate::error::{Inbound, OpenAiError};
@@ -150,7 +150,8 @@ async fn embed(
     rec.request(&model, false, env.user.as_deref().unwrap_or(""), bytes.len());
     ensure_allowed(p, &model)?;
     let route = route(edge, &model, false).await?;
-    let candidates = billable(p, &model, &route.candidates)?;
+    let candidates = resident(p, &model, &route.candidates)?;
+    let candidates = billable(p, &model, &candidates)?;
     let lease = admission(ctx, p, bytes.len(), Some(0), &candidates);
     admit(edge, rec, lease).await.map_err(|d| d.error)?;
     with_failover(edge, &candidates, Some(rec), |dep| {

@@ -43,6 +43,7 @@ impl Authenticator for FakeAuth {
                 }]
             }
             "sk-office" => principal.ip_allowlist = vec!["10.0.0.0/8".to_owned()],
+            "sk-eu" => principal.allowed_regions = vec!["eu".to_owned()],
             _ => return Err(RelayError::new(ErrorCode::Unauthenticated, "Invalid API key.")),
         }
         Ok(AuthenticateResponse { principal: Some(principal), cache_ttl_secs: 60 })
@@ -73,6 +74,13 @@ impl Router for FakeRouter {
             "ok-failover" => vec![dep_w("broken", u32::MAX), dep("good")],
             "ok-rejects" => vec![dep_w("rejects", u32::MAX), dep("good")],
             "ok-weighted" => vec![dep_w("w3", 3), dep_w("w1", 1)],
+            // Residency: a failing EU primary, a healthy US deployment preferred by weight, a healthy EU one.
+            "ok-regions" => vec![
+                Deployment { region: "eu".into(), ..dep_w("broken", u32::MAX) },
+                Deployment { region: "us".into(), ..dep_w("good", u32::MAX / 2) },
+                Deployment { region: "eu".into(), ..dep_w("good-eu", 1) },
+            ],
+            "ok-us-only" => vec![Deployment { region: "us".into(), ..dep("good") }],
             "ok-dies" => vec![dep("dies")],
             "ok-good" | "secret-model" => vec![dep("good")],
             _ => return Err(RelayError::new(ErrorCode::ModelNotFound, "no such model")),
@@ -241,6 +249,23 @@ async fn weights_share_traffic_and_a_failing_deployment_is_isolated() {
     }
     let calls = h.adapter.0.lock().unwrap().clone();
     assert_eq!(calls.iter().filter(|c| *c == "broken").count(), 3, "{calls:?}");
+}
+
+#[tokio::test]
+async fn a_key_pinned_to_a_region_never_leaves_it_even_on_failover() {
+    let h = harness(1 << 20);
+    for _ in 0..20 {
+        let (status, headers, _) =
+            send(&h, "sk-eu", "/v1/chat/completions", Some(chat("ok-regions", false))).await;
+        assert_eq!((status.as_u16(), headers["x-relay-deployment"].as_str()), (200, "good-eu"));
+    }
+    let calls = h.adapter.0.lock().unwrap().clone();
+    assert!(!calls.contains(&"good".to_string()), "a US deployment was tried: {calls:?}");
+    let (status, _, body) = send(&h, "sk-eu", "/v1/chat/completions", Some(chat("ok-us-only", false))).await;
+    assert_eq!(status.as_u16(), 403);
+    assert!(body.contains("regions this key may use (eu)"), "{body}");
+    let (status, _, _) = send(&h, "sk-all", "/v1/chat/completions", Some(chat("ok-us-only", false))).await;
+    assert_eq!(status.as_u16(), 200, "unpinned keys go anywhere");
 }
 
 #[tokio::test]

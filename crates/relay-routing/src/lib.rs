@@ -82,6 +82,9 @@ pub struct DeploymentConfig {
     /// Integer micro-units per million tokens; absent = the shipped catalog's price for the model, if any.
     #[serde(default)]
     pub price: Option<PriceConfig>,
+    /// Where the deployment processes data (e.g. `eu`); keys pinned to regions only use tagged ones.
+    #[serde(default)]
+    pub region: Option<String>,
     /// No price on purpose: keys with a budget may use it (otherwise an unpriced deployment is refused
     /// for them, since Relay could not bill it).
     #[serde(default)]
@@ -123,6 +126,9 @@ impl RoutingConfig {
                 errors.push(format!("{at}: needs at least one deployment"));
             }
             for (j, d) in m.deployments.iter().enumerate() {
+                if d.region.as_deref().is_some_and(|r| !relay_core::is_region_tag(r)) {
+                    errors.push(format!("{at}.deployments[{j}].region: 1-32 of a-z, 0-9 and '-'"));
+                }
                 if d.weight == Some(0) {
                     errors.push(format!("{at}.deployments[{j}]: weight must be at least 1"));
                 }
@@ -194,6 +200,7 @@ impl RoutingService {
                     },
                     max_output_tokens: d.max_output_tokens,
                     free: d.free,
+                    region: d.region.clone().unwrap_or_default(),
                 })
                 .collect();
             let kind = match m.kind {
@@ -246,6 +253,7 @@ mod tests {
             weight: None,
             price: None,
             free: false,
+            region: None,
             max_output_tokens: 4096,
         };
         RoutingConfig {
