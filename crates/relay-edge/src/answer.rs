@@ -55,6 +55,33 @@ pub struct ChatCall {
     pub candidates: Vec<Deployment>,
     pub policy: Policy,
     pub inbound: Inbound,
+    pub timeouts: Timeouts,
+}
+
+/// The model group's timeouts (`None` = no limit).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timeouts {
+    /// Until a deployment accepts (its `Start`): past it that attempt fails as a timeout and is failed over.
+    pub first_byte: Option<Duration>,
+    /// Longest silence between two events of a streamed answer.
+    pub idle: Option<Duration>,
+    /// The whole answer, from the first attempt.
+    pub total: Option<Duration>,
+}
+
+impl Timeouts {
+    pub fn of(r: &relay_core::pb::routing::v1::RouteResponse) -> Self {
+        let ms = |v: u32| (v > 0).then(|| Duration::from_millis(u64::from(v)));
+        Self {
+            first_byte: ms(r.first_byte_timeout_ms),
+            idle: ms(r.idle_timeout_ms),
+            total: ms(r.total_timeout_ms),
+        }
+    }
+}
+
+fn timed_out(what: &str) -> RelayError {
+    RelayError::new(ErrorCode::UpstreamTimeout, format!("the upstream took too long ({what})"))
 }
 
 /// Runs the call in a tracked task and answers the client from it. If the client leaves, the task goes on
@@ -86,6 +113,7 @@ async fn run(
 ) -> Response {
     let inbound = call.inbound;
     let policy = call.policy;
+    let began = tokio::time::Instant::now();
     let stopping = edge.inner.stopping.clone();
     rec.countable(CountTokensRequest {
         request_id: call.request.request_id.clone(),
@@ -95,10 +123,19 @@ async fn run(
         passthrough_headers: call.request.passthrough_headers.clone(),
     });
     let opened = {
+        let first_byte = call.timeouts.first_byte;
         let open = with_failover(&edge, &call.candidates, Some(&mut rec), |dep| {
             let mut req = call.request.clone();
             req.deployment = Some(dep.clone());
-            open(&edge, req)
+            let edge = edge.clone();
+            async move {
+                match first_byte {
+                    Some(limit) => tokio::time::timeout(limit, open(&edge, req))
+                        .await
+                        .unwrap_or_else(|_| Err(timed_out("no answer in time"))),
+                    None => open(&edge, req).await,
+                }
+            }
         });
         tokio::select! {
             r = open => Some(r),
@@ -120,6 +157,7 @@ async fn run(
     if call.request.stream {
         let mut served = axum::http::HeaderMap::new();
         served_headers(&mut served, &rec);
+        let t = call.timeouts;
         let mut resp = stream_response(ForwardStream {
             events: Some(events),
             rec: Some(rec),
@@ -127,13 +165,19 @@ async fn run(
             policy,
             edge: edge.clone(),
             span: tracing::Span::current(),
+            idle: t.idle.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
+            deadline: t.total.map(|d| Box::pin(tokio::time::sleep_until(began + d))),
         });
         resp.headers_mut().extend(served);
         return resp;
     }
+    let total = call.timeouts.total;
     let whole = tokio::select! {
         r = whole_response(events, &mut rec) => Some(r),
         () = gone(&left, policy, &stopping) => None,
+        () = async { match total { Some(t) => tokio::time::sleep_until(began + t).await, None => std::future::pending().await } } => {
+            Some(Err(timed_out("total time")))
+        }
     };
     match whole {
         Some(Ok(resp)) if tx.is_closed() => {
@@ -231,6 +275,23 @@ struct ForwardStream {
     policy: Policy,
     edge: Edge,
     span: tracing::Span,
+    /// The group's idle limit, and the timer it arms (reset by every event).
+    idle: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
+    /// The group's total limit.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl ForwardStream {
+    /// Has a timeout fired? Then the answer ends here, as a timeout error.
+    fn expired(&mut self, cx: &mut Context<'_>) -> Option<RelayError> {
+        if self.deadline.as_mut().is_some_and(|d| d.as_mut().poll(cx).is_ready()) {
+            return Some(timed_out("total time"));
+        }
+        if self.idle.as_mut().is_some_and(|(_, t)| t.as_mut().poll(cx).is_ready()) {
+            return Some(timed_out("the stream stalled"));
+        }
+        None
+    }
 }
 
 impl Stream for ForwardStream {
@@ -238,15 +299,31 @@ impl Stream for ForwardStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        let _g = this.span.enter();
+        let span = this.span.clone();
+        let _g = span.enter();
         loop {
-            let (Some(rec), Some(events)) = (this.rec.as_mut(), this.events.as_mut()) else {
+            if this.rec.is_none() || this.events.is_none() {
                 return Poll::Ready(None);
+            }
+            let ev = match this.events.as_mut().map(|e| e.poll_next_unpin(cx)) {
+                Some(Poll::Ready(ev)) => ev,
+                _ => match this.expired(cx) {
+                    // Dropping the events cancels the upstream; the client gets the protocol's error.
+                    Some(e) => {
+                        metrics::counter!("relay_edge_stream_timeouts_total").increment(1);
+                        if let Some(rec) = this.rec.take() {
+                            rec.fail(&e, 200);
+                        }
+                        this.events = None;
+                        return Poll::Ready(Some(Ok(this.inbound.stream_error(&e))));
+                    }
+                    None => return Poll::Pending,
+                },
             };
-            let ev = match events.poll_next_unpin(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(ev) => ev,
-            };
+            if let Some((limit, timer)) = this.idle.as_mut() {
+                timer.as_mut().reset(tokio::time::Instant::now() + *limit);
+            }
+            let Some(rec) = this.rec.as_mut() else { return Poll::Ready(None) };
             match ev.and_then(|e| e.event) {
                 Some(Event::Chunk(c)) => {
                     rec.first_byte();

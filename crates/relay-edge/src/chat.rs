@@ -250,7 +250,8 @@ async fn prepare(
         passthrough_headers: passthrough(inbound, headers),
         client_model: model,
     };
-    Ok((ChatCall { request, candidates, policy, inbound }, rate))
+    let timeouts = answer::Timeouts::of(&route);
+    Ok((ChatCall { request, candidates, policy, inbound, timeouts }, rate))
 }
 
 /// `POST /v1/messages/count_tokens`: input tokens for an Anthropic-shaped request on the routed model

@@ -81,6 +81,27 @@ impl Router for FakeRouter {
                 Deployment { region: "eu".into(), ..dep_w("good-eu", 1) },
             ],
             "ok-us-only" => vec![Deployment { region: "us".into(), ..dep("good") }],
+            "ok-timeouts" => {
+                // Slow to accept: failed over after 100 ms. Streams silent for 100 ms, or answers longer
+                // than 300 ms in all, end in a timeout error.
+                let candidates = vec![dep_w("slow", u32::MAX), dep("good")];
+                return Ok(RouteResponse {
+                    candidates,
+                    cache_ttl_ms: 1000,
+                    first_byte_timeout_ms: 100,
+                    ..Default::default()
+                });
+            }
+            "ok-stalls" | "ok-drags" => {
+                let (idle, total) = if req.model == "ok-stalls" { (100, 0) } else { (0, 300) };
+                return Ok(RouteResponse {
+                    candidates: vec![dep("stalls")],
+                    cache_ttl_ms: 1000,
+                    idle_timeout_ms: idle,
+                    total_timeout_ms: total,
+                    ..Default::default()
+                });
+            }
             "ok-dies" => vec![dep("dies")],
             "ok-good" | "secret-model" => vec![dep("good")],
             _ => return Err(RelayError::new(ErrorCode::ModelNotFound, "no such model")),
@@ -111,6 +132,19 @@ impl Adapter for FakeAdapter {
         self.0.lock().unwrap().push(name.clone());
         let start = ev(Event::Start(adapter::Start::default()));
         let usage = ev(Event::Usage(TokenUsage { input_tokens: 7, output_tokens: 3, ..Default::default() }));
+        if name == "slow" {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        }
+        if name == "stalls" {
+            // One chunk, then 150 ms of silence between chunks (a stall for a 100 ms idle limit; a drag past
+            // a 300 ms total).
+            let tail = futures_util::StreamExt::then(stream::iter(0..5), |_| async {
+                tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+                chunk("data: {\"late\":1}\n\n")
+            });
+            let head = stream::iter(vec![start, chunk("data: {\"x\":1}\n\n")]);
+            return Ok(Box::pin(futures_util::StreamExt::chain(head, tail)));
+        }
         let events = match name.as_str() {
             "broken" => return Err(RelayError::from_upstream_status(500, "upstream failed")),
             "rejects" => return Err(RelayError::from_upstream_status(422, "bad schema")),
@@ -266,6 +300,27 @@ async fn a_key_pinned_to_a_region_never_leaves_it_even_on_failover() {
     assert!(body.contains("regions this key may use (eu)"), "{body}");
     let (status, _, _) = send(&h, "sk-all", "/v1/chat/completions", Some(chat("ok-us-only", false))).await;
     assert_eq!(status.as_u16(), 200, "unpinned keys go anywhere");
+}
+
+#[tokio::test]
+async fn group_timeouts_fail_over_slow_deployments_and_end_stalled_streams() {
+    let h = harness(1 << 20);
+    let t = std::time::Instant::now();
+    let (status, headers, _) =
+        send(&h, "sk-all", "/v1/chat/completions", Some(chat("ok-timeouts", false))).await;
+    assert_eq!(
+        (status.as_u16(), headers["x-relay-deployment"].as_str(), headers["x-relay-attempts"].as_str()),
+        (200, "good", "2")
+    );
+    assert!(t.elapsed() < std::time::Duration::from_secs(1), "the slow deployment was given up after 100 ms");
+    for model in ["ok-stalls", "ok-drags"] {
+        let (status, _, body) = send(&h, "sk-all", "/v1/chat/completions", Some(chat(model, true))).await;
+        assert_eq!(status.as_u16(), 200);
+        assert!(body.starts_with("data: {\"x\":1}"), "{model}: {body}");
+        assert!(body.contains("took too long") && !body.contains("[DONE]"), "{model}: {body}");
+    }
+    let evs = events(&h).await;
+    assert!(evs.iter().filter(|e| e.outcome() == Outcome::Error).count() >= 2);
 }
 
 #[tokio::test]

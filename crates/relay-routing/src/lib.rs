@@ -44,6 +44,18 @@ pub struct ModelConfig {
     /// the upstream, bill what it produced). Unset: whole answers drain, streams cancel.
     #[serde(default)]
     pub on_disconnect: Option<OnDisconnect>,
+    /// Timeouts in milliseconds (unset = none): until a deployment accepts the request (a slower one is
+    /// failed over), the longest silence between two stream events, and the whole answer.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    pub first_byte_ms: u32,
+    pub idle_ms: u32,
+    pub total_ms: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -156,6 +168,7 @@ struct Model {
     info: ModelInfo,
     candidates: Vec<Deployment>,
     on_disconnect: DisconnectPolicy,
+    timeouts: Timeouts,
 }
 
 pub struct RoutingService {
@@ -215,7 +228,7 @@ impl RoutingService {
                 Some(OnDisconnect::Drain) => DisconnectPolicy::Drain,
                 Some(OnDisconnect::Cancel) => DisconnectPolicy::Cancel,
             };
-            models.insert(m.name.clone(), Model { info, candidates, on_disconnect });
+            models.insert(m.name.clone(), Model { info, candidates, on_disconnect, timeouts: m.timeouts });
         }
         Self { cache_ttl_ms: cfg.cache_ttl_ms, models, order }
     }
@@ -232,6 +245,9 @@ impl Router for RoutingService {
             candidates: model.candidates.clone(),
             cache_ttl_ms: self.cache_ttl_ms,
             on_disconnect: model.on_disconnect as i32,
+            first_byte_timeout_ms: model.timeouts.first_byte_ms,
+            idle_timeout_ms: model.timeouts.idle_ms,
+            total_timeout_ms: model.timeouts.total_ms,
         })
     }
 
@@ -265,6 +281,7 @@ mod tests {
                     owned_by: "relay".into(),
                     deployments: vec![dep("p1", "x"), dep("p2", "y")],
                     on_disconnect: None,
+                    timeouts: Timeouts::default(),
                 },
                 ModelConfig {
                     name: "a".into(),
@@ -272,6 +289,7 @@ mod tests {
                     owned_by: "relay".into(),
                     deployments: vec![dep("p1", "e")],
                     on_disconnect: Some(OnDisconnect::Cancel),
+                    timeouts: Timeouts::default(),
                 },
             ],
         }
