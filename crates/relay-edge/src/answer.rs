@@ -56,6 +56,7 @@ pub struct ChatCall {
     pub policy: Policy,
     pub inbound: Inbound,
     pub timeouts: Timeouts,
+    pub order: crate::dispatch::Order,
 }
 
 /// The model group's timeouts (`None` = no limit).
@@ -124,7 +125,7 @@ async fn run(
     });
     let opened = {
         let first_byte = call.timeouts.first_byte;
-        let open = with_failover(&edge, &call.candidates, Some(&mut rec), |dep| {
+        let open = with_failover(&edge, &call.candidates, call.order, Some(&mut rec), |dep| {
             let mut req = call.request.clone();
             req.deployment = Some(dep.clone());
             let edge = edge.clone();

@@ -19,8 +19,8 @@ use serde_json::Value;
 use crate::Edge;
 use crate::answer::{self, ChatCall};
 use crate::dispatch::{
-    admission, admit, billable, check_end_user, ensure_allowed, read_json, required_model, resident, route,
-    with_failover,
+    Order, admission, admit, billable, check_end_user, ensure_allowed, read_json, required_model, resident,
+    route, strategy, with_failover,
 };
 use crate::error::Inbound;
 use crate::request::RequestCtx;
@@ -251,7 +251,9 @@ async fn prepare(
         client_model: model,
     };
     let timeouts = answer::Timeouts::of(&route);
-    Ok((ChatCall { request, candidates, policy, inbound, timeouts }, rate))
+    let tokens = (request.body.len() as u64 / 4, env.max_output().unwrap_or(1024));
+    let order = Order { strategy: strategy(headers, &route.strategy).map_err(plain)?, tokens };
+    Ok((ChatCall { request, candidates, policy, inbound, timeouts, order }, rate))
 }
 
 /// `POST /v1/messages/count_tokens`: input tokens for an Anthropic-shaped request on the routed model
@@ -271,7 +273,8 @@ pub async fn count_tokens(
         let route = route(&edge, &model, false).await?;
         let passthrough = passthrough(inbound, &headers);
         let candidates = resident(&principal, &model, &route.candidates)?;
-        with_failover(&edge, &candidates, None, |dep| {
+        let order = Order { strategy: strategy(&headers, &route.strategy)?, ..Default::default() };
+        with_failover(&edge, &candidates, order, None, |dep| {
             edge.inner.services.adapter.count_tokens(CountTokensRequest {
                 request_id: ctx.request_id.clone(),
                 protocol: inbound.protocol() as i32,

@@ -151,9 +151,28 @@ pub async fn route(edge: &Edge, model: &str, stream: bool) -> Result<Arc<RouteRe
 /// Tries the candidates in the selector's order for this request until one accepts; moves on only on
 /// retryable failures. Each attempt is noted in the usage record (when there is one) and its outcome fed
 /// to the deployment's breaker.
+/// How to order one request's candidates: the group's (or the request's) strategy, and its token estimate
+/// (input, output) for cost-first.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Order {
+    pub strategy: relay_select::Strategy,
+    pub tokens: (u64, u64),
+}
+
+/// The strategy for a request: the `x-relay-strategy` header when it names one, else the group's.
+pub fn strategy(headers: &axum::http::HeaderMap, group: &str) -> Result<relay_select::Strategy, RelayError> {
+    match headers.get("x-relay-strategy").map(|v| v.to_str().unwrap_or("?")) {
+        Some(s) => relay_select::Strategy::parse(s).ok_or_else(|| {
+            RelayError::invalid_request("`x-relay-strategy` must be one of weighted, priority, cost, latency")
+        }),
+        None => Ok(relay_select::Strategy::parse(group).unwrap_or_default()),
+    }
+}
+
 pub async fn with_failover<T, F, Fut>(
     edge: &Edge,
     candidates: &[Deployment],
+    order: Order,
     mut rec: Option<&mut UsageRecord>,
     mut call: F,
 ) -> Result<T, RelayError>
@@ -161,19 +180,20 @@ where
     F: FnMut(&Deployment) -> Fut,
     Fut: std::future::Future<Output = Result<T, RelayError>>,
 {
-    // Weighted order for this request, isolated deployments last (relay-select).
-    let candidates = edge.inner.selector.order(candidates);
+    // This request's order by the strategy, isolated deployments last (relay-select).
+    let candidates = edge.inner.selector.order_by(candidates, order.strategy, order.tokens);
     edge.inner.selector.first_attempt();
     for (i, dep) in candidates.iter().enumerate() {
         if let Some(r) = rec.as_deref_mut() {
             r.attempt(dep);
         }
+        let began = std::time::Instant::now();
         let result = call(dep).await;
         if let Some(r) = rec.as_deref_mut() {
             r.attempt_ended(result.as_ref().err());
         }
         let outcome = match &result {
-            Ok(_) => relay_select::Outcome::Answered,
+            Ok(_) => relay_select::Outcome::Answered { latency: began.elapsed() },
             Err(e) => relay_select::Outcome::Failed { code: e.code, upstream_status: e.upstream_status },
         };
         if let Some(t) = edge.inner.selector.record(&dep.id, outcome) {

@@ -15,8 +15,8 @@ use serde_json::json;
 use crate::Edge;
 use crate::chat;
 use crate::dispatch::{
-    admission, admit, billable, check_end_user, ensure_allowed, read_json, required_model, resident, route,
-    served_headers, with_failover,
+    Order, admission, admit, billable, check_end_user, ensure_allowed, read_json, required_model, resident,
+    route, served_headers, with_failover,
 };
 use crate::error::{Inbound, OpenAiError};
 use crate::request::{self, RequestCtx};
@@ -154,7 +154,9 @@ async fn embed(
     let candidates = billable(p, &model, &candidates)?;
     let lease = admission(ctx, p, bytes.len(), Some(0), &candidates);
     admit(edge, rec, lease).await.map_err(|d| d.error)?;
-    with_failover(edge, &candidates, Some(rec), |dep| {
+    let strategy = relay_select::Strategy::parse(&route.strategy).unwrap_or_default();
+    let order = Order { strategy, tokens: (bytes.len() as u64 / 4, 0) };
+    with_failover(edge, &candidates, order, Some(rec), |dep| {
         let req = EmbedRequest {
             request_id: ctx.request_id.clone(),
             body: bytes.clone(),

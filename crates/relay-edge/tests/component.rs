@@ -210,7 +210,20 @@ async fn send(
     path: &str,
     body: Option<Value>,
 ) -> (StatusCode, HashMap<String, String>, String) {
+    send_with(h, key, path, body, &[]).await
+}
+
+async fn send_with(
+    h: &Harness,
+    key: &str,
+    path: &str,
+    body: Option<Value>,
+    extra: &[(&str, &str)],
+) -> (StatusCode, HashMap<String, String>, String) {
     let mut req = Request::builder().uri(path).header("authorization", format!("Bearer {key}"));
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
     let body = match body {
         Some(b) => {
             req = req.method("POST").header("content-type", "application/json");
@@ -283,6 +296,27 @@ async fn weights_share_traffic_and_a_failing_deployment_is_isolated() {
     }
     let calls = h.adapter.0.lock().unwrap().clone();
     assert_eq!(calls.iter().filter(|c| *c == "broken").count(), 3, "{calls:?}");
+}
+
+#[tokio::test]
+async fn a_request_can_pick_its_strategy() {
+    let h = harness(1 << 20);
+    let priority = [("x-relay-strategy", "priority")];
+    for _ in 0..50 {
+        let (status, headers, _) =
+            send_with(&h, "sk-all", "/v1/chat/completions", Some(chat("ok-weighted", false)), &priority)
+                .await;
+        assert_eq!(
+            (status.as_u16(), headers["x-relay-deployment"].as_str()),
+            (200, "w3"),
+            "given order, not weights"
+        );
+    }
+    let bad = [("x-relay-strategy", "fastest-please")];
+    let (status, _, body) =
+        send_with(&h, "sk-all", "/v1/chat/completions", Some(chat("ok-weighted", false)), &bad).await;
+    assert_eq!(status.as_u16(), 400, "{body}");
+    assert!(body.contains("x-relay-strategy"), "{body}");
 }
 
 #[tokio::test]

@@ -48,6 +48,10 @@ pub struct ModelConfig {
     /// failed over), the longest silence between two stream events, and the whole answer.
     #[serde(default)]
     pub timeouts: Timeouts,
+    /// How healthy deployments are ordered per request: `weighted` (default; config order when no
+    /// deployment has a weight), `priority`, `cost` (cheapest for the request first), `latency`.
+    #[serde(default)]
+    pub strategy: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
@@ -134,6 +138,9 @@ impl RoutingConfig {
             if m.name.is_empty() || !names.insert(&m.name) {
                 errors.push(format!("{at}: name must be non-empty and unique"));
             }
+            if m.strategy.as_deref().is_some_and(|s| relay_select::Strategy::parse(s).is_none()) {
+                errors.push(format!("{at}.strategy: must be weighted, priority, cost or latency"));
+            }
             if m.deployments.is_empty() {
                 errors.push(format!("{at}: needs at least one deployment"));
             }
@@ -169,6 +176,7 @@ struct Model {
     candidates: Vec<Deployment>,
     on_disconnect: DisconnectPolicy,
     timeouts: Timeouts,
+    strategy: String,
 }
 
 pub struct RoutingService {
@@ -228,7 +236,11 @@ impl RoutingService {
                 Some(OnDisconnect::Drain) => DisconnectPolicy::Drain,
                 Some(OnDisconnect::Cancel) => DisconnectPolicy::Cancel,
             };
-            models.insert(m.name.clone(), Model { info, candidates, on_disconnect, timeouts: m.timeouts });
+            let strategy = m.strategy.clone().unwrap_or_default();
+            models.insert(
+                m.name.clone(),
+                Model { info, candidates, on_disconnect, timeouts: m.timeouts, strategy },
+            );
         }
         Self { cache_ttl_ms: cfg.cache_ttl_ms, models, order }
     }
@@ -248,6 +260,7 @@ impl Router for RoutingService {
             first_byte_timeout_ms: model.timeouts.first_byte_ms,
             idle_timeout_ms: model.timeouts.idle_ms,
             total_timeout_ms: model.timeouts.total_ms,
+            strategy: model.strategy.clone(),
         })
     }
 
@@ -282,6 +295,7 @@ mod tests {
                     deployments: vec![dep("p1", "x"), dep("p2", "y")],
                     on_disconnect: None,
                     timeouts: Timeouts::default(),
+                    strategy: None,
                 },
                 ModelConfig {
                     name: "a".into(),
@@ -290,6 +304,7 @@ mod tests {
                     deployments: vec![dep("p1", "e")],
                     on_disconnect: Some(OnDisconnect::Cancel),
                     timeouts: Timeouts::default(),
+                    strategy: Some("cost".into()),
                 },
             ],
         }

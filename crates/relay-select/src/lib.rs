@@ -36,11 +36,38 @@ impl Default for BreakerConfig {
     }
 }
 
+/// How a model group orders its healthy deployments for one request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Strategy {
+    /// Weighted random by `weight` (the order given when no candidate has a weight).
+    #[default]
+    Weighted,
+    /// The order given: the first is the primary, the rest fallbacks.
+    Priority,
+    /// Cheapest first for this request's token estimate (unpriced deployments last).
+    CostFirst,
+    /// Fastest first: lowest moving average of time to accept (untried deployments first, to learn).
+    LeastLatency,
+}
+
+impl Strategy {
+    /// `weighted`, `priority`, `cost`, `latency` (the `x-relay-strategy` header and the config).
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "weighted" => Self::Weighted,
+            "priority" => Self::Priority,
+            "cost" | "cost-first" => Self::CostFirst,
+            "latency" | "least-latency" => Self::LeastLatency,
+            _ => return None,
+        })
+    }
+}
+
 /// How one attempt through a deployment ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// The upstream accepted the request.
-    Answered,
+    /// The upstream accepted the request, after `latency`.
+    Answered { latency: Duration },
     /// The upstream (or the way to it) failed; `code` classifies it.
     Failed { code: ErrorCode, upstream_status: Option<u16> },
 }
@@ -68,6 +95,14 @@ struct Health {
     cooldown: Duration,
 }
 
+/// What `d` would charge for `tokens` (input, output), in micro-units × 1M; unpriced = last.
+fn cost_of(d: &Deployment, (input, output): (u64, u64)) -> i128 {
+    d.price.as_ref().map_or(i128::MAX, |p| {
+        i128::from(input) * i128::from(p.input_per_mtok_micros)
+            + i128::from(output) * i128::from(p.output_per_mtok_micros)
+    })
+}
+
 /// Failovers allowed on top of first attempts: every first attempt earns `RETRY_RATIO` of a retry, up to
 /// `RETRY_BURST` saved; a retry spends one. During a full outage upstream attempts stay within ~20 % over
 /// the requests instead of multiplying by the number of deployments.
@@ -79,6 +114,8 @@ const RETRY_BURST: f64 = 20.0;
 pub struct Selector {
     cfg: BreakerConfig,
     health: Mutex<HashMap<String, Health>>,
+    /// Moving average of time to accept, per deployment (milliseconds).
+    latency: Mutex<HashMap<String, f64>>,
     seed: AtomicU64,
     /// Retries left in the budget, in thousandths (lock-free).
     retry_budget: AtomicU64,
@@ -137,6 +174,7 @@ impl Selector {
         Self {
             cfg,
             health: Mutex::new(HashMap::new()),
+            latency: Mutex::new(HashMap::new()),
             seed: AtomicU64::new(seed),
             retry_budget: AtomicU64::new(full),
         }
@@ -181,6 +219,16 @@ impl Selector {
     /// The order to try `candidates` in for one request: available ones by weighted random draw (a
     /// deployment due for its probe goes first), then isolated ones (only when nothing else is left).
     pub fn order(&self, candidates: &[Deployment]) -> Vec<Deployment> {
+        self.order_by(candidates, Strategy::Weighted, (0, 0))
+    }
+
+    /// As [`Self::order`] with a strategy; `tokens` = (input, output) estimate for cost-first.
+    pub fn order_by(
+        &self,
+        candidates: &[Deployment],
+        strategy: Strategy,
+        tokens: (u64, u64),
+    ) -> Vec<Deployment> {
         if candidates.len() <= 1 {
             return candidates.to_vec();
         }
@@ -197,7 +245,20 @@ impl Selector {
             }
         }
         let mut out: Vec<Deployment> = probes.into_iter().cloned().collect();
-        if candidates.iter().all(|d| d.weight == 0) {
+        match strategy {
+            Strategy::Weighted => {}
+            Strategy::Priority => {}
+            Strategy::CostFirst => available.sort_by_key(|d| cost_of(d, tokens)),
+            Strategy::LeastLatency => {
+                let lat = self.latency.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                available.sort_by(|a, b| {
+                    let (x, y) =
+                        (lat.get(&a.id).copied().unwrap_or(0.0), lat.get(&b.id).copied().unwrap_or(0.0));
+                    x.total_cmp(&y)
+                });
+            }
+        }
+        if strategy != Strategy::Weighted || candidates.iter().all(|d| d.weight == 0) {
             out.extend(available.into_iter().cloned());
             out.extend(isolated.into_iter().cloned());
             return out;
@@ -225,7 +286,13 @@ impl Selector {
     pub fn record(&self, deployment_id: &str, outcome: Outcome) -> Option<Transition> {
         let mut health = self.health.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match outcome {
-            Outcome::Answered => {
+            Outcome::Answered { latency } => {
+                const ALPHA: f64 = 0.3;
+                let ms = latency.as_secs_f64() * 1000.0;
+                let mut lat = self.latency.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let e = lat.entry(deployment_id.to_owned()).or_insert(ms);
+                *e = ALPHA * ms + (1.0 - ALPHA) * *e;
+                drop(lat);
                 let was_open = health.remove(deployment_id).is_some_and(|h| h.state != State::Closed);
                 was_open.then_some(Transition::Closed)
             }
@@ -298,6 +365,34 @@ mod tests {
     }
 
     #[test]
+    fn cost_first_and_least_latency_follow_prices_and_latency() {
+        use relay_core::pb::routing::v1::Price;
+        let priced = |id: &str, input: i64, output: i64| Deployment {
+            price: Some(Price {
+                input_per_mtok_micros: input,
+                output_per_mtok_micros: output,
+                ..Default::default()
+            }),
+            ..dep(id, 1)
+        };
+        let s = Selector::default();
+        let c = [priced("dear", 10, 10), priced("cheap-in", 1, 30), dep("unpriced", 1)];
+        let ids = |v: Vec<Deployment>| v.into_iter().map(|d| d.id).collect::<Vec<_>>();
+        assert_eq!(ids(s.order_by(&c, Strategy::CostFirst, (1000, 10))), ["cheap-in", "dear", "unpriced"]);
+        assert_eq!(ids(s.order_by(&c, Strategy::CostFirst, (10, 1000))), ["dear", "cheap-in", "unpriced"]);
+        let answered = |id, ms| s.record(id, Outcome::Answered { latency: Duration::from_millis(ms) });
+        let (a, b) = (dep("a", 1), dep("b", 1));
+        let _ = (answered("a", 100), answered("b", 300));
+        assert_eq!(s.order_by(&[a.clone(), b.clone()], Strategy::LeastLatency, (0, 0))[0].id, "a");
+        for _ in 0..10 {
+            let _ = answered("a", 900); // a slows down
+        }
+        assert_eq!(s.order_by(&[a, b], Strategy::LeastLatency, (0, 0))[0].id, "b", "follows the change");
+        assert_eq!(Strategy::parse("cost"), Some(Strategy::CostFirst));
+        assert_eq!(Strategy::parse("fastest"), None);
+    }
+
+    #[test]
     fn the_retry_budget_bounds_failovers_to_a_fifth_of_requests() {
         let s = Selector::default();
         let mut retries = 0;
@@ -317,7 +412,7 @@ mod tests {
     fn transitions_travel_to_other_replicas() {
         let (a, b) = (Selector::default(), Selector::default());
         let c = [dep("x", 100), dep("y", 1)];
-        let ok = |s: &Selector, id| s.record(id, Outcome::Answered);
+        let ok = |s: &Selector, id| s.record(id, Outcome::Answered { latency: Duration::ZERO });
         let f = || Outcome::Failed { code: ErrorCode::UpstreamTimeout, upstream_status: None };
         assert_eq!((a.record("x", f()), a.record("x", f())), (None, None));
         let t = a.record("x", f()).expect("opened");
@@ -367,7 +462,7 @@ mod tests {
         assert_eq!(s.order(&c)[0].id, "good", "the cool-down doubled");
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(s.order(&c)[0].id, "bad");
-        let _ = s.record("bad", Outcome::Answered);
+        let _ = s.record("bad", Outcome::Answered { latency: Duration::ZERO });
         let firsts = (0..200).filter(|_| s.order(&c)[0].id == "bad").count();
         assert!(firsts > 150, "closed again: back to its weight ({firsts}/200)");
     }
