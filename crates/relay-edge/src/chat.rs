@@ -252,7 +252,11 @@ async fn prepare(
     };
     let timeouts = answer::Timeouts::of(&route);
     let tokens = (request.body.len() as u64 / 4, env.max_output().unwrap_or(1024));
-    let order = Order { strategy: strategy(headers, &route.strategy).map_err(plain)?, tokens };
+    let order = Order {
+        strategy: strategy(headers, &route.strategy).map_err(plain)?,
+        tokens,
+        session: crate::dispatch::session(headers, principal),
+    };
     Ok((ChatCall { request, candidates, policy, inbound, timeouts, order }, rate))
 }
 

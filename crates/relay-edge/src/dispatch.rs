@@ -157,6 +157,18 @@ pub async fn route(edge: &Edge, model: &str, stream: bool) -> Result<Arc<RouteRe
 pub struct Order {
     pub strategy: relay_select::Strategy,
     pub tokens: (u64, u64),
+    /// The conversation (`x-relay-session` header, hashed with the key) that should stay on one deployment.
+    pub session: Option<u64>,
+}
+
+/// Cache affinity: a client's `x-relay-session` header, scoped to its key, so one conversation keeps
+/// hitting the same deployment (and its prompt cache) while that deployment is healthy.
+pub fn session(headers: &axum::http::HeaderMap, principal: &Principal) -> Option<u64> {
+    let s = headers.get("x-relay-session")?.as_bytes();
+    let mut key = principal.key_id.as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(&s[..s.len().min(256)]);
+    Some(relay_select::session_hash(&key))
 }
 
 /// The strategy for a request: the `x-relay-strategy` header when it names one, else the group's.
@@ -181,7 +193,7 @@ where
     Fut: std::future::Future<Output = Result<T, RelayError>>,
 {
     // This request's order by the strategy, isolated deployments last (relay-select).
-    let candidates = edge.inner.selector.order_by(candidates, order.strategy, order.tokens);
+    let candidates = edge.inner.selector.order_for(candidates, order.strategy, order.tokens, order.session);
     edge.inner.selector.first_attempt();
     for (i, dep) in candidates.iter().enumerate() {
         if let Some(r) = rec.as_deref_mut() {

@@ -155,7 +155,7 @@ async fn embed(
     let lease = admission(ctx, p, bytes.len(), Some(0), &candidates);
     admit(edge, rec, lease).await.map_err(|d| d.error)?;
     let strategy = relay_select::Strategy::parse(&route.strategy).unwrap_or_default();
-    let order = Order { strategy, tokens: (bytes.len() as u64 / 4, 0) };
+    let order = Order { strategy, tokens: (bytes.len() as u64 / 4, 0), session: None };
     with_failover(edge, &candidates, order, Some(rec), |dep| {
         let req = EmbedRequest {
             request_id: ctx.request_id.clone(),

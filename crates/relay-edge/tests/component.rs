@@ -312,6 +312,15 @@ async fn a_request_can_pick_its_strategy() {
             "given order, not weights"
         );
     }
+    // Cache affinity: one session, one deployment, across 100 requests.
+    let session = [("x-relay-session", "conversation-42")];
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..100 {
+        let (_, headers, _) =
+            send_with(&h, "sk-all", "/v1/chat/completions", Some(chat("ok-weighted", false)), &session).await;
+        seen.insert(headers["x-relay-deployment"].clone());
+    }
+    assert_eq!(seen.len(), 1, "{seen:?}");
     let bad = [("x-relay-strategy", "fastest-please")];
     let (status, _, body) =
         send_with(&h, "sk-all", "/v1/chat/completions", Some(chat("ok-weighted", false)), &bad).await;

@@ -95,6 +95,26 @@ struct Health {
     cooldown: Duration,
 }
 
+/// Weighted rendezvous score of a deployment for a session: stable per (session, deployment), and a
+/// deployment with twice the weight wins twice as many sessions.
+fn rendezvous(session: u64, d: &Deployment) -> f64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ session;
+    for b in d.id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    let unit = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    f64::from(d.weight.max(1)) / -unit.ln()
+}
+
+/// FNV-1a of a session key, for [`Selector::order_for`].
+pub fn session_hash(key: &[u8]) -> u64 {
+    key.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}
+
 /// What `d` would charge for `tokens` (input, output), in micro-units × 1M; unpriced = last.
 fn cost_of(d: &Deployment, (input, output): (u64, u64)) -> i128 {
     d.price.as_ref().map_or(i128::MAX, |p| {
@@ -222,6 +242,30 @@ impl Selector {
         self.order_by(candidates, Strategy::Weighted, (0, 0))
     }
 
+    /// As [`Self::order_by`], keeping one conversation (`session`, e.g. a hash of a session header) on the
+    /// same healthy deployment, so provider prompt caches keep hitting: the first attempt goes to the
+    /// deployment with the highest weighted rendezvous score for the session; the rest keep their order.
+    pub fn order_for(
+        &self,
+        candidates: &[Deployment],
+        strategy: Strategy,
+        tokens: (u64, u64),
+        session: Option<u64>,
+    ) -> Vec<Deployment> {
+        let (mut out, healthy) = self.ordered(candidates, strategy, tokens);
+        let Some(session) = session else { return out };
+        let best = out[..healthy]
+            .iter()
+            .enumerate()
+            .max_by(|(_, a), (_, b)| rendezvous(session, a).total_cmp(&rendezvous(session, b)))
+            .map(|(i, _)| i);
+        if let Some(i) = best {
+            let d = out.remove(i);
+            out.insert(0, d);
+        }
+        out
+    }
+
     /// As [`Self::order`] with a strategy; `tokens` = (input, output) estimate for cost-first.
     pub fn order_by(
         &self,
@@ -229,8 +273,18 @@ impl Selector {
         strategy: Strategy,
         tokens: (u64, u64),
     ) -> Vec<Deployment> {
+        self.ordered(candidates, strategy, tokens).0
+    }
+
+    /// The order, and how many of its first entries are not isolated.
+    fn ordered(
+        &self,
+        candidates: &[Deployment],
+        strategy: Strategy,
+        tokens: (u64, u64),
+    ) -> (Vec<Deployment>, usize) {
         if candidates.len() <= 1 {
-            return candidates.to_vec();
+            return (candidates.to_vec(), candidates.len());
         }
         let now = Instant::now();
         let (mut probes, mut available, mut isolated) = (Vec::new(), Vec::new(), Vec::new());
@@ -260,8 +314,9 @@ impl Selector {
         }
         if strategy != Strategy::Weighted || candidates.iter().all(|d| d.weight == 0) {
             out.extend(available.into_iter().cloned());
+            let healthy = out.len();
             out.extend(isolated.into_iter().cloned());
-            return out;
+            return (out, healthy);
         }
         // Weighted draw without replacement (an unweighted candidate among weighted ones counts as 1).
         while !available.is_empty() {
@@ -277,8 +332,9 @@ impl Selector {
             }
             out.push(available.swap_remove(pick).clone());
         }
+        let healthy = out.len();
         out.extend(isolated.into_iter().cloned());
-        out
+        (out, healthy)
     }
 
     /// Feeds one attempt's outcome into the deployment's breaker; returns the state change, if any, for
@@ -390,6 +446,29 @@ mod tests {
         assert_eq!(s.order_by(&[a, b], Strategy::LeastLatency, (0, 0))[0].id, "b", "follows the change");
         assert_eq!(Strategy::parse("cost"), Some(Strategy::CostFirst));
         assert_eq!(Strategy::parse("fastest"), None);
+    }
+
+    #[test]
+    fn a_session_sticks_to_one_healthy_deployment() {
+        let s = Selector::default();
+        let c = [dep("a", 1), dep("b", 1), dep("c", 1)];
+        let firsts = |key: &str| {
+            let h = session_hash(key.as_bytes());
+            (0..100)
+                .map(|_| s.order_for(&c, Strategy::Weighted, (0, 0), Some(h))[0].id.clone())
+                .collect::<Vec<_>>()
+        };
+        let one = firsts("conversation-1");
+        assert!(one.iter().all(|id| *id == one[0]), "100 requests, one deployment");
+        let spread: std::collections::HashSet<String> =
+            (0..60).map(|i| firsts(&format!("s{i}"))[0].clone()).collect();
+        assert_eq!(spread.len(), 3, "sessions spread over the deployments");
+        // Its deployment fails: the session moves, and stays where it moved.
+        for _ in 0..3 {
+            fail(&s, &one[0]);
+        }
+        let moved = firsts("conversation-1");
+        assert!(moved.iter().all(|id| *id == moved[0] && *id != one[0]), "{moved:?}");
     }
 
     #[test]
