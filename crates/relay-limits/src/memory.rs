@@ -133,15 +133,11 @@ impl MemoryLimiter {
 #[async_trait::async_trait]
 impl Limiter for MemoryLimiter {
     async fn admit(&self, a: &Admission) -> Result<RateHeaders, Denial> {
-        match self.admit_once(a).await {
-            // A prepaid scope out of money may have been topped up since its balance was read.
-            Err(d)
-                if d.error.code == relay_core::ErrorCode::InsufficientQuota
-                    && self.seeder.as_ref().is_some_and(|s| s.refresh_prepaid(a)) =>
-            {
-                self.admit_once(a).await
-            }
-            r => r,
+        let first = self.admit_once(a).await;
+        if crate::seed::worth_retrying(self.seeder.as_ref(), a, &first) {
+            self.admit_once(a).await
+        } else {
+            first
         }
     }
 
@@ -188,37 +184,10 @@ mod tests {
         Admission { request_id: id.into(), at_ms: 1_800_000_000_000, scopes, tokens, cost_micros: cost }
     }
 
-    struct Books;
-
-    #[async_trait::async_trait]
-    impl relay_core::contracts::Billing for Books {
-        async fn get_usage(
-            &self,
-            _: relay_core::pb::billing::v1::GetUsageRequest,
-        ) -> relay_core::contracts::Result<relay_core::pb::events::v1::UsageEvent> {
-            Ok(Default::default())
-        }
-        async fn usage_summary(
-            &self,
-            _: relay_core::pb::billing::v1::UsageSummaryRequest,
-        ) -> relay_core::contracts::Result<relay_core::pb::billing::v1::UsageSummaryResponse> {
-            Ok(Default::default())
-        }
-        async fn spent(
-            &self,
-            req: relay_core::pb::billing::v1::SpentRequest,
-        ) -> relay_core::contracts::Result<relay_core::pb::billing::v1::SpentResponse> {
-            let micros = if req.scope == "org:o" { 900 } else { 0 };
-            Ok(relay_core::pb::billing::v1::SpentResponse {
-                spent: Some(Money { micros, currency: "USD".into() }),
-                prepaid: None,
-            })
-        }
-    }
-
     #[tokio::test]
     async fn a_restarted_process_starts_budgets_from_the_books() {
-        let l = MemoryLimiter::new().with_ledger(std::sync::Arc::new(Books));
+        let books = relay_test_support::Books::new(0, &[("org:o", 900)]);
+        let l = MemoryLimiter::new().with_ledger(std::sync::Arc::new(books));
         let org = scope(ScopeKind::Org, "o", 0, 0, 0, 1000);
         let e = l.admit(&adm("1", vec![org.clone()], 1, 200)).await.unwrap_err();
         assert_eq!(e.error.code, ErrorCode::InsufficientQuota, "900 booked before the restart");

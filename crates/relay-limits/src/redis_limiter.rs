@@ -257,15 +257,11 @@ impl RedisLimiter {
 #[async_trait::async_trait]
 impl Limiter for RedisLimiter {
     async fn admit(&self, a: &Admission) -> Result<RateHeaders, Denial> {
-        match self.admit_once(a).await {
-            // A prepaid scope out of money may have been topped up since its balance was read.
-            Err(d)
-                if d.error.code == relay_core::ErrorCode::InsufficientQuota
-                    && self.seeder.as_ref().is_some_and(|s| s.refresh_prepaid(a)) =>
-            {
-                self.admit_once(a).await
-            }
-            r => r,
+        let first = self.admit_once(a).await;
+        if crate::seed::worth_retrying(self.seeder.as_ref(), a, &first) {
+            self.admit_once(a).await
+        } else {
+            first
         }
     }
 

@@ -158,6 +158,17 @@ pub(crate) async fn apply_prepaid(
     Ok(())
 }
 
+/// After an admission: was it a budget refusal that a fresh read of a prepaid balance could lift (a
+/// top-up since the balance was read)? Then the balance was forgotten and admitting once more is worth it.
+pub(crate) fn worth_retrying(
+    seeder: Option<&Seeder>,
+    a: &relay_core::contracts::Admission,
+    result: &Result<relay_core::contracts::RateHeaders, relay_core::contracts::Denial>,
+) -> bool {
+    matches!(result, Err(d) if d.error.code == ErrorCode::InsufficientQuota)
+        && seeder.is_some_and(|s| s.refresh_prepaid(a))
+}
+
 /// The refusal when the books must be read and cannot be (`fail_closed`).
 pub fn unavailable() -> relay_core::contracts::Denial {
     relay_core::contracts::Denial {

@@ -179,42 +179,13 @@ async fn a_redis_outage_follows_the_configured_policy() {
     assert!(outage.elapsed() < std::time::Duration::from_secs(3), "{:?}", outage.elapsed());
 }
 
-/// Billing's books, as the limiter reads them: `spent` for every scope.
-struct Books(i64);
-
-#[async_trait::async_trait]
-impl relay_core::contracts::Billing for Books {
-    async fn get_usage(
-        &self,
-        _: relay_core::pb::billing::v1::GetUsageRequest,
-    ) -> relay_core::contracts::Result<relay_core::pb::events::v1::UsageEvent> {
-        Err(relay_core::RelayError::new(ErrorCode::NotFound, "none"))
-    }
-    async fn usage_summary(
-        &self,
-        _: relay_core::pb::billing::v1::UsageSummaryRequest,
-    ) -> relay_core::contracts::Result<relay_core::pb::billing::v1::UsageSummaryResponse> {
-        Ok(Default::default())
-    }
-    async fn spent(
-        &self,
-        req: relay_core::pb::billing::v1::SpentRequest,
-    ) -> relay_core::contracts::Result<relay_core::pb::billing::v1::SpentResponse> {
-        assert!(req.scope.starts_with("key:") && req.from_unix_ms < req.to_unix_ms);
-        Ok(relay_core::pb::billing::v1::SpentResponse {
-            spent: Some(Money { micros: self.0, currency: "USD".into() }),
-            prepaid: None,
-        })
-    }
-}
-
 #[tokio::test]
 async fn budget_counters_are_rebuilt_from_the_ledger_after_a_start_and_after_redis_loses_them() {
     let Some(url) = relay_test_support::env_service("REDIS_URL") else {
         return;
     };
     let prefix = format!("t{}", uuid::Uuid::now_v7().simple());
-    let books = Arc::new(Books(950));
+    let books = Arc::new(relay_test_support::Books::new(950, &[]));
     let l = RedisLimiter::connect(&url, &prefix, OnRedisError::FailClosed)
         .await
         .unwrap()

@@ -6,8 +6,10 @@
 //! Only ever a dev-dependency.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod books;
 mod mock_openai;
 
+pub use books::Books;
 pub use mock_openai::{MockOpenAi, Recorded, echo};
 
 /// The URL in env var `name`. Missing: `None` (the test skips) unless `REQUIRE_SERVICES=1`, then a panic.
