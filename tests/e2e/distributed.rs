@@ -34,31 +34,13 @@ async fn billing_admin(billing: &RelayProc, edge: &RelayProc, db: &Db, requests:
     assert!(csv.starts_with("BillingPeriodStart,") && csv.lines().count() > 1, "{csv}");
 
     let price = serde_json::json!({"model": "gpt-mock-upstream", "provider": "mock", "input": 2_000_000, "output": 8_000_000});
-    let r = c
-        .post(format!("{admin}/admin/v1/prices"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&price)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let r = c
-        .post(format!("{admin}/admin/v1/prices"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&price)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400, "a price version is immutable");
+    let add_price = |body: serde_json::Value| {
+        c.post(format!("{admin}/admin/v1/prices")).bearer_auth(ADMIN_TOKEN).json(&body).send()
+    };
+    assert_eq!(add_price(price.clone()).await.unwrap().status(), 201);
+    assert_eq!(add_price(price).await.unwrap().status(), 400, "a price version is immutable");
     let absurd = serde_json::json!({"model": "x", "input": -5, "output": 1});
-    let r = c
-        .post(format!("{admin}/admin/v1/prices"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&absurd)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
+    assert_eq!(add_price(absurd).await.unwrap().status(), 400);
     let a = client::chat(&c, &edge.http(), client::user(scenario::MODEL, "priced now")).await;
     let ev = client::recorded_usage(&client::billing_client(&billing.grpc()), &a.request_id).await;
     let u = ev.usage.unwrap();
