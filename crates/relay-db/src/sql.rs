@@ -50,7 +50,6 @@ impl From<Vec<u8>> for Arg {
 pub enum Col {
     I64,
     Text,
-    Bool,
     Bytes,
 }
 
@@ -59,7 +58,6 @@ pub enum Col {
 pub enum Val {
     I64(i64),
     Text(String),
-    Bool(bool),
     Bytes(Vec<u8>),
 }
 
@@ -72,9 +70,6 @@ impl Val {
     }
     pub fn into_text(self) -> String {
         if let Self::Text(v) = self { v } else { String::new() }
-    }
-    pub fn bool(&self) -> bool {
-        matches!(self, Self::Bool(true))
     }
     pub fn into_bytes(self) -> Vec<u8> {
         if let Self::Bytes(v) = self { v } else { Vec::new() }
@@ -103,7 +98,6 @@ macro_rules! read_row {
             out.push(match c {
                 Col::I64 => Val::I64($row.try_get::<i64, _>(i)?),
                 Col::Text => Val::Text($row.try_get::<String, _>(i)?),
-                Col::Bool => Val::Bool($row.try_get::<bool, _>(i)?),
                 Col::Bytes => Val::Bytes($row.try_get::<Vec<u8>, _>(i)?),
             });
         }

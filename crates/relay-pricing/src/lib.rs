@@ -192,10 +192,6 @@ impl PriceBook {
     pub fn resolve(&self, provider: &str, model: &str, at_ms: i64) -> Option<&PriceRow> {
         self.rows.iter().filter(|r| r.matches(provider, model, at_ms)).max_by_key(|r| r.specificity())
     }
-
-    pub fn rows(&self) -> &[PriceRow] {
-        &self.rows
-    }
 }
 
 /// The customer's price: cost plus a markup in basis points (1/100 of a percent), rounded up.
