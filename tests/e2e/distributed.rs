@@ -74,6 +74,35 @@ fn backend(service: &str, shared: &str, extra: &str) -> String {
     )
 }
 
+/// One request through five processes (edge → auth, routing, adapter over gRPC → mock) takes a few
+/// milliseconds. A hop that waits on Nagle's algorithm and a delayed ACK adds ~40 ms to most of them, so
+/// the median of sequential requests (whole answers and streams) would be far above this bound.
+async fn no_hop_stalls(base: &str) -> Vec<String> {
+    let c = client::http();
+    let mut ids = Vec::new();
+    let (mut whole, mut streams) = (Vec::new(), Vec::new());
+    for i in 0..15 {
+        let t = std::time::Instant::now();
+        let a = client::chat(&c, base, client::user(scenario::MODEL, &format!("timed {i}"))).await;
+        whole.push(t.elapsed());
+        assert_eq!(a.status, 200);
+        ids.push(a.request_id);
+        let t = std::time::Instant::now();
+        let s =
+            client::chat_stream(&c, base, client::user(scenario::MODEL, &format!("timed stream {i}"))).await;
+        streams.push(t.elapsed());
+        assert!(s.done, "{s:?}");
+        ids.push(s.request_id);
+    }
+    for (what, mut v) in [("whole answers", whole), ("streams", streams)] {
+        v.sort();
+        let median = v[v.len() / 2];
+        eprintln!("five processes, {what}: median {median:?}, all {v:?}");
+        assert!(median < Duration::from_millis(25), "{what}: median {median:?} (a hop stalls): {v:?}");
+    }
+    ids
+}
+
 #[tokio::test]
 async fn five_processes_over_grpc_nats_and_postgres() {
     let (Some(nats), Some(pg)) =
@@ -105,6 +134,7 @@ async fn five_processes_over_grpc_nats_and_postgres() {
     let billing_client = client::billing_client(&billing.grpc());
 
     let mut sent = scenario::run(&edge.http(), &billing_client, &mock).await;
+    sent.extend(no_hop_stalls(&edge.http()).await);
 
     // One trace per request across every service, the billing consumer included.
     let first = &sent[0];
@@ -123,6 +153,9 @@ async fn five_processes_over_grpc_nats_and_postgres() {
     }
 
     // Billing crashes; requests keep being served; after a restart, nothing is lost.
+    for id in &sent {
+        client::recorded_usage(&billing_client, id).await;
+    }
     let billing_cfg = billing.kill().await;
     let c = client::http();
     for i in 0..5 {

@@ -240,7 +240,7 @@ pub async fn run(
             relay_edge::router(edge.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
         let stop = shutdown.clone();
         servers.push(tokio::spawn(async move {
-            axum::serve(listener, app)
+            axum::serve(nodelay(listener), app)
                 .with_graceful_shutdown(stop.cancelled_owned())
                 .await
                 .context("edge server")
@@ -261,7 +261,9 @@ pub async fn run(
             .add_optional_service(billing.map(relay_proto::servers::billing));
         let stop = shutdown.clone();
         servers.push(tokio::spawn(async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            // Small frames (stream chunks, unary answers) go out at once: without TCP_NODELAY, Nagle's
+            // algorithm meets the peer's delayed ACK and each answer can stall ~40 ms.
+            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             routes.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await.context("gRPC server")
         }));
     }
@@ -283,7 +285,7 @@ pub async fn run(
     let admin_task = {
         let stop = admin_stop.clone();
         tokio::spawn(async move {
-            axum::serve(admin, admin_app).with_graceful_shutdown(stop.cancelled_owned()).await
+            axum::serve(nodelay(admin), admin_app).with_graceful_shutdown(stop.cancelled_owned()).await
         })
     };
 
@@ -360,6 +362,18 @@ async fn wait_first(servers: &mut Vec<tokio::task::JoinHandle<anyhow::Result<()>
         Ok(r) => r,
         Err(e) => Err(anyhow::anyhow!("a server task panicked: {e}")),
     }
+}
+
+/// Accepted connections send small writes (SSE events, short answers) immediately: axum 0.8 leaves
+/// Nagle on, which stalls a stream's first event behind the client's delayed ACK.
+fn nodelay(listener: TcpListener) -> axum::serve::TapIo<TcpListener, fn(&mut tokio::net::TcpStream)> {
+    use axum::serve::ListenerExt as _;
+    fn set(tcp: &mut tokio::net::TcpStream) {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    }
+    listener.tap_io(set as fn(&mut tokio::net::TcpStream))
 }
 
 async fn bind(addr: &str) -> anyhow::Result<TcpListener> {
