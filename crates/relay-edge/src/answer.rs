@@ -24,8 +24,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::Edge;
-use crate::dispatch::{served_headers, with_failover};
+use crate::dispatch::served_headers;
 use crate::error::Inbound;
+use crate::failover::with_failover;
 use crate::usage::UsageRecord;
 
 /// What happens when the client leaves mid-answer.
@@ -125,16 +126,19 @@ async fn run(
     });
     let opened = {
         let first_byte = call.timeouts.first_byte;
+        // A hedged group races attempts to their first token, not just to the upstream's headers.
+        let hedged = call.order.hedge_after.is_some();
         let open = with_failover(&edge, &call.candidates, call.order, Some(&mut rec), |dep| {
             let mut req = call.request.clone();
             req.deployment = Some(dep.clone());
             let edge = edge.clone();
             async move {
+                let opening = open(&edge, req, hedged);
                 match first_byte {
-                    Some(limit) => tokio::time::timeout(limit, open(&edge, req))
+                    Some(limit) => tokio::time::timeout(limit, opening)
                         .await
                         .unwrap_or_else(|_| Err(timed_out("no answer in time"))),
-                    None => open(&edge, req).await,
+                    None => opening.await,
                 }
             }
         });
@@ -222,9 +226,18 @@ async fn gone(left: &CancellationToken, policy: Policy, stopping: &CancellationT
 
 /// Calls the adapter and waits for the upstream to accept (the `Start` event). A failure before that is
 /// returned as an error, so the caller can fail over or answer with a real HTTP status.
-async fn open(edge: &Edge, req: ChatRequest) -> Result<ChatEventStream, RelayError> {
+/// Calls the adapter and waits for the upstream to accept (its `Start`); with `to_first_event`, also for
+/// the next event (the first token, or an error before it), which the returned stream still begins with.
+async fn open(edge: &Edge, req: ChatRequest, to_first_event: bool) -> Result<ChatEventStream, RelayError> {
     let mut events = edge.inner.services.adapter.chat(req).await?;
     match events.next().await.and_then(|e| e.event) {
+        Some(Event::Start(_)) if to_first_event => match events.next().await {
+            Some(ev) => match ev.event {
+                Some(Event::Error(e)) => Err(RelayError::from_pb(&e)),
+                _ => Ok(Box::pin(futures_util::stream::iter([ev]).chain(events))),
+            },
+            None => Err(RelayError::new(ErrorCode::UpstreamProtocol, "the upstream ended without an answer")),
+        },
         Some(Event::Start(_)) => Ok(events),
         Some(Event::Error(e)) => Err(RelayError::from_pb(&e)),
         _ => {

@@ -20,9 +20,10 @@ use crate::Edge;
 use crate::answer::{self, ChatCall};
 use crate::dispatch::{
     Order, admission, admit, billable, check_end_user, ensure_allowed, read_json, required_model, resident,
-    route, strategy, with_failover,
+    route, strategy,
 };
 use crate::error::Inbound;
+use crate::failover::with_failover;
 use crate::request::RequestCtx;
 use crate::usage::UsageRecord;
 
@@ -256,7 +257,9 @@ async fn prepare(
         strategy: strategy(headers, &route.strategy).map_err(plain)?,
         tokens,
         session: crate::dispatch::session(headers, principal),
-    };
+        hedge_after: None,
+    }
+    .hedging(&route);
     Ok((ChatCall { request, candidates, policy, inbound, timeouts, order }, rate))
 }
 

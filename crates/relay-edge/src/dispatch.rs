@@ -148,9 +148,6 @@ pub async fn route(edge: &Edge, model: &str, stream: bool) -> Result<Arc<RouteRe
     Ok(resp)
 }
 
-/// Tries the candidates in the selector's order for this request until one accepts; moves on only on
-/// retryable failures. Each attempt is noted in the usage record (when there is one) and its outcome fed
-/// to the deployment's breaker.
 /// How to order one request's candidates: the group's (or the request's) strategy, and its token estimate
 /// (input, output) for cost-first.
 #[derive(Debug, Clone, Copy, Default)]
@@ -159,6 +156,17 @@ pub struct Order {
     pub tokens: (u64, u64),
     /// The conversation (`x-relay-session` header, hashed with the key) that should stay on one deployment.
     pub session: Option<u64>,
+    /// Hedging: start a second attempt when the first has not answered after this long.
+    pub hedge_after: Option<std::time::Duration>,
+}
+
+impl Order {
+    /// The route's hedging delay, if it hedges.
+    pub fn hedging(mut self, route: &RouteResponse) -> Self {
+        self.hedge_after = (route.hedge_after_ms > 0)
+            .then(|| std::time::Duration::from_millis(u64::from(route.hedge_after_ms)));
+        self
+    }
 }
 
 /// Cache affinity: a client's `x-relay-session` header, scoped to its key, so one conversation keeps
@@ -175,65 +183,13 @@ pub fn session(headers: &axum::http::HeaderMap, principal: &Principal) -> Option
 pub fn strategy(headers: &axum::http::HeaderMap, group: &str) -> Result<relay_select::Strategy, RelayError> {
     match headers.get("x-relay-strategy").map(|v| v.to_str().unwrap_or("?")) {
         Some(s) => relay_select::Strategy::parse(s).ok_or_else(|| {
-            RelayError::invalid_request("`x-relay-strategy` must be one of weighted, priority, cost, latency")
+            RelayError::invalid_request(format!(
+                "`x-relay-strategy` must be one of {}",
+                relay_select::Strategy::NAMES
+            ))
         }),
         None => Ok(relay_select::Strategy::parse(group).unwrap_or_default()),
     }
-}
-
-pub async fn with_failover<T, F, Fut>(
-    edge: &Edge,
-    candidates: &[Deployment],
-    order: Order,
-    mut rec: Option<&mut UsageRecord>,
-    mut call: F,
-) -> Result<T, RelayError>
-where
-    F: FnMut(&Deployment) -> Fut,
-    Fut: std::future::Future<Output = Result<T, RelayError>>,
-{
-    // This request's order by the strategy, isolated deployments last (relay-select).
-    let candidates = edge.inner.selector.order_for(candidates, order.strategy, order.tokens, order.session);
-    edge.inner.selector.first_attempt();
-    for (i, dep) in candidates.iter().enumerate() {
-        if let Some(r) = rec.as_deref_mut() {
-            r.attempt(dep);
-        }
-        let began = std::time::Instant::now();
-        let result = call(dep).await;
-        if let Some(r) = rec.as_deref_mut() {
-            r.attempt_ended(result.as_ref().err());
-        }
-        let outcome = match &result {
-            Ok(_) => relay_select::Outcome::Answered { latency: began.elapsed() },
-            Err(e) => relay_select::Outcome::Failed { code: e.code, upstream_status: e.upstream_status },
-        };
-        if let Some(t) = edge.inner.selector.record(&dep.id, outcome) {
-            edge.announce(t.message(&dep.id));
-        }
-        let label = match &result {
-            Ok(_) => "answered",
-            Err(e) => e.code.as_str(),
-        };
-        metrics::counter!("relay_edge_upstream_attempts_total", "deployment" => dep.id.clone(), "result" => label)
-            .increment(1);
-        match result {
-            Ok(v) => return Ok(v),
-            Err(e)
-                if e.code.is_retryable() && i + 1 < candidates.len() && !edge.inner.selector.may_retry() =>
-            {
-                metrics::counter!("relay_edge_retry_budget_exhausted_total").increment(1);
-                tracing::warn!(deployment = %dep.id, "retry budget spent: not failing over");
-                return Err(e);
-            }
-            Err(e) if e.code.is_retryable() && i + 1 < candidates.len() => {
-                metrics::counter!("relay_edge_failover_total", "code" => e.code.as_str()).increment(1);
-                tracing::warn!(deployment = %dep.id, code = e.code.as_str(), "deployment failed before first byte; trying next");
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Err(RelayError::new(ErrorCode::Unavailable, "no deployment is available for this model"))
 }
 
 /// The reservation a request holds while it runs: every input byte may be a token (byte-level BPE

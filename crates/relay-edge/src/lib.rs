@@ -5,11 +5,13 @@
 //! Every failure is answered in the client protocol's error shape. What does not belong here: protocol
 //! conversion (adapter), key storage (auth), route selection (routing), recording usage (billing).
 
+pub mod admin;
 mod answer;
 mod cache;
 mod chat;
 mod dispatch;
 mod error;
+mod failover;
 pub mod principal;
 mod request;
 mod routes;

@@ -16,9 +16,10 @@ use crate::Edge;
 use crate::chat;
 use crate::dispatch::{
     Order, admission, admit, billable, check_end_user, ensure_allowed, read_json, required_model, resident,
-    route, served_headers, with_failover,
+    route, served_headers,
 };
 use crate::error::{Inbound, OpenAiError};
+use crate::failover::with_failover;
 use crate::request::{self, RequestCtx};
 use crate::usage::UsageRecord;
 
@@ -155,7 +156,7 @@ async fn embed(
     let lease = admission(ctx, p, bytes.len(), Some(0), &candidates);
     admit(edge, rec, lease).await.map_err(|d| d.error)?;
     let strategy = relay_select::Strategy::parse(&route.strategy).unwrap_or_default();
-    let order = Order { strategy, tokens: (bytes.len() as u64 / 4, 0), session: None };
+    let order = Order { strategy, tokens: (bytes.len() as u64 / 4, 0), ..Default::default() }.hedging(&route);
     with_failover(edge, &candidates, order, Some(rec), |dep| {
         let req = EmbedRequest {
             request_id: ctx.request_id.clone(),

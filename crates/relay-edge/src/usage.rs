@@ -38,8 +38,14 @@ pub struct UsageRecord {
     output_seen: u64,
     /// An upstream accepted the request (its `Start` arrived).
     upstream_started: bool,
-    /// When the latest attempt began.
-    attempt_started: Option<Instant>,
+    /// When each attempt began (by its index in the attempt log).
+    attempt_started: Vec<Instant>,
+    /// The attempt that answered (its tokens are the event's).
+    served: Option<usize>,
+    /// Attempts started and not yet ended (a hedge race in progress).
+    running: Vec<usize>,
+    /// Upstream account leases (deployment RPM/TPM), settled with the request's real tokens.
+    upstream_leases: Vec<(usize, Admission)>,
 }
 
 impl UsageRecord {
@@ -67,7 +73,10 @@ impl UsageRecord {
             countable: None,
             output_seen: 0,
             upstream_started: false,
-            attempt_started: None,
+            attempt_started: Vec::new(),
+            served: None,
+            running: Vec::new(),
+            upstream_leases: Vec::new(),
         }
     }
 
@@ -83,17 +92,46 @@ impl UsageRecord {
         self.upstream_started = true;
     }
 
-    /// How the latest attempt ended: answered (`None`) or failed before its first byte.
-    pub fn attempt_ended(&mut self, failure: Option<&RelayError>) {
-        let took = self.attempt_started.take().map_or(0, elapsed_ms);
-        if let Some(a) = self.event.attempt_log.last_mut() {
-            a.duration_ms = took;
-            a.answered = failure.is_none();
-            if let Some(e) = failure {
+    /// How attempt `i` ended: answered (`None`; it now serves the request) or failed before its first
+    /// byte.
+    pub fn attempt_ended(&mut self, i: usize, failure: Option<&RelayError>) {
+        let took = self.attempt_started.get(i).copied().map_or(0, elapsed_ms);
+        self.running.retain(|r| *r != i);
+        let Some(a) = self.event.attempt_log.get_mut(i) else { return };
+        a.duration_ms = took;
+        a.answered = failure.is_none();
+        match failure {
+            Some(e) => {
                 a.error_code = e.code.to_pb() as i32;
                 a.upstream_status = e.upstream_status.map_or(0, u32::from);
             }
+            None => self.served = Some(i),
         }
+    }
+
+    /// Attempt `i` lost a hedge race and was cancelled: the provider may bill its input (`input_estimate`
+    /// tokens), which is hedge overhead, recorded on the attempt and never charged to the caller.
+    pub fn hedge_lost(&mut self, i: usize, input_estimate: u64) {
+        let took = self.attempt_started.get(i).copied().map_or(0, elapsed_ms);
+        self.running.retain(|r| *r != i);
+        if let Some(a) = self.event.attempt_log.get_mut(i) {
+            a.duration_ms = took;
+            a.hedge_lost = true;
+            a.input_tokens = input_estimate;
+            a.error_code = ErrorCode::Cancelled.to_pb() as i32;
+        }
+        metrics::counter!("relay_edge_hedge_overhead_tokens_total").increment(input_estimate);
+    }
+
+    /// The deployment the answer now comes from (the winner of a hedge race).
+    pub fn serving(&mut self, d: &Deployment) {
+        if let Some(c) = self.countable.as_mut() {
+            c.deployment = Some(d.clone());
+        }
+        self.event.deployment_id = d.id.clone();
+        self.event.provider = d.provider.clone();
+        self.event.upstream_model = d.upstream_model.clone();
+        self.price = d.price.clone();
     }
 
     /// The deployment that served the request (the last one tried) and how many were tried, for the
@@ -112,22 +150,43 @@ impl UsageRecord {
         self.output_seen = self.output_seen.max(output_tokens);
     }
 
-    pub fn attempt(&mut self, d: &Deployment) {
-        if let Some(c) = self.countable.as_mut() {
-            c.deployment = Some(d.clone());
-        }
-        self.attempt_started = Some(Instant::now());
+    /// A new attempt on `d` (`hedge`: started while an earlier one was still waiting); returns its index.
+    /// Until one answers, the latest attempt is the one the request is billed to.
+    pub fn attempt(&mut self, d: &Deployment, hedge: bool) -> usize {
+        self.attempt_started.push(Instant::now());
         self.event.attempt_log.push(relay_core::pb::events::v1::Attempt {
             deployment_id: d.id.clone(),
             provider: d.provider.clone(),
             upstream_model: d.upstream_model.clone(),
+            hedge,
             ..Default::default()
         });
         self.event.attempts += 1;
-        self.event.deployment_id = d.id.clone();
-        self.event.provider = d.provider.clone();
-        self.event.upstream_model = d.upstream_model.clone();
-        self.price = d.price.clone();
+        self.running.push(self.event.attempt_log.len() - 1);
+        if self.served.is_none() {
+            self.serving(d);
+        }
+        self.event.attempt_log.len() - 1
+    }
+
+    /// Attempts started and not ended yet.
+    pub fn attempts_running(&self) -> Vec<usize> {
+        self.running.clone()
+    }
+
+    pub fn request_id(&self) -> &str {
+        &self.event.request_id
+    }
+
+    /// A lease on the upstream RPM/TPM of the deployment about to be attempted, settled with this
+    /// request's tokens when it ends.
+    pub fn hold_upstream(&mut self, lease: Admission) {
+        self.upstream_leases.push((self.event.attempt_log.len(), lease));
+    }
+
+    /// Input tokens estimated from the body (every 4 bytes a token), for overhead a provider may bill.
+    pub fn input_estimate(&self) -> u64 {
+        self.body_bytes.div_ceil(4)
     }
 
     /// The limits reservation this request holds; settled with real usage when it ends.
@@ -189,7 +248,8 @@ impl UsageRecord {
         let (sink, limiter) =
             (self.edge.inner.services.usage.clone(), self.edge.inner.services.limiter.clone());
         let adapter = self.edge.inner.services.adapter.clone();
-        let (lease, price) = (self.lease.take(), self.price.take());
+        let (lease, price, served) = (self.lease.take(), self.price.take(), self.served);
+        let upstream_leases = std::mem::take(&mut self.upstream_leases);
         self.edge.inner.background.spawn(async move {
             if let Some((countable, body_bytes, output)) = count {
                 let (input, source) = count_input(adapter.as_ref(), countable, body_bytes).await;
@@ -202,11 +262,20 @@ impl UsageRecord {
                 });
             }
             let usage = event.usage.unwrap_or_default();
+            if let Some(a) = served.and_then(|i| event.attempt_log.get_mut(i)) {
+                a.input_tokens = usage.input_tokens;
+                a.output_tokens = usage.output_tokens;
+            }
             let cost = price.as_ref().map_or(0, |p| relay_core::cost_micros(&usage, p));
             let currency = price.as_ref().map_or_else(|| "USD".to_owned(), |p| p.currency.clone());
             event.cost = Some(Money { micros: cost, currency });
             if let Some(lease) = lease {
                 limiter.settle(&lease, usage.input_tokens + usage.output_tokens, cost).await;
+            }
+            for (i, lease) in &upstream_leases {
+                // The serving attempt's lease holds the answer's tokens; the others' only their input.
+                let tokens = if Some(*i) == served { usage.input_tokens + usage.output_tokens } else { 0 };
+                limiter.settle(lease, tokens, 0).await;
             }
             publish(sink.as_ref(), event).await
         });

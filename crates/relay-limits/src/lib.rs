@@ -98,6 +98,7 @@ pub(crate) fn scope_name(s: &Scope) -> String {
         ScopeKind::Key => "key",
         ScopeKind::Team => "team",
         ScopeKind::Org => "org",
+        ScopeKind::Deployment => "deployment",
         ScopeKind::Unspecified => "scope",
     };
     format!("{kind}:{}", s.id)

@@ -3,8 +3,17 @@
 //! A public model name maps to an ordered list of deployments (provider + upstream model name). The edge
 //! tries them in order and moves on only on a retryable failure before the first byte. Strategies (cost,
 //! latency, health, weights) plug in here; credentials and protocols do not (they belong to the adapter).
+//!
+//! A model group answers with its deployments and then those of its fallback groups (each tagged with
+//! its group), its strategy, timeouts and hedging delay. Operators change weights, strategies and drain
+//! deployments at runtime ([`overrides`], stored in the database and reloaded every `refresh_ms`); the
+//! edge orders each request's candidates itself (relay-select), from this answer and the health it sees.
+
+pub mod admin;
+pub mod overrides;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use relay_core::contracts::{Result, Router};
 use relay_core::pb::common::v1::DisconnectPolicy;
@@ -20,12 +29,14 @@ use serde::Deserialize;
 pub struct RoutingConfig {
     /// How long an edge may reuse a routing answer.
     pub cache_ttl_ms: u32,
+    /// How often runtime changes (admin API, `relay routing`) are reloaded from the database.
+    pub refresh_ms: u64,
     pub models: Vec<ModelConfig>,
 }
 
 impl Default for RoutingConfig {
     fn default() -> Self {
-        Self { cache_ttl_ms: 1000, models: Vec::new() }
+        Self { cache_ttl_ms: 1000, refresh_ms: 1000, models: Vec::new() }
     }
 }
 
@@ -52,6 +63,14 @@ pub struct ModelConfig {
     /// deployment has a weight), `priority`, `cost` (cheapest for the request first), `latency`.
     #[serde(default)]
     pub strategy: Option<String>,
+    /// Other model groups tried, in order, once every deployment of this one failed, was isolated or
+    /// was at its upstream rate limit (e.g. `gpt-4o` → `["claude-sonnet"]`).
+    #[serde(default)]
+    pub fallbacks: Vec<String>,
+    /// Hedging (opt-in): no answer from the first attempt after this many ms starts a second one on the
+    /// next deployment; the first to answer wins and the other is cancelled (its cost is hedge overhead).
+    #[serde(default)]
+    pub hedge_after_ms: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
@@ -108,6 +127,13 @@ pub struct DeploymentConfig {
     /// Answer length assumed when a request sets no limit (bounds budget and token reservations).
     #[serde(default = "default_max_output")]
     pub max_output_tokens: u64,
+    /// The upstream account's limits for this deployment (requests and tokens per minute), counted
+    /// across every replica: at its limit the deployment is skipped (the next one, or a fallback group,
+    /// serves) instead of earning a 429.
+    #[serde(default)]
+    pub rpm: Option<u32>,
+    #[serde(default)]
+    pub tpm: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -139,7 +165,32 @@ impl RoutingConfig {
                 errors.push(format!("{at}: name must be non-empty and unique"));
             }
             if m.strategy.as_deref().is_some_and(|s| relay_select::Strategy::parse(s).is_none()) {
-                errors.push(format!("{at}.strategy: must be weighted, priority, cost or latency"));
+                errors.push(format!("{at}.strategy: must be one of {}", relay_select::Strategy::NAMES));
+            }
+            if m.hedge_after_ms.is_some_and(|ms| ms == 0 || ms > 600_000) {
+                errors.push(format!("{at}.hedge_after_ms: 1..=600000"));
+            }
+            for f in &m.fallbacks {
+                match self.models.iter().find(|o| o.name == *f) {
+                    None => errors.push(format!("{at}.fallbacks: unknown model group `{f}`")),
+                    Some(_) if *f == m.name => {
+                        errors.push(format!("{at}.fallbacks: a group cannot fall back to itself"))
+                    }
+                    Some(o) if o.kind != m.kind => {
+                        errors.push(format!("{at}.fallbacks: `{f}` serves another kind of model"))
+                    }
+                    Some(_) => {}
+                }
+            }
+            let mut ids = std::collections::HashSet::new();
+            for (j, d) in m.deployments.iter().enumerate() {
+                if !ids.insert((&d.provider, &d.model)) {
+                    errors
+                        .push(format!("{at}.deployments[{j}]: `{}@{}` is listed twice", d.model, d.provider));
+                }
+                if d.rpm == Some(0) || d.tpm == Some(0) {
+                    errors.push(format!("{at}.deployments[{j}]: rpm and tpm must be at least 1 when set"));
+                }
             }
             if m.deployments.is_empty() {
                 errors.push(format!("{at}: needs at least one deployment"));
@@ -177,12 +228,30 @@ struct Model {
     on_disconnect: DisconnectPolicy,
     timeouts: Timeouts,
     strategy: String,
+    fallbacks: Vec<String>,
+    hedge_after_ms: u32,
 }
 
 pub struct RoutingService {
     cache_ttl_ms: u32,
+    refresh: std::time::Duration,
     models: HashMap<String, Model>,
     order: Vec<String>,
+    /// Runtime changes in force (from the database; none without one).
+    overrides: std::sync::RwLock<Arc<overrides::Overrides>>,
+    store: Option<overrides::OverrideStore>,
+}
+
+/// The configured deployments with the runtime changes applied: drained ones left out, weights replaced.
+fn effective(candidates: &[Deployment], o: &overrides::Overrides) -> Vec<Deployment> {
+    candidates
+        .iter()
+        .filter_map(|d| match o.deployments.get(&d.id) {
+            None => Some(d.clone()),
+            Some(c) if c.enabled == Some(false) => None,
+            Some(c) => Some(Deployment { weight: c.weight.unwrap_or(d.weight), ..d.clone() }),
+        })
+        .collect()
 }
 
 impl RoutingService {
@@ -222,6 +291,9 @@ impl RoutingService {
                     max_output_tokens: d.max_output_tokens,
                     free: d.free,
                     region: d.region.clone().unwrap_or_default(),
+                    group: m.name.clone(),
+                    requests_per_minute: d.rpm.unwrap_or(0),
+                    tokens_per_minute: d.tpm.unwrap_or(0),
                 })
                 .collect();
             let kind = match m.kind {
@@ -239,10 +311,81 @@ impl RoutingService {
             let strategy = m.strategy.clone().unwrap_or_default();
             models.insert(
                 m.name.clone(),
-                Model { info, candidates, on_disconnect, timeouts: m.timeouts, strategy },
+                Model {
+                    info,
+                    candidates,
+                    on_disconnect,
+                    timeouts: m.timeouts,
+                    strategy,
+                    fallbacks: m.fallbacks.clone(),
+                    hedge_after_ms: m.hedge_after_ms.unwrap_or(0),
+                },
             );
         }
-        Self { cache_ttl_ms: cfg.cache_ttl_ms, models, order }
+        Self {
+            cache_ttl_ms: cfg.cache_ttl_ms,
+            refresh: std::time::Duration::from_millis(cfg.refresh_ms.max(100)),
+            models,
+            order,
+            overrides: Default::default(),
+            store: None,
+        }
+    }
+
+    /// As [`Self::new`], applying the runtime changes stored in `db` (loaded now, then every `refresh_ms`
+    /// through [`Self::follow`]).
+    pub async fn with_store(cfg: &RoutingConfig, db: relay_db::Db) -> anyhow::Result<Self> {
+        let mut s = Self::new(cfg);
+        s.store = Some(overrides::OverrideStore::new(db));
+        s.refresh().await?;
+        Ok(s)
+    }
+
+    pub fn store(&self) -> Option<&overrides::OverrideStore> {
+        self.store.as_ref()
+    }
+
+    /// Reloads the runtime changes from the database.
+    pub async fn refresh(&self) -> anyhow::Result<()> {
+        let Some(store) = &self.store else { return Ok(()) };
+        let fresh = store.load().await?;
+        let mut current = self.overrides.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if **current != fresh {
+            tracing::info!(
+                deployments = fresh.deployments.len(),
+                models = fresh.models.len(),
+                "routing overrides changed"
+            );
+            *current = Arc::new(fresh);
+        }
+        Ok(())
+    }
+
+    /// Reloads the runtime changes every `refresh_ms` until `stop`; a database outage keeps the last ones.
+    pub async fn follow(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(self.refresh);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.refresh().await {
+                tracing::warn!(error = %e, "could not reload routing overrides; keeping the last ones");
+            }
+        }
+    }
+
+    pub fn has_model(&self, name: &str) -> bool {
+        self.models.contains_key(name)
+    }
+
+    pub fn has_deployment(&self, id: &str) -> bool {
+        self.models.values().any(|m| m.candidates.iter().any(|d| d.id == id))
+    }
+
+    fn current(&self) -> Arc<overrides::Overrides> {
+        self.overrides.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 }
 
@@ -253,14 +396,29 @@ impl Router for RoutingService {
             RelayError::new(ErrorCode::ModelNotFound, format!("The model `{}` does not exist.", req.model))
                 .with_param("model")
         })?;
+        let o = self.current();
+        let mut candidates = effective(&model.candidates, &o);
+        if candidates.is_empty() {
+            return Err(RelayError::new(
+                ErrorCode::Unavailable,
+                format!("Every deployment of the model `{}` is drained by the operator.", req.model),
+            ));
+        }
+        for f in &model.fallbacks {
+            if let Some(fallback) = self.models.get(f) {
+                candidates.extend(effective(&fallback.candidates, &o));
+            }
+        }
+        let changed = o.models.get(&req.model);
         Ok(RouteResponse {
-            candidates: model.candidates.clone(),
+            candidates,
             cache_ttl_ms: self.cache_ttl_ms,
             on_disconnect: model.on_disconnect as i32,
             first_byte_timeout_ms: model.timeouts.first_byte_ms,
             idle_timeout_ms: model.timeouts.idle_ms,
             total_timeout_ms: model.timeouts.total_ms,
-            strategy: model.strategy.clone(),
+            strategy: changed.and_then(|c| c.strategy.clone()).unwrap_or_else(|| model.strategy.clone()),
+            hedge_after_ms: changed.and_then(|c| c.hedge_after_ms).unwrap_or(model.hedge_after_ms),
         })
     }
 
@@ -284,9 +442,12 @@ mod tests {
             free: false,
             region: None,
             max_output_tokens: 4096,
+            rpm: None,
+            tpm: None,
         };
         RoutingConfig {
             cache_ttl_ms: 500,
+            refresh_ms: 1000,
             models: vec![
                 ModelConfig {
                     name: "b".into(),
@@ -296,6 +457,8 @@ mod tests {
                     on_disconnect: None,
                     timeouts: Timeouts::default(),
                     strategy: None,
+                    fallbacks: vec![],
+                    hedge_after_ms: None,
                 },
                 ModelConfig {
                     name: "a".into(),
@@ -305,6 +468,8 @@ mod tests {
                     on_disconnect: Some(OnDisconnect::Cancel),
                     timeouts: Timeouts::default(),
                     strategy: Some("cost".into()),
+                    fallbacks: vec![],
+                    hedge_after_ms: None,
                 },
             ],
         }

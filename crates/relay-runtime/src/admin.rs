@@ -43,3 +43,48 @@ pub fn bearer_matches(headers: &axum::http::HeaderMap, token: &str) -> bool {
         .unwrap_or("");
     bool::from(subtle::ConstantTimeEq::ct_eq(presented.as_bytes(), token.as_bytes()))
 }
+
+/// An admin API failure, answered as an OpenAI-shaped error body with the code's HTTP status. Storage
+/// errors become a generic 503: the cause is logged here, never sent.
+#[derive(Debug)]
+pub struct ApiError(pub relay_core::RelayError);
+
+impl axum::response::IntoResponse for ApiError {
+    fn into_response(self) -> axum::response::Response {
+        let status = StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, axum::Json(self.0.openai_body())).into_response()
+    }
+}
+
+impl From<relay_core::RelayError> for ApiError {
+    fn from(e: relay_core::RelayError) -> Self {
+        Self(e)
+    }
+}
+
+impl ApiError {
+    /// A storage failure of `what` (e.g. "key storage"): logged, answered 503.
+    pub fn storage(what: &str, e: &anyhow::Error) -> Self {
+        tracing::error!(error = %e, "admin API: {what} failed");
+        Self(relay_core::RelayError::new(
+            relay_core::ErrorCode::Unavailable,
+            format!("{what} is unavailable"),
+        ))
+    }
+
+    pub fn bad_request(msg: impl Into<String>) -> Self {
+        Self(relay_core::RelayError::invalid_request(msg))
+    }
+
+    /// `Authorization: Bearer <token>` or 401.
+    pub fn check_bearer(headers: &axum::http::HeaderMap, token: &str) -> Result<(), Self> {
+        if bearer_matches(headers, token) {
+            Ok(())
+        } else {
+            Err(Self(relay_core::RelayError::new(
+                relay_core::ErrorCode::Unauthenticated,
+                "Invalid admin token.",
+            )))
+        }
+    }
+}

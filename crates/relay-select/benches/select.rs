@@ -21,7 +21,13 @@ fn main() {
             ..Default::default()
         })
         .collect();
-    for strategy in [Strategy::Weighted, Strategy::CostFirst, Strategy::LeastLatency] {
+    for strategy in [
+        Strategy::Weighted,
+        Strategy::CostFirst,
+        Strategy::LeastLatency,
+        Strategy::Balanced,
+        Strategy::Headroom,
+    ] {
         let n = 1_000_000;
         let t = Instant::now();
         for _ in 0..n {

@@ -12,6 +12,14 @@
 //!   closes the breaker, a failure re-opens it. Isolated deployments are tried only when nothing else is
 //!   left. Caller errors (400s) say nothing about a deployment's health.
 //!
+//! - **Passive health** ([`stats`]): every answer's time and every failure feed a moving average, a
+//!   sliding-window p95 and an error rate per deployment; in the default strategy a deployment keeps
+//!   its weight up to twice the group's best p95 and loses it with the square of the ratio beyond (and
+//!   with its error rate), so a slowing deployment loses traffic before it fails.
+//! - **Model groups**: candidates arrive grouped (the requested group, then its fallback groups); each
+//!   group is ordered on its own and a fallback group is tried only after the healthy deployments of the
+//!   groups before it.
+//!
 //! What does not belong here: IO, which deployments exist (routing), credentials (adapter).
 
 use std::collections::HashMap;
@@ -21,6 +29,9 @@ use std::time::{Duration, Instant};
 
 use relay_core::ErrorCode;
 use relay_core::pb::routing::v1::Deployment;
+
+pub mod stats;
+use stats::{Stats, health_factor};
 
 /// Breaker settings.
 #[derive(Debug, Clone, Copy)]
@@ -39,27 +50,50 @@ impl Default for BreakerConfig {
 /// How a model group orders its healthy deployments for one request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Strategy {
-    /// Weighted random by `weight` (the order given when no candidate has a weight).
+    /// Weighted random by `weight` scaled by health (the order given when no candidate has a weight,
+    /// with markedly slow or failing deployments moved behind the others).
     #[default]
     Weighted,
-    /// The order given: the first is the primary, the rest fallbacks.
+    /// The order given, strictly: the first is the primary, the rest fallbacks (breakers still apply).
     Priority,
     /// Cheapest first for this request's token estimate (unpriced deployments last).
     CostFirst,
-    /// Fastest first: lowest moving average of time to accept (untried deployments first, to learn).
+    /// Fastest first: mean of the moving average and the p95 of time to answer (untried first, to learn).
     LeastLatency,
+    /// Lowest score first: `0.35 × cost + 0.35 × latency + 0.2 × error rate + 0.1 × (1 − headroom)`, cost
+    /// and latency as shares of the group's highest (unknown latency = 0, unpriced = 1).
+    Balanced,
+    /// Most headroom on the upstream account's RPM/TPM first (in tenths; weighted among equals).
+    Headroom,
 }
 
 impl Strategy {
-    /// `weighted`, `priority`, `cost`, `latency` (the `x-relay-strategy` header and the config).
+    /// Every name [`Self::parse`] accepts, for error messages.
+    pub const NAMES: &'static str = "weighted, priority, cost, latency, balanced, headroom";
+
+    /// `weighted`, `priority`, `cost`, `latency`, `balanced`, `headroom` (the `x-relay-strategy` header,
+    /// a key's strategy and the config).
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "weighted" => Self::Weighted,
             "priority" => Self::Priority,
             "cost" | "cost-first" => Self::CostFirst,
             "latency" | "least-latency" => Self::LeastLatency,
+            "balanced" => Self::Balanced,
+            "headroom" => Self::Headroom,
             _ => return None,
         })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Weighted => "weighted",
+            Self::Priority => "priority",
+            Self::CostFirst => "cost",
+            Self::LeastLatency => "latency",
+            Self::Balanced => "balanced",
+            Self::Headroom => "headroom",
+        }
     }
 }
 
@@ -134,8 +168,8 @@ const RETRY_BURST: f64 = 20.0;
 pub struct Selector {
     cfg: BreakerConfig,
     health: Mutex<HashMap<String, Health>>,
-    /// Moving average of time to accept, per deployment (milliseconds).
-    latency: Mutex<HashMap<String, f64>>,
+    /// Passive health per deployment.
+    stats: Mutex<HashMap<String, Stats>>,
     seed: AtomicU64,
     /// Retries left in the budget, in thousandths (lock-free).
     retry_budget: AtomicU64,
@@ -175,6 +209,33 @@ impl Transition {
     }
 }
 
+/// One deployment's health as this process sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthView {
+    /// `closed`, `open` or `half_open`.
+    pub breaker: &'static str,
+    pub consecutive_failures: u32,
+    pub latency_ewma_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
+    pub error_rate: f64,
+    pub headroom: f64,
+    pub attempts: u64,
+    pub failures: u64,
+}
+
+struct GroupOrder<'a> {
+    stats: &'a HashMap<String, Stats>,
+    now: Instant,
+    strategy: Strategy,
+    tokens: (u64, u64),
+    out: &'a mut Vec<Deployment>,
+    isolated: &'a mut Vec<Deployment>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// What a breaker says about a deployment right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Availability {
@@ -194,7 +255,7 @@ impl Selector {
         Self {
             cfg,
             health: Mutex::new(HashMap::new()),
-            latency: Mutex::new(HashMap::new()),
+            stats: Mutex::new(HashMap::new()),
             seed: AtomicU64::new(seed),
             retry_budget: AtomicU64::new(full),
         }
@@ -254,9 +315,11 @@ impl Selector {
     ) -> Vec<Deployment> {
         let (mut out, healthy) = self.ordered(candidates, strategy, tokens);
         let Some(session) = session else { return out };
+        let group = candidates.first().map(|d| d.group.as_str()).unwrap_or_default();
         let best = out[..healthy]
             .iter()
             .enumerate()
+            .filter(|(_, d)| d.group == group)
             .max_by(|(_, a), (_, b)| rendezvous(session, a).total_cmp(&rendezvous(session, b)))
             .map(|(i, _)| i);
         if let Some(i) = best {
@@ -287,68 +350,116 @@ impl Selector {
             return (candidates.to_vec(), candidates.len());
         }
         let now = Instant::now();
-        let (mut probes, mut available, mut isolated) = (Vec::new(), Vec::new(), Vec::new());
-        {
-            let mut health = self.health.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            for d in candidates {
-                match self.availability(&mut health, &d.id, now) {
-                    Availability::Healthy => available.push(d),
-                    Availability::Probe => probes.push(d),
-                    Availability::Isolated => isolated.push(d),
-                }
+        let availability: Vec<Availability> = {
+            let mut health = lock(&self.health);
+            candidates.iter().map(|d| self.availability(&mut health, &d.id, now)).collect()
+        };
+        let stats = lock(&self.stats);
+        let (mut out, mut isolated) = (Vec::with_capacity(candidates.len()), Vec::new());
+        // Each model group on its own, in the order routing gave the groups.
+        let mut start = 0;
+        while start < candidates.len() {
+            let group = &candidates[start].group;
+            let len = candidates[start..].iter().take_while(|d| d.group == *group).count();
+            let end = start + len;
+            let mut ctx =
+                GroupOrder { stats: &stats, now, strategy, tokens, out: &mut out, isolated: &mut isolated };
+            self.order_group(&candidates[start..end], &availability[start..end], &mut ctx);
+            start = end;
+        }
+        drop(stats);
+        let healthy = out.len();
+        out.extend(isolated);
+        (out, healthy)
+    }
+
+    fn order_group(&self, group: &[Deployment], availability: &[Availability], ctx: &mut GroupOrder<'_>) {
+        let mut available: Vec<(&Deployment, &Stats)> = Vec::with_capacity(group.len());
+        let fresh = Stats::default();
+        for (d, a) in group.iter().zip(availability) {
+            match a {
+                Availability::Probe => ctx.out.push(d.clone()),
+                Availability::Isolated => ctx.isolated.push(d.clone()),
+                Availability::Healthy => available.push((d, ctx.stats.get(&d.id).unwrap_or(&fresh))),
             }
         }
-        let mut out: Vec<Deployment> = probes.into_iter().cloned().collect();
-        match strategy {
-            Strategy::Weighted => {}
+        let now = ctx.now;
+        let best_p95 = available.iter().filter_map(|(_, s)| s.p95(now)).min_by(f64::total_cmp);
+        let factor = |s: &Stats| health_factor(s.p95(now), best_p95, s.error_rate);
+        match ctx.strategy {
             Strategy::Priority => {}
-            Strategy::CostFirst => available.sort_by_key(|d| cost_of(d, tokens)),
-            Strategy::LeastLatency => {
-                let lat = self.latency.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                available.sort_by(|a, b| {
-                    let (x, y) =
-                        (lat.get(&a.id).copied().unwrap_or(0.0), lat.get(&b.id).copied().unwrap_or(0.0));
-                    x.total_cmp(&y)
-                });
+            Strategy::CostFirst => available.sort_by_key(|(d, _)| cost_of(d, ctx.tokens)),
+            Strategy::LeastLatency => available.sort_by(|(_, a), (_, b)| {
+                a.latency_score(now).unwrap_or(0.0).total_cmp(&b.latency_score(now).unwrap_or(0.0))
+            }),
+            Strategy::Balanced => {
+                let max_cost =
+                    available.iter().map(|(d, _)| cost_of(d, ctx.tokens)).filter(|c| *c < i128::MAX).max();
+                let max_lat = available.iter().filter_map(|(_, s)| s.latency_score(now)).fold(0.0, f64::max);
+                let score = |d: &Deployment, s: &Stats| {
+                    let cost = match (cost_of(d, ctx.tokens), max_cost) {
+                        (i128::MAX, _) => 1.0,
+                        (c, Some(m)) if m > 0 => c as f64 / m as f64,
+                        _ => 0.0,
+                    };
+                    let lat = match s.latency_score(now) {
+                        Some(l) if max_lat > 0.0 => l / max_lat,
+                        _ => 0.0,
+                    };
+                    0.35 * cost + 0.35 * lat + 0.2 * s.error_rate + 0.1 * (1.0 - s.headroom)
+                };
+                available.sort_by(|(a, sa), (b, sb)| score(a, sa).total_cmp(&score(b, sb)));
+            }
+            Strategy::Headroom => {
+                let drawn = self.weighted_draw(
+                    available.iter().map(|(d, s)| (*d, *s, f64::from(d.weight.max(1)))).collect(),
+                );
+                available = drawn;
+                available.sort_by_key(|(_, s)| std::cmp::Reverse((s.headroom * 10.0).round() as i64));
+            }
+            Strategy::Weighted if group.iter().all(|d| d.weight == 0) => {
+                // Config order, but a deployment that kept under a quarter of its weight goes last.
+                available.sort_by_key(|(_, s)| factor(s) < 0.25);
+            }
+            Strategy::Weighted => {
+                available = self.weighted_draw(
+                    available.iter().map(|(d, s)| (*d, *s, f64::from(d.weight.max(1)) * factor(s))).collect(),
+                );
             }
         }
-        if strategy != Strategy::Weighted || candidates.iter().all(|d| d.weight == 0) {
-            out.extend(available.into_iter().cloned());
-            let healthy = out.len();
-            out.extend(isolated.into_iter().cloned());
-            return (out, healthy);
-        }
-        // Weighted draw without replacement (an unweighted candidate among weighted ones counts as 1).
-        while !available.is_empty() {
-            let total: f64 = available.iter().map(|d| f64::from(d.weight.max(1))).sum();
+        ctx.out.extend(available.into_iter().map(|(d, _)| d.clone()));
+    }
+
+    /// Weighted draw without replacement.
+    fn weighted_draw<'a>(
+        &self,
+        mut left: Vec<(&'a Deployment, &'a Stats, f64)>,
+    ) -> Vec<(&'a Deployment, &'a Stats)> {
+        let mut out = Vec::with_capacity(left.len());
+        while !left.is_empty() {
+            let total: f64 = left.iter().map(|(_, _, w)| w).sum();
             let mut at = self.unit() * total;
-            let mut pick = available.len() - 1;
-            for (i, d) in available.iter().enumerate() {
-                at -= f64::from(d.weight.max(1));
+            let mut pick = left.len() - 1;
+            for (i, (_, _, w)) in left.iter().enumerate() {
+                at -= w;
                 if at < 0.0 {
                     pick = i;
                     break;
                 }
             }
-            out.push(available.swap_remove(pick).clone());
+            let (d, s, _) = left.swap_remove(pick);
+            out.push((d, s));
         }
-        let healthy = out.len();
-        out.extend(isolated.into_iter().cloned());
-        (out, healthy)
+        out
     }
 
     /// Feeds one attempt's outcome into the deployment's breaker; returns the state change, if any, for
     /// the other replicas.
     pub fn record(&self, deployment_id: &str, outcome: Outcome) -> Option<Transition> {
-        let mut health = self.health.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut health = lock(&self.health);
         match outcome {
             Outcome::Answered { latency } => {
-                const ALPHA: f64 = 0.3;
-                let ms = latency.as_secs_f64() * 1000.0;
-                let mut lat = self.latency.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                let e = lat.entry(deployment_id.to_owned()).or_insert(ms);
-                *e = ALPHA * ms + (1.0 - ALPHA) * *e;
-                drop(lat);
+                self.with_stats(deployment_id, |s| s.answered(latency, Instant::now()));
                 let was_open = health.remove(deployment_id).is_some_and(|h| h.state != State::Closed);
                 was_open.then_some(Transition::Closed)
             }
@@ -357,6 +468,7 @@ impl Selector {
                 if !(code.is_retryable() || credential) {
                     return None;
                 }
+                self.with_stats(deployment_id, Stats::failed);
                 let h = health.entry(deployment_id.to_owned()).or_insert(Health {
                     state: State::Closed,
                     consecutive_failures: 0,
@@ -377,9 +489,50 @@ impl Selector {
         }
     }
 
+    fn with_stats(&self, id: &str, f: impl FnOnce(&mut Stats)) {
+        let mut stats = lock(&self.stats);
+        match stats.get_mut(id) {
+            Some(s) => f(s),
+            None => f(stats.entry(id.to_owned()).or_default()),
+        }
+    }
+
+    /// The share of a deployment's upstream RPM/TPM left after an admission (0..1), for `headroom`.
+    pub fn note_headroom(&self, deployment_id: &str, left: f64) {
+        self.with_stats(deployment_id, |s| s.headroom = left.clamp(0.0, 1.0));
+    }
+
+    /// What this process knows about a deployment's health, for the admin API.
+    pub fn health(&self, deployment_id: &str) -> HealthView {
+        let now = Instant::now();
+        let breaker = match lock(&self.health).get(deployment_id).map(|h| (h.state, h.consecutive_failures)) {
+            None => ("closed", 0),
+            Some((State::Closed, n)) => ("closed", n),
+            Some((State::Open { until }, n)) if now < until => ("open", n),
+            Some((_, n)) => ("half_open", n),
+        };
+        let stats = lock(&self.stats);
+        let s = stats.get(deployment_id).cloned().unwrap_or_default();
+        HealthView {
+            breaker: breaker.0,
+            consecutive_failures: breaker.1,
+            latency_ewma_ms: s.ewma_ms,
+            p95_ms: s.p95(now),
+            error_rate: s.error_rate,
+            headroom: s.headroom,
+            attempts: s.requests,
+            failures: s.failures,
+        }
+    }
+
+    /// Failovers the retry budget allows right now.
+    pub fn retry_budget_left(&self) -> f64 {
+        self.retry_budget.load(Ordering::Relaxed) as f64 / 1000.0
+    }
+
     /// Applies a state change another replica saw, so every replica isolates (and readmits) together.
     pub fn apply(&self, deployment_id: &str, t: Transition) {
-        let mut health = self.health.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut health = lock(&self.health);
         match t {
             Transition::Closed => {
                 health.remove(deployment_id);
@@ -399,168 +552,4 @@ impl Selector {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn dep(id: &str, weight: u32) -> Deployment {
-        Deployment { id: id.into(), weight, ..Default::default() }
-    }
-
-    fn fail(s: &Selector, id: &str) {
-        let _ = s
-            .record(id, Outcome::Failed { code: ErrorCode::UpstreamServerError, upstream_status: Some(500) });
-    }
-
-    #[test]
-    fn cost_first_and_least_latency_follow_prices_and_latency() {
-        use relay_core::pb::routing::v1::Price;
-        let priced = |id: &str, input: i64, output: i64| Deployment {
-            price: Some(Price {
-                input_per_mtok_micros: input,
-                output_per_mtok_micros: output,
-                ..Default::default()
-            }),
-            ..dep(id, 1)
-        };
-        let s = Selector::default();
-        let c = [priced("dear", 10, 10), priced("cheap-in", 1, 30), dep("unpriced", 1)];
-        let ids = |v: Vec<Deployment>| v.into_iter().map(|d| d.id).collect::<Vec<_>>();
-        assert_eq!(ids(s.order_by(&c, Strategy::CostFirst, (1000, 10))), ["cheap-in", "dear", "unpriced"]);
-        assert_eq!(ids(s.order_by(&c, Strategy::CostFirst, (10, 1000))), ["dear", "cheap-in", "unpriced"]);
-        let answered = |id, ms| s.record(id, Outcome::Answered { latency: Duration::from_millis(ms) });
-        let (a, b) = (dep("a", 1), dep("b", 1));
-        let _ = (answered("a", 100), answered("b", 300));
-        assert_eq!(s.order_by(&[a.clone(), b.clone()], Strategy::LeastLatency, (0, 0))[0].id, "a");
-        for _ in 0..10 {
-            let _ = answered("a", 900); // a slows down
-        }
-        assert_eq!(s.order_by(&[a, b], Strategy::LeastLatency, (0, 0))[0].id, "b", "follows the change");
-        assert_eq!(Strategy::parse("cost"), Some(Strategy::CostFirst));
-        assert_eq!(Strategy::parse("fastest"), None);
-    }
-
-    #[test]
-    fn a_session_sticks_to_one_healthy_deployment() {
-        let s = Selector::default();
-        let c = [dep("a", 1), dep("b", 1), dep("c", 1)];
-        let firsts = |key: &str| {
-            let h = session_hash(key.as_bytes());
-            (0..100)
-                .map(|_| s.order_for(&c, Strategy::Weighted, (0, 0), Some(h))[0].id.clone())
-                .collect::<Vec<_>>()
-        };
-        let one = firsts("conversation-1");
-        assert!(one.iter().all(|id| *id == one[0]), "100 requests, one deployment");
-        let spread: std::collections::HashSet<String> =
-            (0..60).map(|i| firsts(&format!("s{i}"))[0].clone()).collect();
-        assert_eq!(spread.len(), 3, "sessions spread over the deployments");
-        // Its deployment fails: the session moves, and stays where it moved.
-        for _ in 0..3 {
-            fail(&s, &one[0]);
-        }
-        let moved = firsts("conversation-1");
-        assert!(moved.iter().all(|id| *id == moved[0] && *id != one[0]), "{moved:?}");
-    }
-
-    #[test]
-    fn the_retry_budget_bounds_failovers_to_a_fifth_of_requests() {
-        let s = Selector::default();
-        let mut retries = 0;
-        for _ in 0..1000 {
-            s.first_attempt();
-            // A full outage: every request would like to fail over twice.
-            for _ in 0..2 {
-                if s.may_retry() {
-                    retries += 1;
-                }
-            }
-        }
-        assert!((200..=221).contains(&retries), "{retries} retries for 1000 requests");
-    }
-
-    #[test]
-    fn transitions_travel_to_other_replicas() {
-        let (a, b) = (Selector::default(), Selector::default());
-        let c = [dep("x", 100), dep("y", 1)];
-        let ok = |s: &Selector, id| s.record(id, Outcome::Answered { latency: Duration::ZERO });
-        let f = || Outcome::Failed { code: ErrorCode::UpstreamTimeout, upstream_status: None };
-        assert_eq!((a.record("x", f()), a.record("x", f())), (None, None));
-        let t = a.record("x", f()).expect("opened");
-        assert_eq!(a.record("x", f()), None, "already open: announced once");
-        let msg = t.message("x@p:1");
-        let (id, t2) = Transition::parse(&msg).unwrap();
-        assert_eq!((id, t2), ("x@p:1", t));
-        b.apply("x", t2);
-        assert!((0..50).all(|_| b.order(&c)[0].id == "y"), "the other replica isolates it too");
-        assert_eq!(ok(&a, "x"), Some(Transition::Closed));
-        b.apply("x", Transition::Closed);
-        assert!((0..200).any(|_| b.order(&c)[0].id == "x"));
-        assert_eq!(Transition::parse("key:abc"), None);
-    }
-
-    #[test]
-    fn weights_share_first_attempts() {
-        let s = Selector::default();
-        let c = [dep("a", 3), dep("b", 1)];
-        let n = 40_000;
-        let a = (0..n).filter(|_| s.order(&c)[0].id == "a").count();
-        let share = a as f64 / f64::from(n);
-        assert!((share - 0.75).abs() < 0.02, "weight 3 of 4 got {share}");
-        assert_eq!(s.order(&c).len(), 2, "the rest stay as fallbacks");
-    }
-
-    #[test]
-    fn a_failing_deployment_is_isolated_then_probed_back() {
-        let s = Selector::new(BreakerConfig {
-            failures_to_open: 3,
-            cooldown: Duration::from_millis(50),
-            max_cooldown: Duration::from_secs(1),
-        });
-        let c = [dep("bad", 100), dep("good", 1)];
-        for _ in 0..3 {
-            fail(&s, "bad");
-        }
-        for _ in 0..50 {
-            assert_eq!(s.order(&c)[0].id, "good", "isolated: tried last");
-        }
-        std::thread::sleep(Duration::from_millis(60));
-        assert_eq!(s.order(&c)[0].id, "bad", "cool-down over: one probe");
-        assert_eq!(s.order(&c)[0].id, "good", "one probe at a time");
-        fail(&s, "bad");
-        assert_eq!(s.order(&c)[0].id, "good", "relapse: isolated again, longer");
-        std::thread::sleep(Duration::from_millis(60));
-        assert_eq!(s.order(&c)[0].id, "good", "the cool-down doubled");
-        std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(s.order(&c)[0].id, "bad");
-        let _ = s.record("bad", Outcome::Answered { latency: Duration::ZERO });
-        let firsts = (0..200).filter(|_| s.order(&c)[0].id == "bad").count();
-        assert!(firsts > 150, "closed again: back to its weight ({firsts}/200)");
-    }
-
-    #[test]
-    fn without_weights_the_given_order_is_priority() {
-        let s = Selector::default();
-        let c = [dep("primary", 0), dep("fallback", 0)];
-        assert!((0..100).all(|_| s.order(&c)[0].id == "primary"));
-        for _ in 0..3 {
-            fail(&s, "primary");
-        }
-        assert_eq!(s.order(&c)[0].id, "fallback", "an isolated primary waits behind its fallback");
-    }
-
-    #[test]
-    fn caller_errors_do_not_count_and_refused_credentials_isolate_at_once() {
-        let s = Selector::default();
-        let c = [dep("a", u32::MAX / 2), dep("b", 1)];
-        for _ in 0..10 {
-            s.record(
-                "a",
-                Outcome::Failed { code: ErrorCode::UpstreamClientError, upstream_status: Some(400) },
-            );
-        }
-        assert!((0..20).all(|_| s.order(&c)[0].id == "a"), "a 400 is the caller's fault: still first");
-        s.record("a", Outcome::Failed { code: ErrorCode::Unavailable, upstream_status: Some(401) });
-        assert_eq!(s.order(&c)[0].id, "b");
-        assert_eq!(s.order(&[dep("a", 1)])[0].id, "a", "alone, an isolated deployment is still tried");
-    }
-}
+mod tests;

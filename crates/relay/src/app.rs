@@ -29,14 +29,16 @@ struct Local {
     auth: Option<Arc<dyn Authenticator>>,
     keys: Option<relay_auth::store::KeyStore>,
     router: Option<Arc<dyn Router>>,
+    routing: Option<Arc<relay_routing::RoutingService>>,
     adapter: Option<Arc<dyn Adapter>>,
     billing: Option<relay_billing::BillingService>,
     db: Option<relay_db::Db>,
 }
 
 async fn build_local(cfg: &Config) -> anyhow::Result<Local> {
-    // Auth (keys) and billing (usage) share one database and one migration timeline.
-    let db = match cfg.runs("auth") || cfg.runs("billing") {
+    // Auth (keys), routing (runtime changes) and billing (usage) share one database and one migration
+    // timeline.
+    let db = match cfg.runs("auth") || cfg.runs("billing") || cfg.runs("routing") {
         true => {
             let db = relay_db::Db::connect(&cfg.database.url).await.context("connecting to the database")?;
             if cfg.database.migrate_on_start {
@@ -51,9 +53,15 @@ async fn build_local(cfg: &Config) -> anyhow::Result<Local> {
         true => Some(Arc::new(relay_auth::AuthService::new(&cfg.auth, keys.clone())?)),
         false => None,
     };
-    let router: Option<Arc<dyn Router>> = cfg
-        .runs("routing")
-        .then(|| Arc::new(relay_routing::RoutingService::new(&cfg.routing)) as Arc<dyn Router>);
+    let routing = match db.clone().filter(|_| cfg.runs("routing")) {
+        Some(db) => Some(Arc::new(
+            relay_routing::RoutingService::with_store(&cfg.routing, db)
+                .await
+                .context("loading routing overrides")?,
+        )),
+        None => None,
+    };
+    let router = routing.clone().map(|r| r as Arc<dyn Router>);
     let adapter: Option<Arc<dyn Adapter>> = match cfg.runs("adapter") {
         true => Some(Arc::new(relay_adapter::AdapterService::new(&cfg.adapter)?)),
         false => None,
@@ -66,7 +74,7 @@ async fn build_local(cfg: &Config) -> anyhow::Result<Local> {
         ),
         None => None,
     };
-    Ok(Local { auth, keys, router, adapter, billing, db })
+    Ok(Local { auth, keys, router, routing, adapter, billing, db })
 }
 
 /// `ledger`: billing, where budget counters are rebuilt from (none: counters start at zero).
@@ -204,6 +212,7 @@ pub async fn run(
 
     let mut servers = Vec::new();
     let mut edge_handle = None;
+    let mut edge_admin = None;
     if let Some(listener) = http {
         let services = Services {
             auth: remote(local.auth.clone(), &cfg.remote.auth, |a| {
@@ -228,6 +237,9 @@ pub async fn run(
             tokio::spawn(async move { bus.publish(msg).await });
         });
         let edge = relay_edge::Edge::with_announce(cfg.edge.clone(), services, Some(announce));
+        if let Some(api) = relay_edge::admin::router(edge.clone(), cfg.auth.admin_token.clone()) {
+            edge_admin = Some(api);
+        }
         let mut announcements =
             invalidations.subscribe().await.context("subscribing to key invalidations")?;
         let listener_edge = edge.clone();
@@ -282,6 +294,16 @@ pub async fn run(
     {
         admin_app = admin_app.merge(api);
     }
+    if let Some(routing) = local.routing.clone()
+        && let Some(api) = relay_routing::admin::router(routing, cfg.auth.admin_token.clone())
+    {
+        admin_app = admin_app.merge(api);
+    }
+    if let Some(api) = edge_admin {
+        admin_app = admin_app.merge(api);
+    }
+    // Runtime routing changes reach this routing replica within `routing.refresh_ms`.
+    let routing_task = local.routing.clone().map(|r| tokio::spawn(r.follow(admin_stop.clone())));
     let admin_task = {
         let stop = admin_stop.clone();
         tokio::spawn(async move {
@@ -343,6 +365,9 @@ pub async fn run(
     }
     admin_stop.cancel();
     let _ = admin_task.await;
+    if let Some(t) = routing_task {
+        let _ = t.await;
+    }
     match failed {
         Some(Err(e)) => Err(e),
         // A server that ended by itself before any shutdown request is a failure too.
