@@ -11,6 +11,7 @@ mod embedded;
 mod harness;
 mod limits;
 mod prepaid;
+mod routing;
 mod scenario;
 
 use relay_test_support::MockOpenAi;

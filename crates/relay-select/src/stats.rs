@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 /// Latency samples kept per deployment, and how long one counts.
 const WINDOW_SAMPLES: usize = 64;
 pub const WINDOW: Duration = Duration::from_secs(30);
+/// Samples needed before latency judges a deployment.
+const MIN_SAMPLES: usize = 5;
 /// Weight of the newest sample in the moving averages.
 const LATENCY_ALPHA: f64 = 0.3;
 const ERROR_ALPHA: f64 = 0.2;
@@ -17,7 +19,7 @@ pub struct Stats {
     /// Moving average of time to answer, ms (`None` until the first answer).
     pub ewma_ms: Option<f64>,
     window: VecDeque<(Instant, f32)>,
-    /// p95 of the window, ms (0 = no recent samples).
+    /// p95 of the window (its median under 20 samples), ms (0 = too few samples).
     p95_ms: f64,
     /// Moving share of failed attempts (0..1).
     pub error_rate: f64,
@@ -64,11 +66,14 @@ impl Stats {
         while self.window.front().is_some_and(|(at, _)| now.duration_since(*at) > WINDOW) {
             self.window.pop_front();
         }
-        if self.window.is_empty() {
+        // Too few samples say nothing (one cold connection is not a trend); under 20, the median
+        // stands in for the p95, so one outlier does not condemn a deployment for a whole window.
+        if self.window.len() < MIN_SAMPLES {
             return 0.0;
         }
         let mut v: Vec<f32> = self.window.iter().map(|(_, ms)| *ms).collect();
-        let rank = (v.len() * 95).div_ceil(100).saturating_sub(1);
+        let q = if v.len() < 20 { 50 } else { 95 };
+        let rank = (v.len() * q).div_ceil(100).saturating_sub(1);
         let (_, p, _) = v.select_nth_unstable_by(rank, f32::total_cmp);
         f64::from(*p)
     }
@@ -77,7 +82,7 @@ impl Stats {
     /// deployment that lost its traffic for being slow is judged afresh).
     pub fn p95(&self, now: Instant) -> Option<f64> {
         let newest = self.window.back()?;
-        (now.duration_since(newest.0) <= WINDOW).then_some(self.p95_ms)
+        (now.duration_since(newest.0) <= WINDOW && self.p95_ms > 0.0).then_some(self.p95_ms)
     }
 
     /// What the latency strategy compares: the mean of the moving average and the recent p95.
@@ -87,13 +92,19 @@ impl Stats {
     }
 }
 
-/// How much of its weight a deployment keeps for its health, relative to the group's best: full weight
-/// up to twice the best p95, then falling with the square of the ratio (4× slower keeps 1/4, 10× keeps
-/// 1/25), times the square of its success rate; never below 2 % while it is not isolated, so a recovery
-/// is seen. A deployment whose p95 rises thus loses traffic before it fails.
+/// Latencies this close are noise, not a health difference: the reference p95 is at least this.
+const LATENCY_FLOOR_MS: f64 = 50.0;
+
+/// How much of its weight a deployment keeps for its health, relative to the group's best p95 (at least
+/// 50 ms): full weight up to twice that reference, then falling with the square of the ratio (4× slower
+/// keeps 1/4, 10× keeps 1/25), times the square of its success rate; never below 2 % while it is not
+/// isolated, so a recovery is seen. A deployment whose p95 rises thus loses traffic before it fails.
 pub fn health_factor(p95: Option<f64>, best_p95: Option<f64>, error_rate: f64) -> f64 {
     let latency = match (p95, best_p95) {
-        (Some(p), Some(best)) if p > 2.0 * best && p > 0.0 => (2.0 * best / p).powi(2),
+        (Some(p), Some(best)) => {
+            let reference = 2.0 * best.max(LATENCY_FLOOR_MS);
+            if p > reference { (reference / p).powi(2) } else { 1.0 }
+        }
         _ => 1.0,
     };
     (latency * (1.0 - error_rate).powi(2)).clamp(0.02, 1.0)

@@ -170,7 +170,7 @@ fn a_slowing_deployment_loses_traffic_before_it_fails() {
     let share = |s: &Selector| (0..4000).filter(|_| s.order(&c)[0].id == "a").count() as f64 / 4000.0;
     assert!((share(&s) - 0.5).abs() < 0.05, "equal health, equal weight");
     for _ in 0..64 {
-        let _ = answered("a", 200); // a's p95 rises 20×
+        let _ = answered("a", 1000); // a's p95 rises 100×
     }
     assert!(share(&s) < 0.05, "a kept {}", share(&s));
     // Without weights (config order), the slow primary goes behind its fallback.
@@ -223,4 +223,19 @@ fn balanced_and_headroom_follow_their_scores() {
     let h = s.health("cheap-slow");
     assert_eq!((h.breaker, h.attempts), ("closed", 40));
     assert!(h.p95_ms.unwrap() >= 2000.0);
+}
+
+#[test]
+fn weights_hold_while_outcomes_are_recorded() {
+    let s = Selector::default();
+    let c = [dep("a", 3), dep("b", 1)];
+    let mut a = 0;
+    for i in 0..4000u64 {
+        let o = s.order(&c);
+        let _ = s
+            .record(&o[0].id, Outcome::Answered { latency: Duration::from_micros(1000 + (i * 7919) % 3000) });
+        a += usize::from(o[0].id == "a");
+    }
+    let share = a as f64 / 4000.0;
+    assert!((share - 0.75).abs() < 0.03, "{share}");
 }

@@ -4,7 +4,10 @@
 //! `prompt = 1000 + words of all input`, `completion = reply tokens`. Streams one chunk per token, the usage
 //! chunk when `stream_options.include_usage` is set, then `[DONE]`. Knobs travel in the message text:
 //! `[[mock status=503]]`, `[[mock chunk_delay_ms=50]]`, `[[mock delay_ms=500]]` (whole answers), `[[mock die_after=2]]` (close after N events).
+//! Faults of the whole upstream (every request, changeable while a test runs): [`MockOpenAi::fail_with`],
+//! [`MockOpenAi::delay`], and [`MockOpenAi::slow_tail`] (one request in N answers late).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,6 +30,14 @@ pub struct Recorded {
 #[derive(Clone, Default)]
 struct Shared {
     log: Arc<Mutex<Vec<Recorded>>>,
+    /// Status every chat request is answered with (0 = answer normally).
+    fail_status: Arc<AtomicU64>,
+    /// Delay before every chat answer (headers included), ms.
+    delay_ms: Arc<AtomicU64>,
+    /// Every `slow_every`-th chat request waits `slow_ms` more (0 = never).
+    slow_every: Arc<AtomicU64>,
+    slow_ms: Arc<AtomicU64>,
+    requests: Arc<AtomicU64>,
 }
 
 pub struct MockOpenAi {
@@ -58,6 +69,27 @@ impl MockOpenAi {
             let _ = axum::serve(listener, app).await;
         });
         Self { base_url: format!("http://{addr}/v1"), shared, task }
+    }
+
+    /// From now on, every chat request is answered `status` (0 = answer normally again).
+    pub fn fail_with(&self, status: u16) {
+        self.shared.fail_status.store(u64::from(status), Ordering::SeqCst);
+    }
+
+    /// From now on, every chat answer (its headers too) comes `ms` late.
+    pub fn delay(&self, ms: u64) {
+        self.shared.delay_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// One chat request in `every` waits `ms` before answering (a slow tail; `every` = 0 turns it off).
+    pub fn slow_tail(&self, every: u64, ms: u64) {
+        self.shared.slow_ms.store(ms, Ordering::SeqCst);
+        self.shared.slow_every.store(every, Ordering::SeqCst);
+    }
+
+    /// Chat requests received so far.
+    pub fn chat_requests(&self) -> u64 {
+        self.shared.requests.load(Ordering::SeqCst)
     }
 
     /// Every request received whose body mentions `needle`.
@@ -123,6 +155,19 @@ async fn chat(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> 
         return error(400, "invalid json");
     };
     record(&shared, "/v1/chat/completions", &headers, &req);
+    let n = shared.requests.fetch_add(1, Ordering::SeqCst) + 1;
+    let mut wait = shared.delay_ms.load(Ordering::SeqCst);
+    let every = shared.slow_every.load(Ordering::SeqCst);
+    if every > 0 && n % every == 0 {
+        wait += shared.slow_ms.load(Ordering::SeqCst);
+    }
+    if wait > 0 {
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+    }
+    match shared.fail_status.load(Ordering::SeqCst) {
+        0 => {}
+        status => return error(status as u16, &format!("mock upstream fails with {status}")),
+    }
     let messages = req["messages"].as_array().cloned().unwrap_or_default();
     let last_user = messages.iter().rev().find(|m| m["role"] == "user").map(|m| content_text(&m["content"]));
     let (_, knobs) = strip_directives(last_user.as_deref().unwrap_or(""));
