@@ -84,22 +84,25 @@ async fn bad_config_reports_every_error_and_exits_64() {
     }
 }
 
+/// Runs the `relay` CLI against the database at `url`: (exit code, stdout + stderr).
+fn relay_cli(url: &str, args: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+        .args(args)
+        .env("RELAY__DATABASE__URL", url)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
 /// `relay billing ...` against a database, with no serving settings at all (no pepper, no listeners).
 #[tokio::test]
 async fn billing_cli_manages_prices_balances_and_checks_the_books() {
     let dir = temp_dir("billing-cli");
     let url = format!("sqlite://{}", dir.join("b.db").display());
-    let relay = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_relay"))
-            .args(args)
-            .env("RELAY__DATABASE__URL", &url)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-        )
-    };
+    let relay = |args: &[&str]| relay_cli(&url, args);
     assert_eq!(relay(&["migrate"]).0, Some(0));
     let add = [
         "billing",
@@ -134,4 +137,54 @@ async fn billing_cli_manages_prices_balances_and_checks_the_books() {
     let (code, out) = relay(&["billing", "dlq", "list"]);
     assert!(code == Some(0) && out.contains("0 dead letter(s)"), "{out}");
     assert!(relay(&["billing", "frobnicate"]).0 != Some(0));
+}
+
+/// `relay routing`: runtime changes written to the database, checked against the config and the rules,
+/// and what a running relay then serves: a drained group's only deployment answers 503.
+#[tokio::test]
+async fn routing_cli_changes_what_the_relay_serves() {
+    let dir = temp_dir("routing-cli");
+    let url = format!("sqlite://{}", dir.join("r.db").display());
+    let routes = "[[adapter.providers]]\nname = \"demo\"\nkind = \"demo\"\n\
+                  [[routing.models]]\nname = \"demo\"\ndeployments = [{ provider = \"demo\", model = \"relay-demo-1\" }]\n";
+    let routes_file = dir.join("routes.toml");
+    std::fs::write(&routes_file, routes).unwrap();
+    let file = routes_file.display().to_string();
+    let relay = |args: &[&str]| relay_cli(&url, &[args, &["--config", &file]].concat());
+    assert_eq!(relay(&["migrate"]).0, Some(0));
+    let (code, out) = relay(&["routing", "weight", "relay-demo-1@demo", "7"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("\"weight\": 7"), "{out}");
+    let (code, out) = relay(&["routing", "weight", "nope@x", "7"]);
+    assert_eq!(code, Some(64), "{out}");
+    assert!(out.contains("no deployment `nope@x`"), "{out}");
+    let (code, out) = relay(&["routing", "strategy", "demo", "fastest"]);
+    assert!(code == Some(64) && out.contains("strategy must be one of"), "{out}");
+    assert_eq!(relay(&["routing", "drain", "relay-demo-1@demo"]).0, Some(0));
+
+    let cfg = format!(
+        "[server]\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[database]\nurl = \"{url}\"\n{}{routes}",
+        auth_section()
+    );
+    let p = RelayProc::start(&dir, "relay", &cfg).await;
+    let c = crate::client::http();
+    let body = serde_json::json!({"model": "demo", "messages": [{"role": "user", "content": "hi"}]});
+    let ask = || {
+        c.post(format!("{}/v1/chat/completions", p.http()))
+            .bearer_auth(crate::harness::KEY)
+            .json(&body)
+            .send()
+    };
+    let r = ask().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert!(v["error"]["message"].as_str().unwrap().contains("drained"), "{v}");
+    // Enabled again: the running relay picks it up within its refresh and route cache TTL.
+    assert_eq!(relay(&["routing", "reset", "deployment", "relay-demo-1@demo"]).0, Some(0));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while ask().await.unwrap().status() != 200 {
+        assert!(std::time::Instant::now() < deadline, "the reset never reached the relay");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    p.stop().await;
 }

@@ -18,6 +18,7 @@ commands:
   serve      run services (all five in one process unless --services says otherwise)
   orgs, teams, keys   manage virtual keys through the admin API (see below)
   billing    reconcile the ledger, list or replay dead-lettered usage events (see below)
+  routing    change weights, strategies, hedging, drain deployments at runtime (see below)
   migrate    apply database migrations and exit
   hash-key   read an API key on stdin, print its hash for [[auth.keys]] (uses auth.pepper)
   check      validate the config and exit
@@ -44,7 +45,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
     let mut it = args.iter();
     let command = it.next().cloned().ok_or("missing command")?;
     let (mut config, mut services, mut admin_url, mut rest) = (None, None, None, Vec::new());
-    let admin = matches!(command.as_str(), "orgs" | "teams" | "keys" | "billing");
+    let admin = matches!(command.as_str(), "orgs" | "teams" | "keys" | "billing" | "routing");
     while let Some(a) = it.next() {
         match a.as_str() {
             "--config" => config = Some(PathBuf::from(it.next().ok_or("--config needs a file")?)),
@@ -64,7 +65,12 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
 /// Runs the CLI and returns the process exit code.
 pub fn main_with(args: Vec<String>, env: HashMap<String, String>) -> i32 {
     if args.is_empty() || matches!(args[0].as_str(), "help" | "--help" | "-h") {
-        println!("{USAGE}{}\n{}", crate::admin_cli::USAGE, crate::billing_cli::USAGE);
+        println!(
+            "{USAGE}{}\n{}\n{}",
+            crate::admin_cli::USAGE,
+            crate::billing_cli::USAGE,
+            crate::routing_cli::USAGE
+        );
         return 0;
     }
     let args = match parse_args(&args) {
@@ -80,7 +86,7 @@ pub fn main_with(args: Vec<String>, env: HashMap<String, String>) -> i32 {
         // `--services` wins over file and environment, and goes through the same validation.
         env.insert("RELAY__SERVER__SERVICES".into(), format!("{services:?}"));
     }
-    let load = if matches!(args.command.as_str(), "migrate" | "billing") {
+    let load = if matches!(args.command.as_str(), "migrate" | "billing" | "routing") {
         Config::load_for_database
     } else {
         Config::load
@@ -97,6 +103,7 @@ pub fn main_with(args: Vec<String>, env: HashMap<String, String>) -> i32 {
             crate::admin_cli::run(kind, &args.rest, &cfg, &env, args.admin_url)
         }
         "billing" => crate::billing_cli::run(&args.rest, &cfg),
+        "routing" => crate::routing_cli::run(&args.rest, &cfg),
         "check" => {
             println!("config ok: services {}", cfg.server.services.join(","));
             0

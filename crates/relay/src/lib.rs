@@ -7,3 +7,4 @@ pub mod app;
 pub mod billing_cli;
 pub mod cli;
 pub mod config;
+pub mod routing_cli;
