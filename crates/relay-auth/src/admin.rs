@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use relay_core::{ErrorCode, RelayError, Secret};
+use relay_runtime::admin::ApiError;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -54,38 +55,14 @@ pub fn router(
     )
 }
 
-struct ApiError(RelayError);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, Json(self.0.openai_body())).into_response()
-    }
-}
-
-impl From<anyhow::Error> for ApiError {
-    fn from(e: anyhow::Error) -> Self {
-        tracing::error!(error = %e, "admin API storage error");
-        Self(RelayError::new(ErrorCode::Unavailable, "key storage is unavailable"))
-    }
-}
-
 type Answer = Result<Response, ApiError>;
 
 fn check(a: &Admin, headers: &HeaderMap) -> Result<(), ApiError> {
-    if relay_runtime::admin::bearer_matches(headers, a.token.expose()) {
-        Ok(())
-    } else {
-        Err(ApiError(RelayError::new(ErrorCode::Unauthenticated, "Invalid admin token.")))
-    }
+    ApiError::check_bearer(headers, a.token.expose())
 }
 
 fn not_found(what: &str) -> ApiError {
     ApiError(RelayError::new(ErrorCode::NotFound, format!("no such {what}")))
-}
-
-fn bad(msg: impl Into<String>) -> ApiError {
-    ApiError(RelayError::invalid_request(msg))
 }
 
 fn ok(status: StatusCode, v: impl serde::Serialize) -> Answer {
@@ -94,13 +71,13 @@ fn ok(status: StatusCode, v: impl serde::Serialize) -> Answer {
 
 fn check_policy(p: &crate::store::Policy) -> Result<(), ApiError> {
     if [p.rpm, p.tpm, p.max_concurrent, p.budget_micros].iter().any(|v| *v < 0) {
-        return Err(bad("limits and budgets cannot be negative"));
+        return Err(ApiError::bad_request("limits and budgets cannot be negative"));
     }
     if !["", "daily", "monthly", "total", "prepaid"].contains(&p.budget_period.as_str()) {
-        return Err(bad("budget_period must be daily, monthly, total or prepaid"));
+        return Err(ApiError::bad_request("budget_period must be daily, monthly, total or prepaid"));
     }
     if p.budget_period == "prepaid" && p.budget_micros != 0 {
-        return Err(bad(
+        return Err(ApiError::bad_request(
             "a prepaid scope's limit is its top-ups (POST /admin/v1/billing/topups): leave budget_micros 0",
         ));
     }
@@ -108,7 +85,7 @@ fn check_policy(p: &crate::store::Policy) -> Result<(), ApiError> {
 }
 
 fn body<T>(b: Result<Json<T>, axum::extract::rejection::JsonRejection>) -> Result<T, ApiError> {
-    b.map(|Json(v)| v).map_err(|e| bad(format!("invalid JSON body: {e}")))
+    b.map(|Json(v)| v).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
 async fn create_org(
@@ -122,7 +99,7 @@ async fn create_org(
     if let Some(id) = &new.id
         && a.store.org(id).await?.is_some()
     {
-        return Err(bad("an org with this id exists"));
+        return Err(ApiError::bad_request("an org with this id exists"));
     }
     ok(StatusCode::CREATED, a.store.create_org(&new).await?)
 }
@@ -168,10 +145,12 @@ async fn create_key(
     let new = body(b)?;
     check_policy(&new.policy)?;
     if new.allowed_regions.len() > 50 || !new.allowed_regions.iter().all(|r| relay_core::is_region_tag(r)) {
-        return Err(bad("allowed_regions entries must be region tags: 1-32 of a-z, 0-9 and '-'"));
+        return Err(ApiError::bad_request(
+            "allowed_regions entries must be region tags: 1-32 of a-z, 0-9 and '-'",
+        ));
     }
     if !new.ip_allowlist.iter().all(|e| relay_core::is_ip_or_cidr(e)) {
-        return Err(bad("ip_allowlist entries must be IP addresses or CIDRs"));
+        return Err(ApiError::bad_request("ip_allowlist entries must be IP addresses or CIDRs"));
     }
     let (id, secret, full) = keys::generate()?;
     let key = a

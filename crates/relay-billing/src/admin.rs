@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use relay_core::{ErrorCode, RelayError, Secret};
+use relay_runtime::admin::ApiError;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -37,32 +38,8 @@ pub fn router(billing: BillingService, token: Option<Secret>) -> Option<Router> 
     )
 }
 
-struct ApiError(RelayError);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, Json(self.0.openai_body())).into_response()
-    }
-}
-
-impl From<anyhow::Error> for ApiError {
-    fn from(e: anyhow::Error) -> Self {
-        tracing::error!(error = %e, "billing admin API storage error");
-        Self(RelayError::new(ErrorCode::Unavailable, "billing storage is unavailable"))
-    }
-}
-
-fn bad(msg: impl Into<String>) -> ApiError {
-    ApiError(RelayError::invalid_request(msg))
-}
-
 fn check(a: &Admin, headers: &HeaderMap) -> Result<(), ApiError> {
-    if relay_runtime::admin::bearer_matches(headers, a.token.expose()) {
-        Ok(())
-    } else {
-        Err(ApiError(RelayError::new(ErrorCode::Unauthenticated, "Invalid admin token.")))
-    }
+    ApiError::check_bearer(headers, a.token.expose())
 }
 
 /// `from` / `to`: `YYYY-MM-DD` (UTC) or unix milliseconds; `to` is exclusive and defaults to now.
@@ -79,11 +56,9 @@ struct Period {
 fn instant(v: Option<&str>, default: i64, name: &str) -> Result<i64, ApiError> {
     match v {
         None => Ok(default),
-        Some(s) => s
-            .parse::<i64>()
-            .ok()
-            .or_else(|| reports::date_ms(s))
-            .ok_or_else(|| bad(format!("`{name}` must be YYYY-MM-DD or unix milliseconds"))),
+        Some(s) => s.parse::<i64>().ok().or_else(|| reports::date_ms(s)).ok_or_else(|| {
+            ApiError::bad_request(format!("`{name}` must be YYYY-MM-DD or unix milliseconds"))
+        }),
     }
 }
 
@@ -91,7 +66,7 @@ fn period(p: &Period) -> Result<(i64, i64), ApiError> {
     let from = instant(p.from.as_deref(), 0, "from")?;
     let to = instant(p.to.as_deref(), relay_core::ids::now_ms() + 1, "to")?;
     if to <= from {
-        return Err(bad("`to` must be after `from`"));
+        return Err(ApiError::bad_request("`to` must be after `from`"));
     }
     Ok((from, to))
 }
@@ -101,10 +76,11 @@ async fn usage(State(a): State<Admin>, headers: HeaderMap, q: Query<Period>) -> 
     let (from, to) = period(&q)?;
     let group = match q.group_by.as_deref() {
         None => GroupBy::Day,
-        Some(g) => GroupBy::parse(g).ok_or_else(|| bad("`group_by` must be day, model, key, team or org"))?,
+        Some(g) => GroupBy::parse(g)
+            .ok_or_else(|| ApiError::bad_request("`group_by` must be day, model, key, team or org"))?,
     };
     if q.scope.as_deref().is_some_and(|s| !["key:", "team:", "org:"].iter().any(|p| s.starts_with(p))) {
-        return Err(bad("`scope` must be key:<id>, team:<id> or org:<id>"));
+        return Err(ApiError::bad_request("`scope` must be key:<id>, team:<id> or org:<id>"));
     }
     let rows = reports::usage(a.billing.store().db(), from, to, group, q.scope.as_deref()).await?;
     Ok(Json(json!({"object": "list", "from_ms": from, "to_ms": to, "data": rows})).into_response())
@@ -116,7 +92,7 @@ async fn export(State(a): State<Admin>, headers: HeaderMap, q: Query<Period>) ->
     let focus = match q.format.as_deref() {
         None | Some("relay") => false,
         Some("focus") => true,
-        Some(_) => return Err(bad("`format` must be relay or focus")),
+        Some(_) => return Err(ApiError::bad_request("`format` must be relay or focus")),
     };
     let csv = reports::export_csv(a.billing.store().db(), from, to, focus).await?;
     let mut resp = csv.into_response();
@@ -137,8 +113,9 @@ async fn add_price(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     check(&a, &headers)?;
-    let entry: PriceEntry = serde_json::from_slice(&body).map_err(|e| bad(format!("invalid price: {e}")))?;
-    let row = entry.into_row("USD", "admin API").map_err(bad)?;
+    let entry: PriceEntry =
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid price: {e}")))?;
+    let row = entry.into_row("USD", "admin API").map_err(ApiError::bad_request)?;
     if a.billing.store().load_prices().await?.iter().any(|r| r.id == row.id) {
         return Err(ApiError(RelayError::new(
             ErrorCode::InvalidRequest,
@@ -203,12 +180,13 @@ async fn post_credit(
     kind: &'static str,
 ) -> Result<Response, ApiError> {
     check(&a, &headers)?;
-    let c: Credit = serde_json::from_slice(&body).map_err(|e| bad(format!("invalid body: {e}")))?;
+    let c: Credit =
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
     if !["key:", "team:", "org:"].iter().any(|p| c.scope.starts_with(p)) || c.scope.len() > 300 {
-        return Err(bad("`scope` must be key:<id>, team:<id> or org:<id>"));
+        return Err(ApiError::bad_request("`scope` must be key:<id>, team:<id> or org:<id>"));
     }
     if c.amount_micros <= 0 || c.amount_micros > i64::MAX / 4 {
-        return Err(bad("`amount_micros` must be a positive number of micro-units"));
+        return Err(ApiError::bad_request("`amount_micros` must be a positive number of micro-units"));
     }
     let id = a.billing.store().credit(&c.scope, c.amount_micros, kind, &c.memo).await?;
     let b = scope_balance(&a, &c.scope).await?;
@@ -229,7 +207,7 @@ async fn balance(
 ) -> Result<Response, ApiError> {
     check(&a, &headers)?;
     if !["key:", "team:", "org:"].iter().any(|p| q.scope.starts_with(p)) {
-        return Err(bad("`scope` must be key:<id>, team:<id> or org:<id>"));
+        return Err(ApiError::bad_request("`scope` must be key:<id>, team:<id> or org:<id>"));
     }
     Ok(Json(scope_balance(&a, &q.scope).await?).into_response())
 }

@@ -62,6 +62,13 @@ impl From<relay_core::RelayError> for ApiError {
     }
 }
 
+/// `?` on a storage call: logged, answered 503 without the cause.
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        Self::storage("storage", &e)
+    }
+}
+
 impl ApiError {
     /// A storage failure of `what` (e.g. "key storage"): logged, answered 503.
     pub fn storage(what: &str, e: &anyhow::Error) -> Self {
