@@ -12,6 +12,7 @@ mod harness;
 mod limits;
 mod prepaid;
 mod routing;
+mod rules;
 mod scenario;
 
 use relay_test_support::MockOpenAi;

@@ -149,6 +149,12 @@ async fn create_key(
             "allowed_regions entries must be region tags: 1-32 of a-z, 0-9 and '-'",
         ));
     }
+    if !new.routing_strategy.is_empty() && relay_select::Strategy::parse(&new.routing_strategy).is_none() {
+        return Err(ApiError::bad_request(format!(
+            "routing_strategy must be one of {}",
+            relay_select::Strategy::NAMES
+        )));
+    }
     if !new.ip_allowlist.iter().all(|e| relay_core::is_ip_or_cidr(e)) {
         return Err(ApiError::bad_request("ip_allowlist entries must be IP addresses or CIDRs"));
     }
@@ -233,6 +239,7 @@ fn openapi() -> serde_json::Value {
     let mut scope = json!({"type": "object", "required": ["name"], "properties": {"id": {"type": "string"}, "name": {"type": "string"}, "metadata": {"type": "object"}}});
     let mut key = json!({"type": "object", "required": ["team_id"], "properties": {"team_id": {"type": "string"}, "name": {"type": "string"},
         "allowed_models": {"type": "array", "items": {"type": "string"}}, "ip_allowlist": {"type": "array", "items": {"type": "string"}}, "allowed_regions": {"type": "array", "items": {"type": "string"}},
+        "routing_strategy": {"type": "string", "enum": ["", "weighted", "priority", "cost", "latency", "balanced", "headroom"]},
         "expires_at_ms": {"type": "integer"}, "metadata": {"type": "object"}}});
     for target in [&mut scope, &mut key] {
         if let (Some(props), Some(extra)) = (target["properties"].as_object_mut(), policy.as_object()) {

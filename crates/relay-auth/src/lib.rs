@@ -62,6 +62,10 @@ pub struct KeyConfig {
     /// Data residency: deployment region tags this key may be served in; empty = any.
     #[serde(default)]
     pub allowed_regions: Vec<String>,
+    /// Routing strategy for this key's requests (weighted, priority, cost, latency, balanced,
+    /// headroom); unset = the model group's.
+    #[serde(default)]
+    pub strategy: Option<String>,
     #[serde(default = "yes")]
     pub enabled: bool,
     /// Unix seconds; absent = never.
@@ -135,6 +139,7 @@ impl AuthService {
                 org_id: k.org.clone(),
                 allowed_models: k.allowed_models.clone(),
                 allowed_regions: k.allowed_regions.clone(),
+                routing_strategy: k.strategy.clone().unwrap_or_default(),
                 expires_at: k.expires_at.unwrap_or(0),
                 ..Default::default()
             };
@@ -226,6 +231,7 @@ impl AuthService {
             ],
             ip_allowlist: k.key.ip_allowlist.clone(),
             allowed_regions: k.key.allowed_regions.clone(),
+            routing_strategy: k.key.routing_strategy.clone(),
         };
         let ttl = if k.key.expires_at_ms == 0 {
             self.cache_ttl_secs
@@ -300,6 +306,7 @@ mod tests {
             org: "o".into(),
             allowed_models: vec![],
             allowed_regions: vec![],
+            strategy: None,
             enabled: true,
             expires_at: None,
         }

@@ -83,6 +83,12 @@ pub trait Limiter: Send + Sync + 'static {
     async fn admit(&self, a: &Admission) -> std::result::Result<RateHeaders, Denial>;
     /// Releases the reservation and books what was really used (zero for a failed request).
     async fn settle(&self, a: &Admission, tokens: u64, cost_micros: i64);
+    /// The largest share (0..1) of a budget the admission's scopes have spent this period, for routing
+    /// rules that shift traffic as budgets run down; `None` when no scope has a budget (or it is unknown).
+    async fn budget_used(&self, a: &Admission) -> Option<f64> {
+        let _ = a;
+        None
+    }
 }
 
 /// The set of services one edge talks to, however they are deployed.

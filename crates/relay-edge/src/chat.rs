@@ -19,8 +19,8 @@ use serde_json::Value;
 use crate::Edge;
 use crate::answer::{self, ChatCall};
 use crate::dispatch::{
-    Order, admission, admit, billable, check_end_user, ensure_allowed, read_json, required_model, resident,
-    route, strategy,
+    Order, admission, admit, billable, check_end_user, decide, ensure_allowed, read_json, required_model,
+    resident, route,
 };
 use crate::error::Inbound;
 use crate::failover::with_failover;
@@ -238,7 +238,10 @@ async fn prepare(
     let candidates = resident(principal, &model, &route.candidates).map_err(plain)?;
     let candidates = billable(principal, &model, &candidates).map_err(plain)?;
     let lease = admission(ctx, principal, bytes.len(), env.max_output(), &candidates);
+    let for_rules = route.rules.iter().any(|r| r.budget_used_pct > 0).then(|| lease.clone());
     let rate = admit(edge, rec, lease).await.map_err(|d| (d.error, d.headers))?;
+    let decision = decide(edge, headers, principal, &route, for_rules.as_ref()).await.map_err(plain)?;
+    rec.routing_rule(decision.rule.as_deref());
     let drain_max = std::time::Duration::from_secs(edge.inner.cfg.drain_max_secs);
     let policy = answer::Policy::of(route.on_disconnect(), stream, drain_max);
     let request = ChatRequest {
@@ -254,7 +257,7 @@ async fn prepare(
     let timeouts = answer::Timeouts::of(&route);
     let tokens = (request.body.len() as u64 / 4, env.max_output().unwrap_or(1024));
     let order = Order {
-        strategy: strategy(headers, &route.strategy).map_err(plain)?,
+        strategy: decision.strategy,
         tokens,
         session: crate::dispatch::session(headers, principal),
         hedge_after: None,
@@ -280,7 +283,8 @@ pub async fn count_tokens(
         let route = route(&edge, &model, false).await?;
         let passthrough = passthrough(inbound, &headers);
         let candidates = resident(&principal, &model, &route.candidates)?;
-        let order = Order { strategy: strategy(&headers, &route.strategy)?, ..Default::default() };
+        let strategy = decide(&edge, &headers, &principal, &route, None).await?.strategy;
+        let order = Order { strategy, ..Default::default() };
         with_failover(&edge, &candidates, order, None, |dep| {
             edge.inner.services.adapter.count_tokens(CountTokensRequest {
                 request_id: ctx.request_id.clone(),

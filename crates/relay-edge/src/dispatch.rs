@@ -21,6 +21,11 @@ pub fn served_headers(h: &mut axum::http::HeaderMap, rec: &UsageRecord) {
         h.insert("x-relay-deployment", v);
     }
     h.insert("x-relay-attempts", axum::http::HeaderValue::from(attempts));
+    if let Ok(v) = axum::http::HeaderValue::from_str(rec.rule())
+        && !rec.rule().is_empty()
+    {
+        h.insert("x-relay-routing-rule", v);
+    }
 }
 
 /// Reads the body up to `limit` bytes (anything larger is refused without being read to the end) and
@@ -179,17 +184,73 @@ pub fn session(headers: &axum::http::HeaderMap, principal: &Principal) -> Option
     Some(relay_select::session_hash(&key))
 }
 
-/// The strategy for a request: the `x-relay-strategy` header when it names one, else the group's.
-pub fn strategy(headers: &axum::http::HeaderMap, group: &str) -> Result<relay_select::Strategy, RelayError> {
-    match headers.get("x-relay-strategy").map(|v| v.to_str().unwrap_or("?")) {
-        Some(s) => relay_select::Strategy::parse(s).ok_or_else(|| {
+/// How one request's candidates are ordered, and the routing rule that chose it (if one did).
+#[derive(Debug, Clone, Default)]
+pub struct Decision {
+    pub strategy: relay_select::Strategy,
+    pub rule: Option<String>,
+}
+
+/// The strategy for a request, most specific first: the `x-relay-strategy` header, the key's own
+/// strategy, the first of the group's rules whose conditions hold (budget spent, UTC hours, the group's
+/// fastest p95), the group's strategy. `lease`: the request's admission, for budget rules.
+pub async fn decide(
+    edge: &Edge,
+    headers: &axum::http::HeaderMap,
+    principal: &Principal,
+    route: &RouteResponse,
+    lease: Option<&relay_core::contracts::Admission>,
+) -> Result<Decision, RelayError> {
+    if let Some(v) = headers.get("x-relay-strategy") {
+        let strategy = v.to_str().ok().and_then(relay_select::Strategy::parse).ok_or_else(|| {
             RelayError::invalid_request(format!(
                 "`x-relay-strategy` must be one of {}",
                 relay_select::Strategy::NAMES
             ))
-        }),
-        None => Ok(relay_select::Strategy::parse(group).unwrap_or_default()),
+        })?;
+        return Ok(Decision { strategy, rule: None });
     }
+    if let Some(strategy) = relay_select::Strategy::parse(&principal.routing_strategy) {
+        return Ok(Decision { strategy, rule: None });
+    }
+    let mut budget_used = None;
+    for rule in &route.rules {
+        if rule.budget_used_pct > 0 {
+            if budget_used.is_none() {
+                budget_used = Some(match lease {
+                    Some(a) => edge.inner.services.limiter.budget_used(a).await,
+                    None => None,
+                });
+            }
+            let used = budget_used.flatten().unwrap_or(0.0);
+            if used * 100.0 < f64::from(rule.budget_used_pct) {
+                continue;
+            }
+        }
+        if rule.has_hours && !in_hours(relay_core::ids::now_ms(), rule.from_hour, rule.to_hour) {
+            continue;
+        }
+        if rule.p95_above_ms > 0
+            && edge
+                .inner
+                .selector
+                .best_p95(&route.candidates)
+                .is_none_or(|p| p <= f64::from(rule.p95_above_ms))
+        {
+            continue;
+        }
+        if let Some(strategy) = relay_select::Strategy::parse(&rule.strategy) {
+            metrics::counter!("relay_edge_routing_rule_total", "rule" => rule.name.clone()).increment(1);
+            return Ok(Decision { strategy, rule: Some(rule.name.clone()) });
+        }
+    }
+    Ok(Decision { strategy: relay_select::Strategy::parse(&route.strategy).unwrap_or_default(), rule: None })
+}
+
+/// Is the UTC hour of `now_ms` in `[from, to)`, wrapping midnight?
+fn in_hours(now_ms: i64, from: u32, to: u32) -> bool {
+    let hour = u32::try_from(now_ms.div_euclid(3_600_000).rem_euclid(24)).unwrap_or(0);
+    if from < to { (from..to).contains(&hour) } else { hour >= from || hour < to }
 }
 
 /// The reservation a request holds while it runs: every input byte may be a token (byte-level BPE
@@ -246,6 +307,13 @@ mod tests {
     use relay_core::pb::routing::v1::Price;
 
     use super::*;
+
+    #[test]
+    fn hours_wrap_midnight() {
+        let at = |h: i64| h * 3_600_000 + 1_800_000;
+        assert!(in_hours(at(23), 22, 6) && in_hours(at(2), 22, 6) && !in_hours(at(12), 22, 6));
+        assert!(in_hours(at(9), 9, 17) && !in_hours(at(17), 9, 17));
+    }
 
     #[test]
     fn keys_with_a_budget_skip_unpriced_deployments() {

@@ -15,8 +15,8 @@ use serde_json::json;
 use crate::Edge;
 use crate::chat;
 use crate::dispatch::{
-    Order, admission, admit, billable, check_end_user, ensure_allowed, read_json, required_model, resident,
-    route, served_headers,
+    Order, admission, admit, billable, check_end_user, decide, ensure_allowed, read_json, required_model,
+    resident, route, served_headers,
 };
 use crate::error::{Inbound, OpenAiError};
 use crate::failover::with_failover;
@@ -115,7 +115,7 @@ async fn embeddings(
 ) -> Result<Response, OpenAiError> {
     let p = edge.principal(&ctx, &headers).await?;
     let mut rec = UsageRecord::new(&edge, &ctx, &p, crate::error::Inbound::Embeddings.protocol());
-    match embed(&edge, &ctx, &p, body, &mut rec).await {
+    match embed(&edge, &ctx, &p, &headers, body, &mut rec).await {
         Ok(resp) => {
             rec.usage(resp.usage.unwrap_or_default());
             rec.first_byte();
@@ -138,6 +138,7 @@ async fn embed(
     edge: &Edge,
     ctx: &RequestCtx,
     p: &Principal,
+    headers: &HeaderMap,
     body: Body,
     rec: &mut UsageRecord,
 ) -> Result<relay_core::pb::adapter::v1::EmbedResponse, RelayError> {
@@ -154,8 +155,11 @@ async fn embed(
     let candidates = resident(p, &model, &route.candidates)?;
     let candidates = billable(p, &model, &candidates)?;
     let lease = admission(ctx, p, bytes.len(), Some(0), &candidates);
+    let for_rules = route.rules.iter().any(|r| r.budget_used_pct > 0).then(|| lease.clone());
     admit(edge, rec, lease).await.map_err(|d| d.error)?;
-    let strategy = relay_select::Strategy::parse(&route.strategy).unwrap_or_default();
+    let decision = decide(edge, headers, p, &route, for_rules.as_ref()).await?;
+    rec.routing_rule(decision.rule.as_deref());
+    let strategy = decision.strategy;
     let order = Order { strategy, tokens: (bytes.len() as u64 / 4, 0), ..Default::default() }.hedging(&route);
     with_failover(edge, &candidates, order, Some(rec), |dep| {
         let req = EmbedRequest {

@@ -169,6 +169,15 @@ impl UsageRecord {
         self.event.attempt_log.len() - 1
     }
 
+    /// The routing rule that chose the strategy, if one did (usage event and response header).
+    pub fn routing_rule(&mut self, rule: Option<&str>) {
+        self.event.routing_rule = rule.unwrap_or_default().to_owned();
+    }
+
+    pub fn rule(&self) -> &str {
+        &self.event.routing_rule
+    }
+
     /// Attempts started and not ended yet.
     pub fn attempts_running(&self) -> Vec<usize> {
         self.running.clone()

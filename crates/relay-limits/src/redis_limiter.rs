@@ -265,6 +265,31 @@ impl Limiter for RedisLimiter {
         }
     }
 
+    async fn budget_used(&self, a: &Admission) -> Option<f64> {
+        let mut scopes = active(a);
+        crate::seed::apply_prepaid(self.seeder.as_ref(), a, &mut scopes).await.ok()?;
+        scopes.retain(|(_, r)| r.budget > 0);
+        if scopes.is_empty() {
+            return None;
+        }
+        let mut get = redis::cmd("MGET");
+        for (s, r) in &scopes {
+            let [.., spent] = self.keys(&scope_name(s), r, a.at_ms);
+            get.arg(spent);
+        }
+        let mut conn = self.conn.clone();
+        let spent: Vec<Option<i64>> =
+            match tokio::time::timeout(self.timeout, get.query_async(&mut conn)).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => {
+                    self.redis_failed(&e);
+                    return self.fallback.budget_used(a).await;
+                }
+                Err(_) => return self.fallback.budget_used(a).await,
+            };
+        scopes.iter().zip(spent).map(|((_, r), s)| s.unwrap_or(0) as f64 / r.budget as f64).reduce(f64::max)
+    }
+
     async fn settle(&self, a: &Admission, tokens: u64, cost_micros: i64) {
         let scopes = active(a);
         if scopes.is_empty() {

@@ -10,7 +10,10 @@
 //! edge orders each request's candidates itself (relay-select), from this answer and the health it sees.
 
 pub mod admin;
+mod config;
 pub mod overrides;
+
+pub use config::*;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,206 +24,6 @@ use relay_core::pb::routing::v1::{
     Deployment, ListModelsResponse, ModelInfo, ModelKind, Price, RouteRequest, RouteResponse,
 };
 use relay_core::{ErrorCode, RelayError};
-use serde::Deserialize;
-
-/// `[routing]` config section.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RoutingConfig {
-    /// How long an edge may reuse a routing answer.
-    pub cache_ttl_ms: u32,
-    /// How often runtime changes (admin API, `relay routing`) are reloaded from the database.
-    pub refresh_ms: u64,
-    pub models: Vec<ModelConfig>,
-}
-
-impl Default for RoutingConfig {
-    fn default() -> Self {
-        Self { cache_ttl_ms: 1000, refresh_ms: 1000, models: Vec::new() }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelConfig {
-    /// The name clients send as `model`.
-    pub name: String,
-    #[serde(default = "chat")]
-    pub kind: Kind,
-    #[serde(default = "owner")]
-    pub owned_by: String,
-    /// Tried in this order.
-    pub deployments: Vec<DeploymentConfig>,
-    /// When a client leaves mid-answer: `drain` (read on and bill the provider's usage) or `cancel` (stop
-    /// the upstream, bill what it produced). Unset: whole answers drain, streams cancel.
-    #[serde(default)]
-    pub on_disconnect: Option<OnDisconnect>,
-    /// Timeouts in milliseconds (unset = none): until a deployment accepts the request (a slower one is
-    /// failed over), the longest silence between two stream events, and the whole answer.
-    #[serde(default)]
-    pub timeouts: Timeouts,
-    /// How healthy deployments are ordered per request: `weighted` (default; config order when no
-    /// deployment has a weight), `priority`, `cost` (cheapest for the request first), `latency`.
-    #[serde(default)]
-    pub strategy: Option<String>,
-    /// Other model groups tried, in order, once every deployment of this one failed, was isolated or
-    /// was at its upstream rate limit (e.g. `gpt-4o` → `["claude-sonnet"]`).
-    #[serde(default)]
-    pub fallbacks: Vec<String>,
-    /// Hedging (opt-in): no answer from the first attempt after this many ms starts a second one on the
-    /// next deployment; the first to answer wins and the other is cancelled (its cost is hedge overhead).
-    #[serde(default)]
-    pub hedge_after_ms: Option<u32>,
-}
-
-#[derive(Debug, Clone, Copy, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Timeouts {
-    pub first_byte_ms: u32,
-    pub idle_ms: u32,
-    pub total_ms: u32,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnDisconnect {
-    Drain,
-    Cancel,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Kind {
-    Chat,
-    Embedding,
-}
-
-fn chat() -> Kind {
-    Kind::Chat
-}
-
-fn owner() -> String {
-    "relay".into()
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeploymentConfig {
-    /// A provider name from `[[adapter.providers]]`.
-    pub provider: String,
-    /// The model name the provider knows.
-    pub model: String,
-    /// Share of first attempts among the model's deployments. Unset on all of them: they are tried in the
-    /// order listed (the first is the primary, the rest fallbacks).
-    #[serde(default)]
-    pub weight: Option<u32>,
-    /// Integer micro-units per million tokens; absent = the shipped catalog's price for the model, if any.
-    #[serde(default)]
-    pub price: Option<PriceConfig>,
-    /// Where the deployment processes data (e.g. `eu`); keys pinned to regions only use tagged ones.
-    #[serde(default)]
-    pub region: Option<String>,
-    /// No price on purpose: keys with a budget may use it (otherwise an unpriced deployment is refused
-    /// for them, since Relay could not bill it).
-    #[serde(default)]
-    pub free: bool,
-    /// Answer length assumed when a request sets no limit (bounds budget and token reservations).
-    #[serde(default = "default_max_output")]
-    pub max_output_tokens: u64,
-    /// The upstream account's limits for this deployment (requests and tokens per minute), counted
-    /// across every replica: at its limit the deployment is skipped (the next one, or a fallback group,
-    /// serves) instead of earning a 429.
-    #[serde(default)]
-    pub rpm: Option<u32>,
-    #[serde(default)]
-    pub tpm: Option<u64>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PriceConfig {
-    pub input_per_mtok_micros: i64,
-    pub output_per_mtok_micros: i64,
-    #[serde(default)]
-    pub cached_input_per_mtok_micros: i64,
-    #[serde(default = "usd")]
-    pub currency: String,
-}
-
-fn usd() -> String {
-    "USD".into()
-}
-
-fn default_max_output() -> u64 {
-    4096
-}
-
-impl RoutingConfig {
-    /// `providers`: names the adapter config defines (checked when both are in one config file).
-    pub fn validate(&self, providers: Option<&[&str]>, errors: &mut Vec<String>) {
-        let mut names = std::collections::HashSet::new();
-        for (i, m) in self.models.iter().enumerate() {
-            let at = format!("routing.models[{i}] ({})", m.name);
-            if m.name.is_empty() || !names.insert(&m.name) {
-                errors.push(format!("{at}: name must be non-empty and unique"));
-            }
-            if m.strategy.as_deref().is_some_and(|s| relay_select::Strategy::parse(s).is_none()) {
-                errors.push(format!("{at}.strategy: must be one of {}", relay_select::Strategy::NAMES));
-            }
-            if m.hedge_after_ms.is_some_and(|ms| ms == 0 || ms > 600_000) {
-                errors.push(format!("{at}.hedge_after_ms: 1..=600000"));
-            }
-            for f in &m.fallbacks {
-                match self.models.iter().find(|o| o.name == *f) {
-                    None => errors.push(format!("{at}.fallbacks: unknown model group `{f}`")),
-                    Some(_) if *f == m.name => {
-                        errors.push(format!("{at}.fallbacks: a group cannot fall back to itself"))
-                    }
-                    Some(o) if o.kind != m.kind => {
-                        errors.push(format!("{at}.fallbacks: `{f}` serves another kind of model"))
-                    }
-                    Some(_) => {}
-                }
-            }
-            let mut ids = std::collections::HashSet::new();
-            for (j, d) in m.deployments.iter().enumerate() {
-                if !ids.insert((&d.provider, &d.model)) {
-                    errors
-                        .push(format!("{at}.deployments[{j}]: `{}@{}` is listed twice", d.model, d.provider));
-                }
-                if d.rpm == Some(0) || d.tpm == Some(0) {
-                    errors.push(format!("{at}.deployments[{j}]: rpm and tpm must be at least 1 when set"));
-                }
-            }
-            if m.deployments.is_empty() {
-                errors.push(format!("{at}: needs at least one deployment"));
-            }
-            for (j, d) in m.deployments.iter().enumerate() {
-                if d.region.as_deref().is_some_and(|r| !relay_core::is_region_tag(r)) {
-                    errors.push(format!("{at}.deployments[{j}].region: 1-32 of a-z, 0-9 and '-'"));
-                }
-                if d.weight == Some(0) {
-                    errors.push(format!("{at}.deployments[{j}]: weight must be at least 1"));
-                }
-                if d.free && d.price.is_some() {
-                    errors.push(format!("{at}.deployments[{j}]: a free deployment cannot have a price"));
-                }
-                if d.price.as_ref().is_some_and(|p| {
-                    p.input_per_mtok_micros < 0
-                        || p.output_per_mtok_micros < 0
-                        || p.cached_input_per_mtok_micros < 0
-                }) {
-                    errors.push(format!("{at}.deployments[{j}].price: prices cannot be negative"));
-                }
-                if let Some(known) = providers
-                    && !known.contains(&d.provider.as_str())
-                {
-                    errors.push(format!("{at}.deployments[{j}]: unknown provider `{}`", d.provider));
-                }
-            }
-        }
-    }
-}
 
 struct Model {
     info: ModelInfo,
@@ -230,6 +33,7 @@ struct Model {
     strategy: String,
     fallbacks: Vec<String>,
     hedge_after_ms: u32,
+    rules: Vec<relay_core::pb::routing::v1::Rule>,
 }
 
 pub struct RoutingService {
@@ -319,6 +123,7 @@ impl RoutingService {
                     strategy,
                     fallbacks: m.fallbacks.clone(),
                     hedge_after_ms: m.hedge_after_ms.unwrap_or(0),
+                    rules: m.rules.iter().enumerate().map(|(i, r)| r.to_pb(i)).collect(),
                 },
             );
         }
@@ -419,6 +224,7 @@ impl Router for RoutingService {
             total_timeout_ms: model.timeouts.total_ms,
             strategy: changed.and_then(|c| c.strategy.clone()).unwrap_or_else(|| model.strategy.clone()),
             hedge_after_ms: changed.and_then(|c| c.hedge_after_ms).unwrap_or(model.hedge_after_ms),
+            rules: model.rules.clone(),
         })
     }
 
@@ -459,6 +265,7 @@ mod tests {
                     strategy: None,
                     fallbacks: vec![],
                     hedge_after_ms: None,
+                    rules: vec![],
                 },
                 ModelConfig {
                     name: "a".into(),
@@ -470,6 +277,7 @@ mod tests {
                     strategy: Some("cost".into()),
                     fallbacks: vec![],
                     hedge_after_ms: None,
+                    rules: vec![],
                 },
             ],
         }
@@ -509,6 +317,74 @@ mod tests {
         let p = r.candidates[0].price.clone().expect("catalog price");
         assert_eq!((p.input_per_mtok_micros, p.output_per_mtok_micros), (2_500_000, 10_000_000));
         assert!(r.candidates[1].price.is_none() && r.candidates[1].free);
+    }
+
+    #[tokio::test]
+    async fn fallback_groups_follow_and_runtime_changes_apply() {
+        let mut c = cfg();
+        c.models[1].kind = Kind::Chat;
+        c.models[0].fallbacks = vec!["a".into()];
+        let db = relay_db::Db::connect("sqlite::memory:").await.unwrap();
+        db.migrate().await.unwrap();
+        let svc = RoutingService::with_store(&c, db).await.unwrap();
+        let b = || RouteRequest { model: "b".into(), ..Default::default() };
+        let r = svc.route(b()).await.unwrap();
+        let ids: Vec<_> = r.candidates.iter().map(|d| (d.id.as_str(), d.group.as_str())).collect();
+        assert_eq!(ids, [("x@p1", "b"), ("y@p2", "b"), ("e@p1", "a")]);
+        let store = svc.store().unwrap();
+        store.patch_deployment("x@p1", &serde_json::json!({"enabled": false})).await.unwrap();
+        store.patch_deployment("y@p2", &serde_json::json!({"weight": 9})).await.unwrap();
+        store
+            .patch_model("b", &serde_json::json!({"strategy": "cost", "hedge_after_ms": 200}))
+            .await
+            .unwrap();
+        assert_eq!(
+            svc.route(b()).await.unwrap().candidates.len(),
+            3,
+            "applied on the next refresh, not before"
+        );
+        svc.refresh().await.unwrap();
+        let r = svc.route(b()).await.unwrap();
+        let ids: Vec<_> = r.candidates.iter().map(|d| (d.id.as_str(), d.weight)).collect();
+        assert_eq!(ids, [("y@p2", 9), ("e@p1", 0)]);
+        assert_eq!((r.strategy.as_str(), r.hedge_after_ms), ("cost", 200));
+        store.patch_deployment("y@p2", &serde_json::json!({"enabled": false})).await.unwrap();
+        svc.refresh().await.unwrap();
+        let e = svc.route(b()).await.unwrap_err();
+        assert!(e.code == ErrorCode::Unavailable && e.message.contains("drained"), "{e:?}");
+    }
+
+    #[test]
+    fn rules_need_a_condition_and_valid_values() {
+        let mut c = cfg();
+        let rule = |strategy: &str, pct: Option<u32>, hours: Option<&str>| RuleConfig {
+            name: None,
+            strategy: strategy.into(),
+            when_budget_used_pct: pct,
+            hours_utc: hours.map(str::to_owned),
+            when_p95_ms_above: None,
+        };
+        c.models[0].rules = vec![
+            rule("cost", Some(80), None),
+            rule("cost", None, Some("22-06")),
+            rule("fastest", None, None),
+            rule("cost", Some(101), Some("25-3")),
+        ];
+        c.models[0].fallbacks = vec!["b".into(), "zz".into()];
+        let mut errs = vec![];
+        c.validate(None, &mut errs);
+        let all = errs.join("\n");
+        for needle in [
+            "rules[2].strategy",
+            "rules[2]: needs a condition",
+            "rules[3].hours_utc",
+            "rules[3].when_budget_used_pct",
+            "fall back to itself",
+            "unknown model group `zz`",
+        ] {
+            assert!(all.contains(needle), "{needle} missing in:\n{all}");
+        }
+        assert_eq!(errs.len(), 6, "{all}");
     }
 
     #[test]

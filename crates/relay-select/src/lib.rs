@@ -525,6 +525,13 @@ impl Selector {
         }
     }
 
+    /// The lowest recent p95 among `candidates` (ms), for load-aware rules; `None` until known.
+    pub fn best_p95(&self, candidates: &[Deployment]) -> Option<f64> {
+        let now = Instant::now();
+        let stats = lock(&self.stats);
+        candidates.iter().filter_map(|d| stats.get(&d.id)?.p95(now)).min_by(f64::total_cmp)
+    }
+
     /// Failovers the retry budget allows right now.
     pub fn retry_budget_left(&self) -> f64 {
         self.retry_budget.load(Ordering::Relaxed) as f64 / 1000.0

@@ -11,7 +11,7 @@ use crate::config::Config;
 pub const USAGE: &str = "  \
   orgs  create --name N [--id I] [limits]    orgs  list | show ID | disable ID | enable ID
   teams create --org O --name N [--id I] [limits]    teams list --org O | show ID | disable ID | enable ID
-  keys  create --team T [--name N] [--models a,b] [--ips 10.0.0.0/8,...] [--regions eu,...] [--expires-at-ms MS] [limits]
+  keys  create --team T [--name N] [--models a,b] [--ips 10.0.0.0/8,...] [--regions eu,...] [--strategy S] [--expires-at-ms MS] [limits]
   keys  list [--team T] [--org O] | show ID | revoke ID | disable ID | enable ID
   limits: --rpm N --tpm N --max-concurrent N --budget-micros N --budget-period daily|monthly|total|prepaid
   (--admin-url URL, or $RELAY_ADMIN_URL; token from $RELAY_ADMIN_TOKEN or auth.admin_token)";
@@ -109,6 +109,9 @@ fn request(kind: &str, args: &[String]) -> Result<Request, String> {
             body.insert("allowed_models".into(), list(named.get("models")));
             body.insert("ip_allowlist".into(), list(named.get("ips")));
             body.insert("allowed_regions".into(), list(named.get("regions")));
+            if let Some(s) = named.get("strategy") {
+                body.insert("routing_strategy".into(), json!(s));
+            }
             if let Some(e) = named.get("expires-at-ms") {
                 body.insert(
                     "expires_at_ms".into(),
