@@ -131,6 +131,10 @@ fallbacks = ["backup"]
 deployments = [{ provider = "c", model = "small", rpm = 3 }]
 
 [[routing.models]]
+name = "solo"
+deployments = [{ provider = "d", model = "solo" }]
+
+[[routing.models]]
 name = "backup"
 deployments = [{ provider = "d", model = "big" }]
 "#;
@@ -269,6 +273,37 @@ async fn three_replicas_route_around_faults_and_follow_runtime_changes() {
     assert!(attempts as usize <= n + n / 5 + 3 * 20, "{attempts} upstream attempts for {n} requests");
     a.fail_with(0);
     b.fail_with(0);
+
+    // A provider refusing Relay's credential (401): isolated at once on every replica, failed over, and
+    // never shown to the client as its own 401.
+    let (status, _) = cl.patch("deployments/e@b", json!({"enabled": null, "weight": null})).await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    a.fail_with(401);
+    let before = a.chat_requests();
+    for i in 0..30 {
+        let r = cl.ask(i % 3, "even", &format!("dead key {i}")).await;
+        assert_eq!((r.status, r.deployment.as_str()), (200, "e@b"), "request {i}");
+    }
+    assert!(
+        a.chat_requests() - before <= 3,
+        "{} requests reached the refusing provider",
+        a.chat_requests() - before
+    );
+    a.fail_with(0);
+
+    // One deployment, one transient failure: a second round after a short backoff answers.
+    d.fail_next(1, 502, None);
+    let r = cl.ask(0, "solo", "transient").await;
+    assert_eq!((r.status, r.attempts.as_str()), (200, "2"));
+    // A 429 with a short Retry-After is waited out; a long one goes back to the client.
+    d.fail_next(1, 429, Some(1));
+    let r = cl.ask(1, "solo", "throttled briefly").await;
+    assert_eq!((r.status, r.attempts.as_str()), (200, "2"));
+    assert!(r.took >= Duration::from_secs(1), "Retry-After honoured: {:?}", r.took);
+    d.fail_next(1, 429, Some(30));
+    let r = cl.ask(2, "solo", "throttled long").await;
+    assert_eq!((r.status, r.attempts.as_str()), (429, "1"));
 
     // Model-group fallback: the primary group's upstream account allows 3 requests a minute.
     let mut served = Vec::new();

@@ -7,6 +7,10 @@
 //!   (extra upstream attempts stay within ~20 % of requests, so an outage does not multiply load).
 //! - A deployment with its own upstream RPM/TPM is admitted against them first (counted across replicas
 //!   by the limiter): at its limit it is skipped, as if it had answered 429, without a call.
+//! - When every candidate failed retryably, one more round after a backoff: the upstream's
+//!   `Retry-After` when it gave one up to [`MAX_RETRY_AFTER`] (longer: no retry, the client gets it), else
+//!   100-300 ms of jitter; within the same retry budget. An upstream 429 with `Retry-After` isolates
+//!   that deployment for that long on every replica.
 //! - Hedging (opt-in per group): when the running attempt has not answered after `hedge_after`, a second
 //!   one starts on the next candidate; the first to answer wins, the other is cancelled and its input
 //!   recorded as hedge overhead.
@@ -23,6 +27,9 @@ use relay_core::{ErrorCode, RelayError};
 use crate::Edge;
 use crate::dispatch::Order;
 use crate::usage::UsageRecord;
+
+/// Longest upstream `Retry-After` Relay waits out itself before one more round.
+pub const MAX_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 
 type Running<'f, T> =
     Pin<Box<dyn Future<Output = (usize, usize, Instant, Result<T, RelayError>)> + Send + 'f>>;
@@ -47,7 +54,28 @@ where
     let mut running: Vec<Running<'f, T>> = Vec::with_capacity(2);
     let mut last_err: Option<RelayError> = None;
     let mut hedged = false;
+    let mut rounds_left = 1;
+    let span = tracing::Span::current();
+    span.record("relay.routing.strategy", order.strategy.name());
     loop {
+        if running.is_empty() && next >= candidates.len() {
+            // Every candidate failed retryably: one more round after a backoff, if the budget allows.
+            let Some(wait) = last_err.as_ref().and_then(|e| backoff(e, selector.jitter())) else {
+                return Err(last_err.unwrap_or_else(none_left));
+            };
+            if rounds_left == 0 || !selector.may_retry() {
+                return Err(last_err.unwrap_or_else(none_left));
+            }
+            rounds_left -= 1;
+            metrics::counter!("relay_edge_retry_rounds_total").increment(1);
+            tokio::time::sleep(wait).await;
+            next = 0;
+            // This round's first attempt was paid for above.
+            match start(edge, &candidates, &mut next, order, &mut rec, &mut call, false).await {
+                Ok(r) => running.push(r),
+                Err(limited) => return Err(limited.or(last_err).unwrap_or_else(none_left)),
+            }
+        }
         if running.is_empty() {
             // A failover after a failed attempt spends the retry budget; the first attempt does not.
             if last_err.is_some() && next < candidates.len() && !selector.may_retry() {
@@ -90,8 +118,10 @@ where
         match result {
             Ok(v) => {
                 // The hedge race is over: whatever still runs is cancelled (dropped) as overhead.
+                span.record("relay.routing.deployment", dep.id.as_str());
                 if let Some(r) = rec.as_deref_mut() {
                     r.serving(dep);
+                    span.record("relay.routing.attempts", r.served_by().1);
                     let lost = r.attempts_running();
                     let estimate = r.input_estimate();
                     for a in lost {
@@ -103,13 +133,25 @@ where
             Err(e) if e.code.is_retryable() => {
                 metrics::counter!("relay_edge_failover_total", "code" => e.code.as_str()).increment(1);
                 tracing::warn!(deployment = %dep.id, code = e.code.as_str(), "deployment failed before first byte");
-                if running.is_empty() && next >= candidates.len() {
-                    return Err(e);
-                }
                 last_err = Some(e);
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// How long to wait before another round after `e`, or `None` to give up (the error is final, or the
+/// upstream asked for a longer pause than Relay waits out).
+fn backoff(e: &RelayError, jitter: f64) -> Option<std::time::Duration> {
+    if !e.code.is_retryable() {
+        return None;
+    }
+    match e.retry_after_secs {
+        Some(s) if s > 0 => {
+            let wait = std::time::Duration::from_secs(u64::from(s));
+            (wait <= MAX_RETRY_AFTER).then_some(wait)
+        }
+        _ => Some(std::time::Duration::from_millis(100 + (jitter * 200.0) as u64)),
     }
 }
 
@@ -167,14 +209,27 @@ fn ended(
     }
     let outcome = match err {
         None => relay_select::Outcome::Answered { latency: began.elapsed() },
-        Some(e) => relay_select::Outcome::Failed { code: e.code, upstream_status: e.upstream_status },
+        Some(e) => match (e.upstream_status, e.retry_after_secs) {
+            (Some(429), Some(s)) if s > 0 => {
+                relay_select::Outcome::Throttled { retry_after: std::time::Duration::from_secs(u64::from(s)) }
+            }
+            _ => relay_select::Outcome::Failed { code: e.code, upstream_status: e.upstream_status },
+        },
     };
     if let Some(t) = edge.inner.selector.record(&dep.id, outcome) {
+        let open = matches!(t, relay_select::Transition::Opened { .. });
+        metrics::gauge!("relay_edge_breaker_open", "deployment" => dep.id.clone())
+            .set(f64::from(u8::from(open)));
         edge.announce(t.message(&dep.id));
     }
     let label = err.map_or("answered", |e| e.code.as_str());
     metrics::counter!("relay_edge_upstream_attempts_total", "deployment" => dep.id.clone(), "result" => label)
         .increment(1);
+    if err.is_none() {
+        metrics::histogram!("relay_edge_upstream_answer_seconds", "deployment" => dep.id.clone())
+            .record(began.elapsed().as_secs_f64());
+    }
+    metrics::gauge!("relay_edge_retry_budget_left").set(edge.inner.selector.retry_budget_left());
 }
 
 /// Admits one attempt against its deployment's upstream account limits (shared by every replica). The

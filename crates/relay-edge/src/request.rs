@@ -59,6 +59,9 @@ pub async fn middleware(
         request_id = %request_id,
         client_request_id = client_request_id.as_deref().unwrap_or(""),
         http.response.status_code = tracing::field::Empty,
+        relay.routing.strategy = tracing::field::Empty,
+        relay.routing.deployment = tracing::field::Empty,
+        relay.routing.attempts = tracing::field::Empty,
     );
     relay_telemetry::set_parent(&span, relay_telemetry::context_from_headers(req.headers()));
     let trace_context = span.in_scope(relay_telemetry::current_context_map);

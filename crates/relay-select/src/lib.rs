@@ -104,6 +104,9 @@ pub enum Outcome {
     Answered { latency: Duration },
     /// The upstream (or the way to it) failed; `code` classifies it.
     Failed { code: ErrorCode, upstream_status: Option<u16> },
+    /// The upstream answered 429 and said when to come back: isolated until then (at most
+    /// `max_cooldown`), on every replica, instead of being hammered through its cool-down.
+    Throttled { retry_after: Duration },
 }
 
 /// How long a probe may take before another request may probe instead.
@@ -463,6 +466,23 @@ impl Selector {
                 let was_open = health.remove(deployment_id).is_some_and(|h| h.state != State::Closed);
                 was_open.then_some(Transition::Closed)
             }
+            Outcome::Throttled { retry_after } => {
+                self.with_stats(deployment_id, Stats::failed);
+                let cooldown = retry_after.clamp(Duration::from_secs(1), self.cfg.max_cooldown);
+                let h = health.entry(deployment_id.to_owned()).or_insert(Health {
+                    state: State::Closed,
+                    consecutive_failures: 0,
+                    cooldown,
+                });
+                h.consecutive_failures += 1;
+                let until = Instant::now() + cooldown;
+                let was_open_longer = matches!(h.state, State::Open { until: u } if u >= until);
+                if was_open_longer {
+                    return None;
+                }
+                h.state = State::Open { until };
+                Some(Transition::Opened { cooldown })
+            }
             Outcome::Failed { code, upstream_status } => {
                 let credential = matches!(upstream_status, Some(401 | 403));
                 if !(code.is_retryable() || credential) {
@@ -530,6 +550,11 @@ impl Selector {
         let now = Instant::now();
         let stats = lock(&self.stats);
         candidates.iter().filter_map(|d| stats.get(&d.id)?.p95(now)).min_by(f64::total_cmp)
+    }
+
+    /// A uniform value in `[0, 1)`, for backoff jitter.
+    pub fn jitter(&self) -> f64 {
+        self.unit()
     }
 
     /// Failovers the retry budget allows right now.

@@ -239,3 +239,22 @@ fn weights_hold_while_outcomes_are_recorded() {
     let share = a as f64 / 4000.0;
     assert!((share - 0.75).abs() < 0.03, "{share}");
 }
+
+#[test]
+fn a_throttled_deployment_waits_out_its_retry_after() {
+    let s = Selector::default();
+    let c = [dep("busy", 1000), dep("spare", 1)];
+    let t = s.record("busy", Outcome::Throttled { retry_after: Duration::from_secs(5) });
+    assert_eq!(
+        t,
+        Some(Transition::Opened { cooldown: Duration::from_secs(5) }),
+        "announced to the other replicas"
+    );
+    assert!((0..50).all(|_| s.order(&c)[0].id == "spare"));
+    assert_eq!(
+        s.record("busy", Outcome::Throttled { retry_after: Duration::from_secs(2) }),
+        None,
+        "already out longer"
+    );
+    assert_eq!(s.health("busy").breaker, "open");
+}

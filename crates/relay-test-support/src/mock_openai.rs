@@ -38,6 +38,10 @@ struct Shared {
     slow_every: Arc<AtomicU64>,
     slow_ms: Arc<AtomicU64>,
     requests: Arc<AtomicU64>,
+    /// The next `fail_next` chat requests answer `fail_next_status`, with `Retry-After` when set.
+    fail_next: Arc<AtomicU64>,
+    fail_next_status: Arc<AtomicU64>,
+    fail_retry_after: Arc<AtomicU64>,
 }
 
 pub struct MockOpenAi {
@@ -85,6 +89,13 @@ impl MockOpenAi {
     pub fn slow_tail(&self, every: u64, ms: u64) {
         self.shared.slow_ms.store(ms, Ordering::SeqCst);
         self.shared.slow_every.store(every, Ordering::SeqCst);
+    }
+
+    /// The next `n` chat requests answer `status` (with `Retry-After: retry_after` seconds when given).
+    pub fn fail_next(&self, n: u64, status: u16, retry_after: Option<u64>) {
+        self.shared.fail_next_status.store(u64::from(status), Ordering::SeqCst);
+        self.shared.fail_retry_after.store(retry_after.unwrap_or(0), Ordering::SeqCst);
+        self.shared.fail_next.store(n, Ordering::SeqCst);
     }
 
     /// Chat requests received so far.
@@ -163,6 +174,17 @@ async fn chat(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> 
     }
     if wait > 0 {
         tokio::time::sleep(Duration::from_millis(wait)).await;
+    }
+    if shared.fail_next.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+        let status = shared.fail_next_status.load(Ordering::SeqCst) as u16;
+        let mut resp = error(status, &format!("mock upstream fails once with {status}"));
+        match shared.fail_retry_after.load(Ordering::SeqCst) {
+            0 => {}
+            secs => {
+                resp.headers_mut().insert("retry-after", secs.into());
+            }
+        }
+        return resp;
     }
     match shared.fail_status.load(Ordering::SeqCst) {
         0 => {}
