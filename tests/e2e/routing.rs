@@ -123,7 +123,10 @@ deployments = [{ provider = "c", model = "t" }, { provider = "d", model = "t" }]
 [[routing.models]]
 name = "hedged"
 hedge_after_ms = 150
-deployments = [{ provider = "c", model = "h" }, { provider = "d", model = "h" }]
+deployments = [
+  { provider = "c", model = "h", price = { input_per_mtok_micros = 1000000, output_per_mtok_micros = 1000000 } },
+  { provider = "d", model = "h", price = { input_per_mtok_micros = 1000000, output_per_mtok_micros = 1000000 } },
+]
 
 [[routing.models]]
 name = "limited"
@@ -341,6 +344,19 @@ async fn three_replicas_route_around_faults_and_follow_runtime_changes() {
     assert_eq!(lost.len(), 1, "{:?}", event.attempt_log);
     assert!(lost[0].input_tokens > 0, "the loser's input is recorded as overhead");
     assert!(event.attempt_log.iter().any(|a| a.answered && a.hedge), "{:?}", event.attempt_log);
+    assert!(lost[0].overhead_cost.as_ref().is_some_and(|m| m.micros > 0), "{:?}", lost[0]);
+    // Booked as hedge overhead owed to the provider, not charged to the caller; the books still balance.
+    let books: Value =
+        cl.c.get(format!("{}/admin/v1/billing/reconcile", cl.admin(&cl.backend)))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert!(books["hedge_overhead_micros"].as_i64().unwrap() > 0, "{books}");
+    assert_eq!(books["ok"], true, "{books}");
 
     for e in cl.edges {
         e.stop().await;

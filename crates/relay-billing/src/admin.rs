@@ -140,6 +140,7 @@ async fn reconcile(State(a): State<Admin>, headers: HeaderMap) -> Result<Respons
         "dead_letters": r.dead_letters,
         "sell_micros": {"records": r.sell_micros_records, "ledger": r.sell_micros_ledger},
         "cost_micros": {"records": r.cost_micros_records, "ledger": r.cost_micros_ledger},
+        "hedge_overhead_micros": r.overhead_micros_ledger,
         "input_tokens": r.input_tokens,
         "output_tokens": r.output_tokens,
     }))

@@ -6,6 +6,9 @@
 //! credited) at the buy price. Debits are positive, credits negative; a set always sums to zero. Team and
 //! org spend roll up from the key accounts through `usage_records` (key, team and org of every request).
 //! Its id is derived from the request's billing id, so replaying an event can only ever meet the same set.
+//! A hedged request's cancelled attempts add hedge overhead to the same set: what the losing provider may
+//! bill for their input (catalog price), debited to `overhead:hedge:<provider>` and owed to that provider,
+//! never charged to the customer.
 
 use relay_core::pb::events::v1::UsageEvent;
 
@@ -74,6 +77,30 @@ pub fn book(e: &UsageEvent, prices: &PriceBook, markups: &[Markup], default_bps:
             Entry { account: format!("payable:{provider}"), kind: "payable", amount: -cost },
         ];
     }
+    for a in e.attempt_log.iter().filter(|a| a.hedge_lost && a.input_tokens > 0) {
+        let input =
+            relay_core::pb::common::v1::TokenUsage { input_tokens: a.input_tokens, ..Default::default() };
+        let (overhead, their_currency) =
+            match prices.resolve(&a.provider, &a.upstream_model, e.started_at_unix_ms) {
+                Some(p) => (p.cost(&input), p.currency.clone()),
+                None => match &a.overhead_cost {
+                    Some(m) => (m.micros.max(0), m.currency.clone()),
+                    None => continue,
+                },
+            };
+        if overhead > 0 && their_currency == currency {
+            entries.push(Entry {
+                account: format!("overhead:hedge:{}", a.provider),
+                kind: "overhead",
+                amount: overhead,
+            });
+            entries.push(Entry {
+                account: format!("payable:{}", a.provider),
+                kind: "payable",
+                amount: -overhead,
+            });
+        }
+    }
     Booking { txn_id: format!("usage-{}", e.request_id), price_id, currency, cost, sell, entries }
 }
 
@@ -114,6 +141,36 @@ mod tests {
         assert_eq!(b.txn_id, "usage-r1");
         let team = [Markup { scope: "org:o".into(), bps: 2500 }, Markup { scope: "team:t".into(), bps: 0 }];
         assert_eq!(book_of(&event("gpt-x", 1000, 500), &team).sell, 2000, "team markup wins");
+    }
+
+    #[test]
+    fn a_lost_hedge_is_overhead_owed_to_its_provider_not_charged_to_the_customer() {
+        use relay_core::pb::events::v1::Attempt;
+        let mut e = event("gpt-x", 1000, 500);
+        e.attempt_log = vec![
+            Attempt {
+                provider: "p".into(),
+                upstream_model: "gpt-x".into(),
+                hedge_lost: true,
+                input_tokens: 1000,
+                ..Default::default()
+            },
+            Attempt {
+                provider: "p".into(),
+                upstream_model: "gpt-x".into(),
+                answered: true,
+                hedge: true,
+                ..Default::default()
+            },
+        ];
+        let b = book_of(&e, &[]);
+        assert_eq!((b.cost, b.sell), (2000, 2000), "the customer pays for the answer only");
+        assert!(b.balanced());
+        assert_eq!(
+            b.entries[4],
+            Entry { account: "overhead:hedge:p".into(), kind: "overhead", amount: 1000 }
+        );
+        assert_eq!(b.entries[5], Entry { account: "payable:p".into(), kind: "payable", amount: -1000 });
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub struct Report {
     pub sell_micros_ledger: i64,
     pub cost_micros_records: i64,
     pub cost_micros_ledger: i64,
+    /// Hedge overhead: what cancelled hedge attempts may cost (owed to providers, not charged).
+    pub overhead_micros_ledger: i64,
     /// Per (UTC date, upstream model): input tokens, output tokens, cost micros as booked.
     pub by_day_model: BTreeMap<(String, String), [i64; 3]>,
 }
@@ -94,6 +96,7 @@ pub async fn check(db: &Db) -> anyhow::Result<Report> {
     };
     r.sell_micros_ledger = one(db, &ledger("customer")).await?;
     r.cost_micros_ledger = one(db, &ledger("cost")).await?;
+    r.overhead_micros_ledger = one(db, &ledger("overhead")).await?;
     let by_day = format!(
         "SELECT started_at_ms / {DAY_MS} AS day, upstream_model, {}, {}, {} FROM usage_records \
          GROUP BY started_at_ms / {DAY_MS}, upstream_model",
@@ -222,6 +225,7 @@ impl std::fmt::Display for Report {
             micros(self.cost_micros_records),
             micros(self.cost_micros_ledger)
         )?;
+        writeln!(f, "  hedge overhead:   ledger {}", micros(self.overhead_micros_ledger))?;
         writeln!(f, "tokens: {} input, {} output", self.input_tokens, self.output_tokens)?;
         write!(f, "{}", if self.ok() { "books balance" } else { "BOOKS DO NOT RECONCILE" })
     }

@@ -38,8 +38,9 @@ pub struct UsageRecord {
     output_seen: u64,
     /// An upstream accepted the request (its `Start` arrived).
     upstream_started: bool,
-    /// When each attempt began (by its index in the attempt log).
+    /// When each attempt began, and its deployment's price (by index in the attempt log).
     attempt_started: Vec<Instant>,
+    attempt_prices: Vec<Option<Price>>,
     /// The attempt that answered (its tokens are the event's).
     served: Option<usize>,
     /// Attempts started and not yet ended (a hedge race in progress).
@@ -74,6 +75,7 @@ impl UsageRecord {
             output_seen: 0,
             upstream_started: false,
             attempt_started: Vec::new(),
+            attempt_prices: Vec::new(),
             served: None,
             running: Vec::new(),
             upstream_leases: Vec::new(),
@@ -119,6 +121,11 @@ impl UsageRecord {
             a.hedge_lost = true;
             a.input_tokens = input_estimate;
             a.error_code = ErrorCode::Cancelled.to_pb() as i32;
+            if let Some(p) = self.attempt_prices.get(i).cloned().flatten() {
+                let input = TokenUsage { input_tokens: input_estimate, ..Default::default() };
+                a.overhead_cost =
+                    Some(Money { micros: relay_core::cost_micros(&input, &p), currency: p.currency });
+            }
         }
         metrics::counter!("relay_edge_hedge_overhead_tokens_total").increment(input_estimate);
     }
@@ -154,6 +161,7 @@ impl UsageRecord {
     /// Until one answers, the latest attempt is the one the request is billed to.
     pub fn attempt(&mut self, d: &Deployment, hedge: bool) -> usize {
         self.attempt_started.push(Instant::now());
+        self.attempt_prices.push(d.price.clone());
         self.event.attempt_log.push(relay_core::pb::events::v1::Attempt {
             deployment_id: d.id.clone(),
             provider: d.provider.clone(),
