@@ -134,6 +134,11 @@ fallbacks = ["backup"]
 deployments = [{ provider = "c", model = "small", rpm = 3 }]
 
 [[routing.models]]
+name = "stall"
+timeouts = { idle_ms = 300 }
+deployments = [{ provider = "c", model = "stall" }]
+
+[[routing.models]]
 name = "solo"
 deployments = [{ provider = "d", model = "solo" }]
 
@@ -307,6 +312,19 @@ async fn three_replicas_route_around_faults_and_follow_runtime_changes() {
     d.fail_next(1, 429, Some(30));
     let r = cl.ask(2, "solo", "throttled long").await;
     assert_eq!((r.status, r.attempts.as_str()), (429, "1"));
+
+    // Streams past their first byte cannot fail over: an upstream dying mid-stream, or going silent
+    // longer than the group's idle timeout, ends the client's stream with an error event, never a
+    // clean end that looks complete.
+    for (e, model, knob) in
+        [(0, "faulty", "[[mock die_after=3]]"), (1, "stall", "[[mock chunk_delay_ms=1000]]")]
+    {
+        let body =
+            json!({"model": model, "messages": [{"role": "user", "content": format!("{knob} a b c d e f")}]});
+        let s = crate::client::chat_stream(&cl.c, &cl.edges[e].http(), body).await;
+        assert!(s.error.is_some(), "{model}: a truncated stream must end in an error event: {s:?}");
+        assert_ne!(s.finish.as_deref(), Some("stop"), "{s:?}");
+    }
 
     // Model-group fallback: the primary group's upstream account allows 3 requests a minute.
     let mut served = Vec::new();
