@@ -259,7 +259,7 @@ async fn prepare(
     let order = Order {
         strategy: decision.strategy,
         tokens,
-        session: crate::dispatch::session(headers, principal),
+        session: crate::dispatch::session(headers, principal, &route, &request.body),
         hedge_after: None,
     }
     .hedging(&route);

@@ -174,13 +174,31 @@ impl Order {
     }
 }
 
+/// Prompts shorter than this get no prompt affinity (providers cache only long prefixes).
+const PROMPT_AFFINITY_MIN_BYTES: usize = 4096;
+/// How much of the body's beginning identifies a conversation for prompt affinity.
+const PROMPT_AFFINITY_PREFIX: usize = 2048;
+
 /// Cache affinity: a client's `x-relay-session` header, scoped to its key, so one conversation keeps
-/// hitting the same deployment (and its prompt cache) while that deployment is healthy.
-pub fn session(headers: &axum::http::HeaderMap, principal: &Principal) -> Option<u64> {
-    let s = headers.get("x-relay-session")?.as_bytes();
+/// hitting the same deployment (and its prompt cache) while that deployment is healthy. Without the
+/// header, a group with prompt affinity uses the key plus the first 2 KiB of a long request body (the
+/// model, system prompt and first turns, which later turns of the conversation repeat).
+pub fn session(
+    headers: &axum::http::HeaderMap,
+    principal: &Principal,
+    route: &RouteResponse,
+    body: &[u8],
+) -> Option<u64> {
+    let s = match headers.get("x-relay-session") {
+        Some(v) => v.as_bytes(),
+        None if route.prompt_affinity && body.len() >= PROMPT_AFFINITY_MIN_BYTES => {
+            &body[..PROMPT_AFFINITY_PREFIX]
+        }
+        None => return None,
+    };
     let mut key = principal.key_id.as_bytes().to_vec();
     key.push(0);
-    key.extend_from_slice(&s[..s.len().min(256)]);
+    key.extend_from_slice(&s[..s.len().min(PROMPT_AFFINITY_PREFIX)]);
     Some(relay_select::session_hash(&key))
 }
 
@@ -307,6 +325,34 @@ mod tests {
     use relay_core::pb::routing::v1::Price;
 
     use super::*;
+
+    #[test]
+    fn prompt_affinity_keys_long_prompts_by_their_beginning() {
+        let route = RouteResponse { prompt_affinity: true, ..Default::default() };
+        let p = Principal { key_id: "k1".into(), ..Default::default() };
+        let system = "s".repeat(5000);
+        let turn = |n: usize| {
+            format!(
+                "{{\"model\":\"m\",\"messages\":[{{\"role\":\"system\",\"content\":\"{system}\"}}{}]}}",
+                ",{}".repeat(n)
+            )
+        };
+        let h = axum::http::HeaderMap::new();
+        let (one, two) =
+            (session(&h, &p, &route, turn(1).as_bytes()), session(&h, &p, &route, turn(5).as_bytes()));
+        assert!(one.is_some() && one == two, "later turns of one conversation stay together");
+        let other = Principal { key_id: "k2".into(), ..Default::default() };
+        assert_ne!(session(&h, &other, &route, turn(1).as_bytes()), one, "scoped to the key");
+        assert_eq!(session(&h, &p, &route, b"{\"short\":1}"), None);
+        let off = RouteResponse::default();
+        assert_eq!(session(&h, &p, &off, turn(1).as_bytes()), None, "opt-in per group");
+        let mut with_header = axum::http::HeaderMap::new();
+        with_header.insert("x-relay-session", "conv-7".parse().unwrap());
+        assert_eq!(
+            session(&with_header, &p, &off, b"{}"),
+            session(&with_header, &p, &route, turn(1).as_bytes())
+        );
+    }
 
     #[test]
     fn hours_wrap_midnight() {

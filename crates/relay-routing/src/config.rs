@@ -56,6 +56,10 @@ pub struct ModelConfig {
     /// strategy = "latency" }`.
     #[serde(default)]
     pub rules: Vec<RuleConfig>,
+    /// Cache affinity without an `x-relay-session` header: a key's requests whose (long) prompts share
+    /// their beginning stick to one healthy deployment, so provider prompt caches keep hitting.
+    #[serde(default)]
+    pub prompt_affinity: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

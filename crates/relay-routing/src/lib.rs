@@ -34,6 +34,7 @@ struct Model {
     fallbacks: Vec<String>,
     hedge_after_ms: u32,
     rules: Vec<relay_core::pb::routing::v1::Rule>,
+    prompt_affinity: bool,
 }
 
 pub struct RoutingService {
@@ -124,6 +125,7 @@ impl RoutingService {
                     fallbacks: m.fallbacks.clone(),
                     hedge_after_ms: m.hedge_after_ms.unwrap_or(0),
                     rules: m.rules.iter().enumerate().map(|(i, r)| r.to_pb(i)).collect(),
+                    prompt_affinity: m.prompt_affinity,
                 },
             );
         }
@@ -225,6 +227,7 @@ impl Router for RoutingService {
             strategy: changed.and_then(|c| c.strategy.clone()).unwrap_or_else(|| model.strategy.clone()),
             hedge_after_ms: changed.and_then(|c| c.hedge_after_ms).unwrap_or(model.hedge_after_ms),
             rules: model.rules.clone(),
+            prompt_affinity: model.prompt_affinity,
         })
     }
 
@@ -266,6 +269,7 @@ mod tests {
                     fallbacks: vec![],
                     hedge_after_ms: None,
                     rules: vec![],
+                    prompt_affinity: false,
                 },
                 ModelConfig {
                     name: "a".into(),
@@ -278,6 +282,7 @@ mod tests {
                     fallbacks: vec![],
                     hedge_after_ms: None,
                     rules: vec![],
+                    prompt_affinity: false,
                 },
             ],
         }
