@@ -336,6 +336,24 @@ async fn a_key_pinned_to_a_region_never_leaves_it_even_on_failover() {
             send(&h, "sk-eu", "/v1/chat/completions", Some(chat("ok-regions", false))).await;
         assert_eq!((status.as_u16(), headers["x-relay-deployment"].as_str()), (200, "good-eu"));
     }
+    // In every strategy, forced per request: never the US deployment, whatever it scores.
+    for strategy in ["weighted", "priority", "cost", "latency", "balanced", "headroom"] {
+        for _ in 0..5 {
+            let (status, headers, _) = send_with(
+                &h,
+                "sk-eu",
+                "/v1/chat/completions",
+                Some(chat("ok-regions", false)),
+                &[("x-relay-strategy", strategy)],
+            )
+            .await;
+            assert_eq!(
+                (status.as_u16(), headers["x-relay-deployment"].as_str()),
+                (200, "good-eu"),
+                "{strategy}"
+            );
+        }
+    }
     let calls = h.adapter.0.lock().unwrap().clone();
     assert!(!calls.contains(&"good".to_string()), "a US deployment was tried: {calls:?}");
     let (status, _, body) = send(&h, "sk-eu", "/v1/chat/completions", Some(chat("ok-us-only", false))).await;
