@@ -33,7 +33,7 @@ impl Default for Stats {
     fn default() -> Self {
         Self {
             ewma_ms: None,
-            window: VecDeque::with_capacity(WINDOW_SAMPLES),
+            window: VecDeque::new(),
             p95_ms: 0.0,
             error_rate: 0.0,
             headroom: 1.0,
@@ -71,9 +71,15 @@ impl Stats {
         if self.window.len() < MIN_SAMPLES {
             return 0.0;
         }
-        let mut v: Vec<f32> = self.window.iter().map(|(_, ms)| *ms).collect();
-        let q = if v.len() < 20 { 50 } else { 95 };
-        let rank = (v.len() * q).div_ceil(100).saturating_sub(1);
+        // On the stack: this runs once per answer, on the request path.
+        let mut buf = [0f32; WINDOW_SAMPLES];
+        let n = self.window.len();
+        for (slot, (_, ms)) in buf.iter_mut().zip(&self.window) {
+            *slot = *ms;
+        }
+        let v = &mut buf[..n];
+        let q = if n < 20 { 50 } else { 95 };
+        let rank = (n * q).div_ceil(100).saturating_sub(1);
         let (_, p, _) = v.select_nth_unstable_by(rank, f32::total_cmp);
         f64::from(*p)
     }
