@@ -1,11 +1,14 @@
 # Thin wrappers. The two that matter: `make run` and `make test`.
-.PHONY: run test lint fmt conformance real-clients migrate build release
+.PHONY: run test lint fmt conformance real-clients migrate build release bench
 
 run:            ## Relay embedded (all five services, SQLite, demo route) on http://127.0.0.1:8080
 	cargo run --bin relay -- serve --config deploy/config/relay.dev.toml
 
 test:           ## every test: unit, component, end-to-end (starts NATS/Redis/Postgres), compose check, conformance
 	bash scripts/test.sh
+
+bench:          ## Relay in every mode beside a bare reverse proxy, everything on: a markdown table (bench.md)
+	bash scripts/bench.sh
 
 lint:
 	cargo fmt --all -- --check

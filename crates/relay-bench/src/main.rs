@@ -1,0 +1,51 @@
+//! relay-bench (`make bench`): Relay side by side with a bare reverse proxy (the floor) on one machine,
+//! in one run, against a Rust mock upstream, with everything on (a virtual key with RPM/TPM/concurrency
+//! and a budget, usage events, billing and ledger writes). Modes: embedded (SQLite, in-process bus,
+//! in-memory limits), one process on Postgres + NATS + Redis, and five processes over gRPC (those two
+//! when `DATABASE_URL`, `NATS_URL` and `REDIS_URL` are set). Writes a markdown table.
+//!
+//! `relay-bench run [--quick] [--out FILE]`; `relay-bench mock|proxy` are the helper processes it starts.
+
+mod load;
+mod modes;
+mod procs;
+mod upstream;
+
+use std::process::ExitCode;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let result = match args.first().map(String::as_str) {
+        Some("mock") => {
+            upstream::mock(
+                flag("--chunks").and_then(|v| v.parse().ok()).unwrap_or(100),
+                flag("--gap-ms").and_then(|v| v.parse().ok()).unwrap_or(0),
+            )
+            .await
+        }
+        Some("proxy") => match flag("--upstream") {
+            Some(u) => upstream::proxy(u).await,
+            None => Err(anyhow::anyhow!("proxy needs --upstream URL")),
+        },
+        Some("run") => {
+            let quick = args.iter().any(|a| a == "--quick");
+            modes::run(quick, flag("--out")).await
+        }
+        _ => {
+            eprintln!(
+                "usage: relay-bench run [--quick] [--out FILE] | mock [--chunks N] [--gap-ms MS] | proxy --upstream URL"
+            );
+            return ExitCode::from(64);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("relay-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
