@@ -18,10 +18,11 @@ const IMAGE_TOKENS: u64 = 255;
 const MESSAGE_FRAMING: u64 = 3;
 const REPLY_PRIMER: u64 = 3;
 
-/// A tokenizer chosen for one upstream model.
+/// A tokenizer chosen for one upstream model. Its tables (tens of MB once loaded) are loaded on first
+/// use, not when it is chosen: most answers carry the provider's usage and are never counted.
 #[derive(Clone, Copy)]
 pub struct Tokenizer {
-    bpe: &'static CoreBPE,
+    bpe: fn() -> &'static CoreBPE,
     source: UsageSource,
 }
 
@@ -35,10 +36,10 @@ impl Tokenizer {
             .iter()
             .any(|p| m.starts_with(p));
         if cl100k {
-            Self { bpe: tiktoken_rs::cl100k_base_singleton(), source: UsageSource::Counted }
+            Self { bpe: tiktoken_rs::cl100k_base_singleton, source: UsageSource::Counted }
         } else {
             let source = if o200k { UsageSource::Counted } else { UsageSource::Estimated };
-            Self { bpe: tiktoken_rs::o200k_base_singleton(), source }
+            Self { bpe: tiktoken_rs::o200k_base_singleton, source }
         }
     }
 
@@ -50,7 +51,7 @@ impl Tokenizer {
         if text.is_empty() {
             return 0;
         }
-        self.bpe.encode_ordinary(text).len() as u64
+        (self.bpe)().encode_ordinary(text).len() as u64
     }
 
     /// Input tokens of a whole request: system, messages (with framing), tool definitions.

@@ -30,13 +30,25 @@ async fn main() -> ExitCode {
             Some(u) => upstream::proxy(u).await,
             None => Err(anyhow::anyhow!("proxy needs --upstream URL")),
         },
+        // Load only, against a target someone else started (for profiling): prints requests per second.
+        Some("load") => match (flag("--base"), flag("--key")) {
+            (Some(base), Some(key)) => {
+                let secs = flag("--secs").and_then(|v| v.parse().ok()).unwrap_or(10);
+                let conns = flag("--conns").and_then(|v| v.parse().ok()).unwrap_or(64);
+                let t = load::Target::new(&base, &key);
+                let r = load::closed(&t, conns, std::time::Duration::from_secs(secs)).await;
+                println!("{:.0} requests/s, {} errors", r.rps(), r.errors);
+                Ok(())
+            }
+            _ => Err(anyhow::anyhow!("load needs --base URL --key KEY")),
+        },
         Some("run") => {
             let quick = args.iter().any(|a| a == "--quick");
             modes::run(quick, flag("--out")).await
         }
         _ => {
             eprintln!(
-                "usage: relay-bench run [--quick] [--out FILE] | mock [--chunks N] [--gap-ms MS] | proxy --upstream URL"
+                "usage: relay-bench run [--quick] [--out FILE] | load --base URL --key K [--secs N] [--conns C] | mock [--chunks N] [--gap-ms MS] | proxy --upstream URL"
             );
             return ExitCode::from(64);
         }

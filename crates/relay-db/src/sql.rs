@@ -112,12 +112,12 @@ pub enum Tx {
 }
 
 impl Tx {
-    /// Parameters worth binding in one statement: Postgres takes up to 65,535; SQLite's binding cost grows
-    /// faster than linearly with the count, so its statements stay small.
+    /// Parameters worth binding in one statement: Postgres takes up to 65,535; SQLite up to 32,766, and
+    /// with anonymous placeholders ([`crate::sqlite_sql`]) binding stays linear, so a few thousand.
     pub fn max_params(&self) -> usize {
         match self {
             Self::Postgres(_) => 65_535,
-            Self::Sqlite(_) => 512,
+            Self::Sqlite(_) => 4096,
         }
     }
 

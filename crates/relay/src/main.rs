@@ -1,5 +1,10 @@
 //! The `relay` binary; everything lives in the library (`relay::cli`).
 
+/// mimalloc: per-thread free lists make the many small, short-lived allocations of a request (headers,
+/// JSON, protobuf, metric labels) cheap; glibc malloc took ~20 % of an embedded relay's CPU under load.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     // One TLS crypto provider for every client (reqwest, tonic, sqlx, NATS): ring.
     let _ = rustls::crypto::ring::default_provider().install_default();
