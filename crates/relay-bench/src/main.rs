@@ -42,13 +42,14 @@ async fn main() -> ExitCode {
             }
             _ => Err(anyhow::anyhow!("load needs --base URL --key KEY")),
         },
+        Some("hold") => modes::hold(args.get(1).map_or("embedded", String::as_str)).await,
         Some("run") => {
             let quick = args.iter().any(|a| a == "--quick");
             modes::run(quick, flag("--out")).await
         }
         _ => {
             eprintln!(
-                "usage: relay-bench run [--quick] [--out FILE] | load --base URL --key K [--secs N] [--conns C] | mock [--chunks N] [--gap-ms MS] | proxy --upstream URL"
+                "usage: relay-bench run [--quick] [--out FILE] | load --base URL --key K [--secs N] [--conns C] | hold embedded|single|five | mock [--chunks N] [--gap-ms MS] | proxy --upstream URL"
             );
             return ExitCode::from(64);
         }

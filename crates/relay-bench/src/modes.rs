@@ -110,6 +110,33 @@ pub async fn run(quick: bool, out: Option<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `relay-bench hold <embedded|single|five>`: starts the mock and that target, prints where it listens
+/// (base URL, key, pids) and keeps it up until killed, for profiling with `relay-bench load` and `perf`.
+pub async fn hold(mode: &str) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("relay-bench-hold-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut mock_cmd = Command::new(std::env::current_exe()?);
+    mock_cmd.arg("mock");
+    let mock = Proc::start("mock", mock_cmd, &dir.join("mock.log")).await?;
+    let mock_url = mock.url("listening");
+    let relay = procs::relay_bin();
+    let env = |v: &str| std::env::var(v).with_context(|| format!("{v} is needed for this mode"));
+    let r = match mode {
+        "embedded" => start_embedded(&relay, &dir, &mock_url).await?,
+        "single" | "five" => {
+            let (pg, nats, redis) = (env("DATABASE_URL")?, env("NATS_URL")?, env("REDIS_URL")?);
+            start_services(&relay, &dir, &mock_url, &pg, &nats, &redis, mode == "five").await?
+        }
+        other => anyhow::bail!("unknown mode `{other}` (embedded, single, five)"),
+    };
+    let pids: Vec<u32> = r.procs.iter().map(Proc::pid).collect();
+    println!("{}", json!({"base": r.base, "key": r.key, "pids": pids, "mock": mock_url, "dir": dir}));
+    tokio::signal::ctrl_c().await?;
+    stop_all(r.procs).await;
+    mock.stop().await;
+    Ok(())
+}
+
 async fn stop_all(procs: Vec<Proc>) {
     for p in procs {
         p.stop().await;
