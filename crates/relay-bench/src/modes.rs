@@ -29,7 +29,8 @@ struct Row {
     ttft_c16: f64,
     gap_p99: f64,
     rss_peak: f64,
-    rss_after: f64,
+    /// Peak resident memory right after the max run (before the streaming probes).
+    rss_max_run: f64,
     billing_lag_ms: Option<(f64, f64)>,
 }
 
@@ -154,6 +155,8 @@ async fn measure(name: &str, plan: &Plan, r: &Running) -> Row {
     let max = load::closed(&t, plan.conns, plan.dur).await;
     let cpu_us = if max.ok > 0 { (cpu() - before).as_secs_f64() * 1e6 / max.ok as f64 } else { 0.0 };
     let ended = Instant::now();
+    let edge = pids.first().copied().unwrap_or(0);
+    let rss_max_run = procs::rss_mb(edge).1;
     // Billing must catch up with the max run; the lag is read from the rows themselves.
     let billing_lag_ms = match &r.db {
         Some(db) => billing_lag(db, ended).await,
@@ -163,8 +166,7 @@ async fn measure(name: &str, plan: &Plan, r: &Running) -> Row {
     let at_rate = load::open(&t, plan.rate, plan.dur).await;
     let c1 = load::streams(&t, 1, plan.streams_c1).await;
     let c16 = load::streams(&t, 16, plan.streams_c16).await;
-    let edge = pids.first().copied().unwrap_or(0);
-    let (rss_after, rss_peak) = procs::rss_mb(edge);
+    let rss_peak = procs::rss_mb(edge).1;
     Row {
         name: name.to_owned(),
         max_rps: max.rps(),
@@ -177,7 +179,7 @@ async fn measure(name: &str, plan: &Plan, r: &Running) -> Row {
         ttft_c16: pct(&c16.ttft, 99.0),
         gap_p99: pct(&c16.gaps, 99.0),
         rss_peak,
-        rss_after,
+        rss_max_run,
         billing_lag_ms,
     }
 }
@@ -340,7 +342,7 @@ fn render(direct: &Row, rows: &[Row], plan: &Plan) -> String {
     );
     let _ = writeln!(
         t,
-        "| | max RPS | CPU µs/req | added p50 / p99 at {} RPS | added TTFB p99 c=1 / c=16 | added TTFT p99 c=16 | event gap p99 | RSS peak / after | billing lag worst / drain after run | errors |",
+        "| | max RPS | CPU µs/req | added p50 / p99 at {} RPS | added TTFB p99 c=1 / c=16 | added TTFT p99 c=16 | event gap p99 | RSS peak: max run / end | billing lag worst / drain after run | errors |",
         plan.rate
     );
     let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|---|");
@@ -359,8 +361,8 @@ fn render(direct: &Row, rows: &[Row], plan: &Plan) -> String {
             r.ttfb_c16 - direct.ttfb_c16,
             r.ttft_c16 - direct.ttft_c16,
             r.gap_p99,
+            r.rss_max_run,
             r.rss_peak,
-            r.rss_after,
             lag,
             r.at_rate_errors
         );

@@ -40,9 +40,12 @@ enum Cmd {
     Stop,
 }
 
-/// Events held in memory at most; past this (a long bus outage) the rest wait on disk only and are read
-/// back when their turn comes, so memory stays bounded however long the outage.
-const MAX_IN_MEMORY: usize = 10_000;
+/// Events held in memory at most (1-2 KB each); past this (a backlog, a bus outage) the rest wait on disk
+/// only and are read back when their turn comes, so memory stays bounded however long it lasts.
+const MAX_IN_MEMORY: usize = 2_000;
+/// Events read back from disk at once: each read is a blocking-pool task, and hundreds at once would
+/// start hundreds of threads (their stacks and allocator heaps were most of a backlogged relay's memory).
+const DISK_READS: usize = 4;
 
 struct Pending {
     seq: u64,
@@ -242,6 +245,8 @@ async fn relay(
 
 /// Reads one event record back from its segment.
 async fn load(dir: &Path, segment: u64, offset: u64, len: usize) -> Option<UsageEvent> {
+    static READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(DISK_READS);
+    let _turn = READS.acquire().await.ok()?;
     let path = dir.join(format!("{segment:020}.seg"));
     tokio::task::spawn_blocking(move || {
         use std::io::{Seek as _, SeekFrom};
