@@ -53,6 +53,12 @@ impl Cluster {
         format!("http://{}", proc.bound["admin"].as_str().unwrap())
     }
 
+    /// An admin `GET` on `proc`'s admin listener, as JSON.
+    async fn get(&self, proc: &RelayProc, path: &str) -> Value {
+        let r = self.c.get(format!("{}{path}", self.admin(proc))).bearer_auth(ADMIN).send().await.unwrap();
+        r.json().await.unwrap()
+    }
+
     async fn patch(&self, path: &str, body: Value) -> (u16, Value) {
         let r = self
             .c
@@ -248,15 +254,7 @@ async fn three_replicas_route_around_faults_and_follow_runtime_changes() {
     // failures that opened the primary's breaker.
     let mut failures = 0;
     for edge in &cl.edges {
-        let view: Value =
-            cl.c.get(format!("{}/admin/v1/routing", cl.admin(edge)))
-                .bearer_auth(ADMIN)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+        let view = cl.get(edge, "/admin/v1/routing").await;
         let faulty = view["models"].as_array().unwrap().iter().find(|m| m["model"] == "faulty").unwrap();
         let primary = &faulty["deployments"][0];
         assert_eq!(
@@ -364,15 +362,7 @@ async fn three_replicas_route_around_faults_and_follow_runtime_changes() {
     assert!(event.attempt_log.iter().any(|a| a.answered && a.hedge), "{:?}", event.attempt_log);
     assert!(lost[0].overhead_cost.as_ref().is_some_and(|m| m.micros > 0), "{:?}", lost[0]);
     // Booked as hedge overhead owed to the provider, not charged to the caller; the books still balance.
-    let books: Value =
-        cl.c.get(format!("{}/admin/v1/billing/reconcile", cl.admin(&cl.backend)))
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+    let books = cl.get(&cl.backend, "/admin/v1/billing/reconcile").await;
     assert!(books["hedge_overhead_micros"].as_i64().unwrap() > 0, "{books}");
     assert_eq!(books["ok"], true, "{books}");
 
