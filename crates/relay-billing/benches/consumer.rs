@@ -50,7 +50,7 @@ async fn run(name: &str, db: Db, n: u64, batch: usize) {
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        for batch in [1, 16, 64, 256] {
+        for batch in [1, 16, 64, 256, 1024] {
             let path = std::env::temp_dir().join(format!("relay-bench-{}.db", uuid::Uuid::now_v7().simple()));
             let db = Db::connect(&format!("sqlite://{}", path.display())).await.unwrap();
             db.migrate().await.unwrap();

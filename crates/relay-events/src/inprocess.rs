@@ -37,8 +37,8 @@ impl UsageSink for InProcessSink {
     }
 }
 
-/// Most events handled in one batch.
-const BATCH: usize = 256;
+/// Most events handled in one batch (one transaction).
+const BATCH: usize = 1024;
 
 impl InProcessSource {
     pub(crate) async fn run<H: UsageHandler>(mut self, handler: H, stop: CancellationToken) {
