@@ -41,7 +41,7 @@ pub struct BillingConfig {
     pub catalog_file: Option<String>,
     /// Tries of an event the database refuses before it is dead-lettered (outages are retried forever).
     pub max_deliver: u32,
-    /// Events recorded per database transaction.
+    /// Most events recorded per database transaction (larger deliveries are split).
     pub batch_size: usize,
 }
 
@@ -52,7 +52,7 @@ impl Default for BillingConfig {
             markups: Vec::new(),
             catalog_file: None,
             max_deliver: 3,
-            batch_size: 256,
+            batch_size: 1024,
         }
     }
 }
@@ -271,29 +271,32 @@ impl UsageHandler for Recorder {
                 batch.push(i);
             }
         }
-        let bookings: Vec<_> = batch.iter().map(|&i| self.book(&events[i])).collect();
-        let items: Vec<_> = batch.iter().zip(&bookings).map(|(&i, b)| (&events[i], b)).collect();
-        match self.service.store.record_batch(&items).await {
-            Ok(outcomes) => {
-                let now = relay_core::ids::now_ms();
-                for (&i, o) in batch.iter().zip(outcomes) {
-                    metrics::counter!("relay_usage_events_total", "result" => o.label()).increment(1);
-                    if o == RecordOutcome::Inserted {
-                        record_lag(&events[i], now);
+        // One transaction per `billing.batch_size` events.
+        for batch in batch.chunks(self.service.cfg.batch_size.max(1)) {
+            let bookings: Vec<_> = batch.iter().map(|&i| self.book(&events[i])).collect();
+            let items: Vec<_> = batch.iter().zip(&bookings).map(|(&i, b)| (&events[i], b)).collect();
+            match self.service.store.record_batch(&items).await {
+                Ok(outcomes) => {
+                    let now = relay_core::ids::now_ms();
+                    for (&i, o) in batch.iter().zip(outcomes) {
+                        metrics::counter!("relay_usage_events_total", "result" => o.label()).increment(1);
+                        if o == RecordOutcome::Inserted {
+                            record_lag(&events[i], now);
+                        }
+                        verdicts[i] = Some(Handled::Stored);
                     }
-                    verdicts[i] = Some(Handled::Stored);
                 }
-            }
-            Err(err) if relay_db::is_transient(&err) => {
-                tracing::warn!(error = %err, "billing database unavailable; batch will be retried");
-                for &i in &batch {
-                    verdicts[i] = Some(Handled::Retry(err.to_string()));
+                Err(err) if relay_db::is_transient(&err) => {
+                    tracing::warn!(error = %err, "billing database unavailable; batch will be retried");
+                    for &i in batch {
+                        verdicts[i] = Some(Handled::Retry(err.to_string()));
+                    }
                 }
-            }
-            // One bad event fails the whole transaction: find it by recording each alone.
-            Err(_) => {
-                for &i in &batch {
-                    verdicts[i] = Some(self.one(&events[i], attempts.get(i).copied().unwrap_or(1)).await);
+                // One bad event fails the whole transaction: find it by recording each alone.
+                Err(_) => {
+                    for &i in batch {
+                        verdicts[i] = Some(self.one(&events[i], attempts.get(i).copied().unwrap_or(1)).await);
+                    }
                 }
             }
         }

@@ -45,7 +45,7 @@ impl Default for NatsConfig {
             dedupe_window_secs: 600,
             max_age_hours: 72,
             retry_delay_ms: 1000,
-            batch_size: 256,
+            batch_size: 1024,
             ack_wait_secs: 30,
         }
     }
