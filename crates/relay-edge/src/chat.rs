@@ -238,9 +238,8 @@ async fn prepare(
     let candidates = resident(principal, &model, &route.candidates).map_err(plain)?;
     let candidates = billable(principal, &model, &candidates).map_err(plain)?;
     let lease = admission(ctx, principal, bytes.len(), env.max_output(), &candidates);
-    let for_rules = route.rules.iter().any(|r| r.budget_used_pct > 0).then(|| lease.clone());
     let rate = admit(edge, rec, lease).await.map_err(|d| (d.error, d.headers))?;
-    let decision = decide(edge, headers, principal, &route, for_rules.as_ref()).await.map_err(plain)?;
+    let decision = decide(edge, headers, principal, &route, rec.lease()).await.map_err(plain)?;
     rec.routing_rule(decision.rule.as_deref());
     let drain_max = std::time::Duration::from_secs(edge.inner.cfg.drain_max_secs);
     let policy = answer::Policy::of(route.on_disconnect(), stream, drain_max);

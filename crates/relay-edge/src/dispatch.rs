@@ -211,7 +211,8 @@ pub struct Decision {
 
 /// The strategy for a request, most specific first: the `x-relay-strategy` header, the key's own
 /// strategy, the first of the group's rules whose conditions hold (budget spent, UTC hours, the group's
-/// fastest p95), the group's strategy. `lease`: the request's admission, for budget rules.
+/// fastest p95), the group's strategy. `lease`: the request's admission, for budget rules (none when the
+/// caller has no limits, or the pipeline is not billed).
 pub async fn decide(
     edge: &Edge,
     headers: &axum::http::HeaderMap,

@@ -58,27 +58,21 @@ where
     let span = tracing::Span::current();
     span.record("relay.routing.strategy", order.strategy.name());
     loop {
-        if running.is_empty() && next >= candidates.len() {
-            // Every candidate failed retryably: one more round after a backoff, if the budget allows.
-            let Some(wait) = last_err.as_ref().and_then(|e| backoff(e, selector.jitter())) else {
-                return Err(last_err.unwrap_or_else(none_left));
-            };
-            if rounds_left == 0 || !selector.may_retry() {
-                return Err(last_err.unwrap_or_else(none_left));
-            }
-            rounds_left -= 1;
-            metrics::counter!("relay_edge_retry_rounds_total").increment(1);
-            tokio::time::sleep(wait).await;
-            next = 0;
-            // This round's first attempt was paid for above.
-            match start(edge, &candidates, &mut next, order, &mut rec, &mut call, false).await {
-                Ok(r) => running.push(r),
-                Err(limited) => return Err(limited.or(last_err).unwrap_or_else(none_left)),
-            }
-        }
         if running.is_empty() {
-            // A failover after a failed attempt spends the retry budget; the first attempt does not.
-            if last_err.is_some() && next < candidates.len() && !selector.may_retry() {
+            if next >= candidates.len() {
+                // Every candidate failed retryably: one more round after a backoff, if the budget allows.
+                let Some(wait) = last_err.as_ref().and_then(|e| backoff(e, selector.jitter())) else {
+                    return Err(last_err.unwrap_or_else(none_left));
+                };
+                if rounds_left == 0 || !selector.may_retry() {
+                    return Err(last_err.unwrap_or_else(none_left));
+                }
+                rounds_left -= 1;
+                metrics::counter!("relay_edge_retry_rounds_total").increment(1);
+                tokio::time::sleep(wait).await;
+                next = 0;
+            } else if last_err.is_some() && !selector.may_retry() {
+                // A failover after a failed attempt spends the retry budget; the first attempt does not.
                 metrics::counter!("relay_edge_retry_budget_exhausted_total").increment(1);
                 tracing::warn!("retry budget spent: not failing over");
                 return Err(last_err.unwrap_or_else(none_left));

@@ -155,9 +155,8 @@ async fn embed(
     let candidates = resident(p, &model, &route.candidates)?;
     let candidates = billable(p, &model, &candidates)?;
     let lease = admission(ctx, p, bytes.len(), Some(0), &candidates);
-    let for_rules = route.rules.iter().any(|r| r.budget_used_pct > 0).then(|| lease.clone());
     admit(edge, rec, lease).await.map_err(|d| d.error)?;
-    let decision = decide(edge, headers, p, &route, for_rules.as_ref()).await?;
+    let decision = decide(edge, headers, p, &route, rec.lease()).await?;
     rec.routing_rule(decision.rule.as_deref());
     let strategy = decision.strategy;
     let order = Order { strategy, tokens: (bytes.len() as u64 / 4, 0), ..Default::default() }.hedging(&route);

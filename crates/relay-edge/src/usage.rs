@@ -39,8 +39,7 @@ pub struct UsageRecord {
     /// An upstream accepted the request (its `Start` arrived).
     upstream_started: bool,
     /// When each attempt began, and its deployment's price (by index in the attempt log).
-    attempt_started: Vec<Instant>,
-    attempt_prices: Vec<Option<Price>>,
+    attempt_started: Vec<(Instant, Option<Price>)>,
     /// The attempt that answered (its tokens are the event's).
     served: Option<usize>,
     /// Attempts started and not yet ended (a hedge race in progress).
@@ -75,7 +74,6 @@ impl UsageRecord {
             output_seen: 0,
             upstream_started: false,
             attempt_started: Vec::new(),
-            attempt_prices: Vec::new(),
             served: None,
             running: Vec::new(),
             upstream_leases: Vec::new(),
@@ -97,7 +95,7 @@ impl UsageRecord {
     /// How attempt `i` ended: answered (`None`; it now serves the request) or failed before its first
     /// byte.
     pub fn attempt_ended(&mut self, i: usize, failure: Option<&RelayError>) {
-        let took = self.attempt_started.get(i).copied().map_or(0, elapsed_ms);
+        let took = self.attempt_started.get(i).map_or(0, |(at, _)| elapsed_ms(*at));
         self.running.retain(|r| *r != i);
         let Some(a) = self.event.attempt_log.get_mut(i) else { return };
         a.duration_ms = took;
@@ -114,14 +112,14 @@ impl UsageRecord {
     /// Attempt `i` lost a hedge race and was cancelled: the provider may bill its input (`input_estimate`
     /// tokens), which is hedge overhead, recorded on the attempt and never charged to the caller.
     pub fn hedge_lost(&mut self, i: usize, input_estimate: u64) {
-        let took = self.attempt_started.get(i).copied().map_or(0, elapsed_ms);
+        let took = self.attempt_started.get(i).map_or(0, |(at, _)| elapsed_ms(*at));
         self.running.retain(|r| *r != i);
         if let Some(a) = self.event.attempt_log.get_mut(i) {
             a.duration_ms = took;
             a.hedge_lost = true;
             a.input_tokens = input_estimate;
             a.error_code = ErrorCode::Cancelled.to_pb() as i32;
-            if let Some(p) = self.attempt_prices.get(i).cloned().flatten() {
+            if let Some(p) = self.attempt_started.get(i).and_then(|(_, p)| p.clone()) {
                 let input = TokenUsage { input_tokens: input_estimate, ..Default::default() };
                 a.overhead_cost =
                     Some(Money { micros: relay_core::cost_micros(&input, &p), currency: p.currency });
@@ -160,8 +158,7 @@ impl UsageRecord {
     /// A new attempt on `d` (`hedge`: started while an earlier one was still waiting); returns its index.
     /// Until one answers, the latest attempt is the one the request is billed to.
     pub fn attempt(&mut self, d: &Deployment, hedge: bool) -> usize {
-        self.attempt_started.push(Instant::now());
-        self.attempt_prices.push(d.price.clone());
+        self.attempt_started.push((Instant::now(), d.price.clone()));
         self.event.attempt_log.push(relay_core::pb::events::v1::Attempt {
             deployment_id: d.id.clone(),
             provider: d.provider.clone(),
@@ -204,6 +201,11 @@ impl UsageRecord {
     /// Input tokens estimated from the body (every 4 bytes a token), for overhead a provider may bill.
     pub fn input_estimate(&self) -> u64 {
         self.body_bytes.div_ceil(4)
+    }
+
+    /// The admission this request holds, if it was admitted against limits (routing rules read its scopes).
+    pub fn lease(&self) -> Option<&Admission> {
+        self.lease.as_ref()
     }
 
     /// The limits reservation this request holds; settled with real usage when it ends.

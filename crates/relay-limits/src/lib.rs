@@ -181,6 +181,18 @@ pub(crate) fn active(a: &Admission) -> Vec<(&Scope, Rules)> {
     a.scopes.iter().map(|s| (s, Rules::of(s))).filter(|(_, r)| r.any()).collect()
 }
 
+/// The admission's scopes that have a budget (prepaid ones at their balance), for `budget_used`; `None`
+/// when there are none or a prepaid balance cannot be read.
+pub(crate) async fn budgeted<'a>(
+    seeder: Option<&seed::Seeder>,
+    a: &'a Admission,
+) -> Option<Vec<(&'a Scope, Rules)>> {
+    let mut scopes = active(a);
+    seed::apply_prepaid(seeder, a, &mut scopes).await.ok()?;
+    scopes.retain(|(_, r)| r.budget > 0);
+    (!scopes.is_empty()).then_some(scopes)
+}
+
 pub(crate) fn i64_of(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }

@@ -142,12 +142,10 @@ impl Limiter for MemoryLimiter {
     }
 
     async fn budget_used(&self, a: &Admission) -> Option<f64> {
-        let mut scopes = active(a);
-        crate::seed::apply_prepaid(self.seeder.as_ref(), a, &mut scopes).await.ok()?;
+        let scopes = crate::budgeted(self.seeder.as_ref(), a).await?;
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         scopes
             .iter()
-            .filter(|(_, r)| r.budget > 0)
             .map(|(s, r)| {
                 let spent =
                     st.spent.get(&(scope_name(s), period_key(r.period, a.at_ms))).copied().unwrap_or(0);

@@ -272,12 +272,7 @@ impl Limiter for RedisLimiter {
     }
 
     async fn budget_used(&self, a: &Admission) -> Option<f64> {
-        let mut scopes = active(a);
-        crate::seed::apply_prepaid(self.seeder.as_ref(), a, &mut scopes).await.ok()?;
-        scopes.retain(|(_, r)| r.budget > 0);
-        if scopes.is_empty() {
-            return None;
-        }
+        let scopes = crate::budgeted(self.seeder.as_ref(), a).await?;
         let mut get = redis::cmd("MGET");
         for (s, r) in &scopes {
             let [.., spent] = self.keys(&scope_name(s), r, a.at_ms);

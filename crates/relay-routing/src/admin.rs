@@ -16,7 +16,7 @@ use relay_runtime::admin::ApiError;
 use serde_json::{Value, json};
 
 use crate::RoutingService;
-use crate::overrides::Target;
+use crate::overrides::{DeploymentOverride, ModelOverride, Target};
 
 #[derive(Clone)]
 struct Admin {
@@ -82,7 +82,7 @@ async fn patch_deployment(
     if !a.routing.has_deployment(&id) {
         return Err(not_found("deployment", &id));
     }
-    let o = store.patch_deployment(&id, &patch).await.map_err(patch_error)?;
+    let o = store.patch::<DeploymentOverride>(&id, &patch).await.map_err(patch_error)?;
     tracing::info!(deployment = %id, change = ?o, "routing change");
     applied(&a, json!({"deployment": id, "override": o})).await
 }
@@ -97,7 +97,7 @@ async fn patch_model(
     if !a.routing.has_model(&name) {
         return Err(not_found("model group", &name));
     }
-    let o = store.patch_model(&name, &patch).await.map_err(patch_error)?;
+    let o = store.patch::<ModelOverride>(&name, &patch).await.map_err(patch_error)?;
     tracing::info!(model = %name, change = ?o, "routing change");
     applied(&a, json!({"model": name, "override": o})).await
 }

@@ -337,10 +337,19 @@ mod tests {
         let ids: Vec<_> = r.candidates.iter().map(|d| (d.id.as_str(), d.group.as_str())).collect();
         assert_eq!(ids, [("x@p1", "b"), ("y@p2", "b"), ("e@p1", "a")]);
         let store = svc.store().unwrap();
-        store.patch_deployment("x@p1", &serde_json::json!({"enabled": false})).await.unwrap();
-        store.patch_deployment("y@p2", &serde_json::json!({"weight": 9})).await.unwrap();
         store
-            .patch_model("b", &serde_json::json!({"strategy": "cost", "hedge_after_ms": 200}))
+            .patch::<overrides::DeploymentOverride>("x@p1", &serde_json::json!({"enabled": false}))
+            .await
+            .unwrap();
+        store
+            .patch::<overrides::DeploymentOverride>("y@p2", &serde_json::json!({"weight": 9}))
+            .await
+            .unwrap();
+        store
+            .patch::<overrides::ModelOverride>(
+                "b",
+                &serde_json::json!({"strategy": "cost", "hedge_after_ms": 200}),
+            )
             .await
             .unwrap();
         assert_eq!(
@@ -353,7 +362,10 @@ mod tests {
         let ids: Vec<_> = r.candidates.iter().map(|d| (d.id.as_str(), d.weight)).collect();
         assert_eq!(ids, [("y@p2", 9), ("e@p1", 0)]);
         assert_eq!((r.strategy.as_str(), r.hedge_after_ms), ("cost", 200));
-        store.patch_deployment("y@p2", &serde_json::json!({"enabled": false})).await.unwrap();
+        store
+            .patch::<overrides::DeploymentOverride>("y@p2", &serde_json::json!({"enabled": false}))
+            .await
+            .unwrap();
         svc.refresh().await.unwrap();
         let e = svc.route(b()).await.unwrap_err();
         assert!(e.code == ErrorCode::Unavailable && e.message.contains("drained"), "{e:?}");

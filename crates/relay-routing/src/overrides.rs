@@ -1,8 +1,8 @@
 //! Routing changes made at runtime: a deployment's weight, draining (disabling) it, a model group's
 //! strategy and hedging delay. Stored in the database (`routing_overrides`), so every routing replica
 //! applies the same ones; they are reloaded every `refresh_ms` and reach every edge within the route cache
-//! TTL after that. The admin API and `relay routing` write them through [`OverrideStore`]; `relay check`
-//! validates the same rules ([`DeploymentOverride::validate`], [`ModelOverride::validate`]).
+//! TTL after that. The admin API and `relay routing` write them through [`OverrideStore`], which
+//! checks every change with the same rules ([`Settings::validate`]).
 
 use std::collections::HashMap;
 
@@ -36,20 +36,25 @@ pub struct ModelOverride {
 
 pub const MAX_WEIGHT: u32 = 1_000_000;
 
-impl DeploymentOverride {
-    pub fn validate(&self) -> Result<(), String> {
+/// The settings of one kind of target, as stored (JSON) and checked.
+pub trait Settings: Serialize + serde::de::DeserializeOwned + Default + PartialEq {
+    const KIND: Target;
+    fn validate(&self) -> Result<(), String>;
+}
+
+impl Settings for DeploymentOverride {
+    const KIND: Target = Target::Deployment;
+    fn validate(&self) -> Result<(), String> {
         match self.weight {
             Some(w) if !(1..=MAX_WEIGHT).contains(&w) => Err(format!("weight must be 1..={MAX_WEIGHT}")),
             _ => Ok(()),
         }
     }
-    fn is_empty(&self) -> bool {
-        *self == Self::default()
-    }
 }
 
-impl ModelOverride {
-    pub fn validate(&self) -> Result<(), String> {
+impl Settings for ModelOverride {
+    const KIND: Target = Target::Model;
+    fn validate(&self) -> Result<(), String> {
         if let Some(s) = &self.strategy
             && relay_select::Strategy::parse(s).is_none()
         {
@@ -59,9 +64,6 @@ impl ModelOverride {
             return Err("hedge_after_ms must be at most 600000".into());
         }
         Ok(())
-    }
-    fn is_empty(&self) -> bool {
-        *self == Self::default()
     }
 }
 
@@ -156,29 +158,17 @@ impl OverrideStore {
         })
     }
 
-    /// Applies `patch` to a deployment's override; `Err(Ok(msg))` = the change is invalid.
-    pub async fn patch_deployment(
+    /// Applies `patch` to the override of `target` (a deployment id or a model group name, by `S`);
+    /// `Err(Ok(msg))` = the change is invalid.
+    pub async fn patch<S: Settings>(
         &self,
-        id: &str,
+        target: &str,
         patch: &Value,
-    ) -> Result<DeploymentOverride, Result<String, anyhow::Error>> {
-        let merged = merge(self.current(Target::Deployment, id).await.map_err(Err)?, patch).map_err(Ok)?;
-        let o: DeploymentOverride = serde_json::from_value(merged).map_err(|e| Ok(e.to_string()))?;
+    ) -> Result<S, Result<String, anyhow::Error>> {
+        let merged = merge(self.current(S::KIND, target).await.map_err(Err)?, patch).map_err(Ok)?;
+        let o: S = serde_json::from_value(merged).map_err(|e| Ok(e.to_string()))?;
         o.validate().map_err(Ok)?;
-        self.store(Target::Deployment, id, o.is_empty(), &o).await.map_err(Err)?;
-        Ok(o)
-    }
-
-    /// Applies `patch` to a model group's override; `Err(Ok(msg))` = the change is invalid.
-    pub async fn patch_model(
-        &self,
-        name: &str,
-        patch: &Value,
-    ) -> Result<ModelOverride, Result<String, anyhow::Error>> {
-        let merged = merge(self.current(Target::Model, name).await.map_err(Err)?, patch).map_err(Ok)?;
-        let o: ModelOverride = serde_json::from_value(merged).map_err(|e| Ok(e.to_string()))?;
-        o.validate().map_err(Ok)?;
-        self.store(Target::Model, name, o.is_empty(), &o).await.map_err(Err)?;
+        self.store(S::KIND, target, o == S::default(), &o).await.map_err(Err)?;
         Ok(o)
     }
 
@@ -220,21 +210,22 @@ mod tests {
         let db = Db::connect("sqlite::memory:").await.unwrap();
         db.migrate().await.unwrap();
         let s = OverrideStore::new(db);
-        let o = s.patch_deployment("a@p", &serde_json::json!({"weight": 5})).await.unwrap();
+        let o = s.patch::<DeploymentOverride>("a@p", &serde_json::json!({"weight": 5})).await.unwrap();
         assert_eq!(o.weight, Some(5));
-        let o = s.patch_deployment("a@p", &serde_json::json!({"enabled": false})).await.unwrap();
+        let o = s.patch::<DeploymentOverride>("a@p", &serde_json::json!({"enabled": false})).await.unwrap();
         assert_eq!((o.weight, o.enabled), (Some(5), Some(false)), "fields merge");
-        let bad = s.patch_deployment("a@p", &serde_json::json!({"weight": 0})).await.unwrap_err();
+        let bad = s.patch::<DeploymentOverride>("a@p", &serde_json::json!({"weight": 0})).await.unwrap_err();
         assert!(matches!(bad, Ok(m) if m.contains("weight")));
-        let bad = s.patch_deployment("a@p", &serde_json::json!({"wieght": 3})).await.unwrap_err();
+        let bad = s.patch::<DeploymentOverride>("a@p", &serde_json::json!({"wieght": 3})).await.unwrap_err();
         assert!(matches!(bad, Ok(m) if m.contains("unknown field")));
-        let bad = s.patch_model("m", &serde_json::json!({"strategy": "fastest"})).await.unwrap_err();
+        let bad =
+            s.patch::<ModelOverride>("m", &serde_json::json!({"strategy": "fastest"})).await.unwrap_err();
         assert!(matches!(bad, Ok(m) if m.contains("strategy")));
-        s.patch_model("m", &serde_json::json!({"strategy": "cost"})).await.unwrap();
+        s.patch::<ModelOverride>("m", &serde_json::json!({"strategy": "cost"})).await.unwrap();
         let all = s.load().await.unwrap();
         assert_eq!(all.deployments["a@p"].enabled, Some(false));
         assert_eq!(all.models["m"].strategy.as_deref(), Some("cost"));
-        s.patch_model("m", &serde_json::json!({"strategy": null})).await.unwrap();
+        s.patch::<ModelOverride>("m", &serde_json::json!({"strategy": null})).await.unwrap();
         assert!(s.load().await.unwrap().models.is_empty(), "nothing left: the row goes");
         assert!(s.reset(Target::Deployment, "a@p").await.unwrap());
         assert_eq!(s.load().await.unwrap(), Overrides::default());

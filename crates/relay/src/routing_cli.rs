@@ -2,7 +2,7 @@
 //! rows the admin API writes). Every routing replica applies them within `routing.refresh_ms`; deployments
 //! and groups are checked against this config, values with the rules `relay check` and the API use.
 
-use relay_routing::overrides::{OverrideStore, Target};
+use relay_routing::overrides::{DeploymentOverride, ModelOverride, OverrideStore, Settings, Target};
 use serde_json::{Value, json};
 
 use crate::config::Config;
@@ -37,20 +37,22 @@ pub fn run(args: &[String], cfg: &Config) -> i32 {
             ["weight", id, n] => match (deployment(id), n.parse::<u32>()) {
                 (Err(e), _) => Err(e),
                 (_, Err(_)) => Err(format!("weight must be a whole number, not `{n}`")),
-                (Ok(()), Ok(w)) => patch_deployment(&store, id, json!({"weight": w})).await?,
+                (Ok(()), Ok(w)) => patch::<DeploymentOverride>(&store, id, json!({"weight": w})).await?,
             },
             [verb @ ("drain" | "enable"), id] => match deployment(id) {
                 Err(e) => Err(e),
-                Ok(()) => patch_deployment(&store, id, json!({"enabled": *verb == "enable"})).await?,
+                Ok(()) => {
+                    patch::<DeploymentOverride>(&store, id, json!({"enabled": *verb == "enable"})).await?
+                }
             },
             ["strategy", m, s] => match model(m) {
                 Err(e) => Err(e),
-                Ok(()) => patch_model(&store, m, json!({"strategy": s})).await?,
+                Ok(()) => patch::<ModelOverride>(&store, m, json!({"strategy": s})).await?,
             },
             ["hedge", m, ms] => match (model(m), ms.parse::<u32>()) {
                 (Err(e), _) => Err(e),
                 (_, Err(_)) => Err(format!("hedge takes milliseconds, not `{ms}`")),
-                (Ok(()), Ok(v)) => patch_model(&store, m, json!({"hedge_after_ms": v})).await?,
+                (Ok(()), Ok(v)) => patch::<ModelOverride>(&store, m, json!({"hedge_after_ms": v})).await?,
             },
             ["reset", kind @ ("deployment" | "model"), id] => {
                 let t = if *kind == "deployment" { Target::Deployment } else { Target::Model };
@@ -77,21 +79,18 @@ fn print(v: &Value) -> i32 {
     0
 }
 
-async fn patch_deployment(
+/// Applies one change; `Ok(Err(msg))` = the change is invalid, `Err` = the database failed.
+async fn patch<S: Settings>(
     s: &OverrideStore,
-    id: &str,
+    target: &str,
     patch: Value,
 ) -> anyhow::Result<Result<Value, String>> {
-    match s.patch_deployment(id, &patch).await {
-        Ok(o) => Ok(Ok(json!({"deployment": id, "override": o}))),
-        Err(Ok(msg)) => Ok(Err(msg)),
-        Err(Err(e)) => Err(e),
-    }
-}
-
-async fn patch_model(s: &OverrideStore, name: &str, patch: Value) -> anyhow::Result<Result<Value, String>> {
-    match s.patch_model(name, &patch).await {
-        Ok(o) => Ok(Ok(json!({"model": name, "override": o}))),
+    let label = match S::KIND {
+        Target::Deployment => "deployment",
+        Target::Model => "model",
+    };
+    match s.patch::<S>(target, &patch).await {
+        Ok(o) => Ok(Ok(json!({label: target, "override": o}))),
         Err(Ok(msg)) => Ok(Err(msg)),
         Err(Err(e)) => Err(e),
     }
