@@ -28,11 +28,13 @@ pub enum ErrorCode {
     Unavailable,
     Cancelled,
     Internal,
+    /// The client did not send its request (headers or body) in time, or it ran past the request deadline.
+    RequestTimeout,
 }
 
 impl ErrorCode {
     /// Every code, for exhaustive tests and docs.
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 18] = [
         Self::InvalidRequest,
         Self::Unauthenticated,
         Self::PermissionDenied,
@@ -50,6 +52,7 @@ impl ErrorCode {
         Self::Unavailable,
         Self::Cancelled,
         Self::Internal,
+        Self::RequestTimeout,
     ];
 
     /// A stable, low-cardinality label (metrics, logs, `error.code` in bodies).
@@ -72,6 +75,7 @@ impl ErrorCode {
             Self::Unavailable => "service_unavailable",
             Self::Cancelled => "cancelled",
             Self::Internal => "internal_error",
+            Self::RequestTimeout => "request_timeout",
         }
     }
 
@@ -83,6 +87,7 @@ impl ErrorCode {
             Self::PermissionDenied => 403,
             Self::ModelNotFound | Self::NotFound => 404,
             Self::PayloadTooLarge => 413,
+            Self::RequestTimeout => 408,
             Self::RateLimited | Self::InsufficientQuota | Self::UpstreamRateLimited => 429,
             Self::Cancelled => 499,
             Self::Internal => 500,
@@ -98,6 +103,7 @@ impl ErrorCode {
             Self::InvalidRequest
             | Self::ModelNotFound
             | Self::PayloadTooLarge
+            | Self::RequestTimeout
             | Self::UpstreamClientError => "invalid_request_error",
             Self::Unauthenticated => "authentication_error",
             Self::PermissionDenied => "permission_error",
@@ -117,7 +123,9 @@ impl ErrorCode {
     /// Anthropic `error.type` (the closed set the Anthropic SDKs know).
     pub fn anthropic_type(self) -> &'static str {
         match self {
-            Self::InvalidRequest | Self::UpstreamClientError | Self::Cancelled => "invalid_request_error",
+            Self::InvalidRequest | Self::UpstreamClientError | Self::Cancelled | Self::RequestTimeout => {
+                "invalid_request_error"
+            }
             Self::Unauthenticated => "authentication_error",
             Self::PermissionDenied => "permission_error",
             Self::ModelNotFound | Self::NotFound => "not_found_error",
@@ -163,6 +171,7 @@ impl ErrorCode {
             Self::Unavailable => pb::ErrorCode::Unavailable,
             Self::Cancelled => pb::ErrorCode::Cancelled,
             Self::Internal => pb::ErrorCode::Internal,
+            Self::RequestTimeout => pb::ErrorCode::RequestTimeout,
         }
     }
 

@@ -44,6 +44,8 @@ struct Envelope {
     #[serde(default)]
     max_output_tokens: Option<Value>,
     #[serde(default)]
+    n: Option<Value>,
+    #[serde(default)]
     stream: Option<bool>,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
@@ -138,11 +140,31 @@ impl Envelope {
         }
     }
 
-    /// The answer-length limit the client set, in whichever protocol field.
-    fn max_output(&self) -> Option<u64> {
-        [&self.max_completion_tokens, &self.max_tokens, &self.max_output_tokens]
-            .iter()
-            .find_map(|v| v.as_ref()?.as_u64())
+    /// The answer-length limit the client set, read from the one field the upstream will obey for this
+    /// protocol (OpenAI chat: `max_completion_tokens`, else `max_tokens`; Anthropic: `max_tokens`;
+    /// Responses: `max_output_tokens`), and how many answers it asks for (`n`). A limit that is not a
+    /// whole number in range is a 400, so a reservation is always a real bound.
+    fn output_limit(&self, inbound: Inbound) -> Result<crate::dispatch::OutputLimit, RelayError> {
+        let present = |v: &Option<Value>| v.as_ref().filter(|v| !v.is_null()).is_some();
+        let (param, value) = match inbound {
+            Inbound::OpenAiChat if present(&self.max_completion_tokens) => {
+                ("max_completion_tokens", &self.max_completion_tokens)
+            }
+            Inbound::OpenAiChat | Inbound::Anthropic | Inbound::Embeddings => {
+                ("max_tokens", &self.max_tokens)
+            }
+            Inbound::Responses => ("max_output_tokens", &self.max_output_tokens),
+        };
+        let tokens = crate::dispatch::token_count(param, value.as_ref(), crate::dispatch::MAX_OUTPUT_TOKENS)?;
+        let choices = match inbound {
+            Inbound::OpenAiChat => {
+                crate::dispatch::token_count("n", self.n.as_ref(), crate::dispatch::MAX_CHOICES)?
+                    .unwrap_or(1)
+                    .max(1)
+            }
+            _ => 1,
+        };
+        Ok(crate::dispatch::OutputLimit { tokens, choices })
     }
 
     fn end_user(&self) -> &str {
@@ -227,17 +249,17 @@ async fn prepare(
     rec: &mut UsageRecord,
 ) -> Result<(ChatCall, RateHeaders), (RelayError, RateHeaders)> {
     let plain = |e: RelayError| (e, Vec::new());
-    let (bytes, env): (Bytes, Envelope) =
-        read_json(body, edge.inner.cfg.max_body_bytes).await.map_err(plain)?;
+    let (bytes, env): (Bytes, Envelope) = read_json(edge, body).await.map_err(plain)?;
     let model = required_model(env.model.clone()).map_err(plain)?;
     env.validate(inbound).map_err(plain)?;
+    let limit = env.output_limit(inbound).map_err(plain)?;
     let stream = env.stream.unwrap_or(false);
     rec.request(&model, stream, env.end_user(), bytes.len());
     ensure_allowed(principal, &model).map_err(plain)?;
     let route = route(edge, &model, stream).await.map_err(plain)?;
     let candidates = resident(principal, &model, &route.candidates).map_err(plain)?;
     let candidates = billable(principal, &model, &candidates).map_err(plain)?;
-    let lease = admission(ctx, principal, bytes.len(), env.max_output(), &candidates);
+    let lease = admission(ctx, principal, bytes.len(), limit, &candidates);
     let rate = admit(edge, rec, lease).await.map_err(|d| (d.error, d.headers))?;
     let decision = decide(edge, headers, principal, &route, rec.lease()).await.map_err(plain)?;
     rec.routing_rule(decision.rule.as_deref());
@@ -254,7 +276,7 @@ async fn prepare(
         client_model: model,
     };
     let timeouts = answer::Timeouts::of(&route);
-    let tokens = (request.body.len() as u64 / 4, env.max_output().unwrap_or(1024));
+    let tokens = (request.body.len() as u64 / 4, limit.tokens.unwrap_or(1024).saturating_mul(limit.choices));
     let order = Order {
         strategy: decision.strategy,
         tokens,
@@ -276,7 +298,7 @@ pub async fn count_tokens(
     let inbound = Inbound::Anthropic;
     let result = async {
         let principal = edge.principal(&ctx, &headers).await?;
-        let (bytes, env): (Bytes, Envelope) = read_json(body, edge.inner.cfg.max_body_bytes).await?;
+        let (bytes, env): (Bytes, Envelope) = read_json(&edge, body).await?;
         let model = required_model(env.model)?;
         ensure_allowed(&principal, &model)?;
         let route = route(&edge, &model, false).await?;

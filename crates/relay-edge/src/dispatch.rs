@@ -31,15 +31,34 @@ pub fn served_headers(h: &mut axum::http::HeaderMap, rec: &UsageRecord) {
 /// Reads the body up to `limit` bytes (anything larger is refused without being read to the end) and
 /// parses the fields a handler needs; the bytes are kept to forward untouched.
 pub async fn read_json<T: serde::de::DeserializeOwned>(
+    edge: &Edge,
     body: Body,
-    limit: usize,
 ) -> Result<(Bytes, T), RelayError> {
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
-        RelayError::new(
-            ErrorCode::PayloadTooLarge,
-            format!("Request body too large: the limit is {limit} bytes."),
-        )
-    })?;
+    let limit = edge.inner.cfg.max_body_bytes;
+    let timeout = std::time::Duration::from_millis(edge.inner.cfg.body_read_timeout_ms);
+    let bytes = match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            // A body past the limit, or one the client broke off.
+            let too_large =
+                std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            return Err(if too_large {
+                RelayError::new(
+                    ErrorCode::PayloadTooLarge,
+                    format!("Request body too large: the limit is {limit} bytes."),
+                )
+            } else {
+                RelayError::invalid_request("The request body could not be read.")
+            });
+        }
+        Err(_) => {
+            metrics::counter!("relay_edge_body_timeouts_total").increment(1);
+            return Err(RelayError::new(
+                ErrorCode::RequestTimeout,
+                format!("The request body did not arrive within {} ms.", timeout.as_millis()),
+            ));
+        }
+    };
     let parsed = serde_json::from_slice(&bytes).map_err(|e| {
         RelayError::invalid_request(format!("We could not parse the JSON body of your request: {e}"))
     })?;
@@ -275,16 +294,52 @@ fn in_hours(now_ms: i64, from: u32, to: u32) -> bool {
 /// The reservation a request holds while it runs: every input byte may be a token (byte-level BPE
 /// tokenizers never make a token of less than a byte, so this bounds the real count), plus the answer's
 /// limit (the request's, else the largest any candidate deployment gives), at the highest candidate price.
+/// Largest answer-length limit accepted (tokens): far above any model's, far below what arithmetic on
+/// it could overflow.
+pub const MAX_OUTPUT_TOKENS: u64 = 1 << 24;
+/// Most answers one request may ask for (OpenAI `n`).
+pub const MAX_CHOICES: u64 = 128;
+
+/// The output a request may produce: its limit (unset: each deployment's `max_output_tokens`, which the
+/// adapter then sends upstream) times the answers it asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputLimit {
+    pub tokens: Option<u64>,
+    pub choices: u64,
+}
+
+impl Default for OutputLimit {
+    fn default() -> Self {
+        Self { tokens: None, choices: 1 }
+    }
+}
+
+/// A token count field: absent or null = `None`; otherwise a whole number in `0..=max`, else a 400.
+pub fn token_count(param: &str, v: Option<&serde_json::Value>, max: u64) -> Result<Option<u64>, RelayError> {
+    let Some(v) = v.filter(|v| !v.is_null()) else { return Ok(None) };
+    match v.as_u64() {
+        Some(n) if n <= max => Ok(Some(n)),
+        Some(_) => {
+            Err(RelayError::invalid_request(format!("`{param}` is too large: at most {max} is allowed."))
+                .with_param(param))
+        }
+        None => Err(RelayError::invalid_request(format!("`{param}` must be a non-negative integer."))
+            .with_param(param)),
+    }
+}
+
 pub fn admission(
     ctx: &crate::request::RequestCtx,
     principal: &Principal,
     body_bytes: usize,
-    max_output: Option<u64>,
+    limit: OutputLimit,
     candidates: &[Deployment],
 ) -> relay_core::contracts::Admission {
     let input = u64::try_from(body_bytes).unwrap_or(u64::MAX);
-    let output =
-        max_output.unwrap_or_else(|| candidates.iter().map(|d| d.max_output_tokens).max().unwrap_or(4096));
+    let per_answer = limit.tokens.unwrap_or_else(|| {
+        candidates.iter().map(|d| d.max_output_tokens).max().filter(|m| *m > 0).unwrap_or(4096)
+    });
+    let output = per_answer.saturating_mul(limit.choices.max(1));
     let usage = relay_core::pb::common::v1::TokenUsage {
         input_tokens: input,
         output_tokens: output,

@@ -7,6 +7,7 @@
 
 pub mod admin;
 mod answer;
+mod bounds;
 mod cache;
 mod chat;
 mod dispatch;
@@ -32,13 +33,31 @@ pub use routes::router;
 pub struct EdgeConfig {
     /// Largest request body accepted; larger ones get 413 and are never forwarded.
     pub max_body_bytes: usize,
-    /// Most authenticated keys kept in the local cache.
+    /// Most authenticated keys kept in the local cache (least recently used ones leave first).
     pub auth_cache_entries: usize,
-    /// Take the client address from the first `X-Forwarded-For` entry (only behind a proxy you run).
-    pub trust_forwarded_for: bool,
+    /// Proxies in front of the edge (IPs or CIDRs). `X-Forwarded-For` is read from the right, skipping
+    /// these; the first other address is the client. Empty: the header is ignored (the peer is the client).
+    pub trusted_proxies: Vec<String>,
     /// Longest time an abandoned answer is read on (disconnect policy `drain`) to bill the provider's own
     /// usage; past it the upstream is cancelled and what it produced is billed.
     pub drain_max_secs: u64,
+    /// Longest a client may take to send a request's headers (also an idle keep-alive connection's wait).
+    pub header_read_timeout_ms: u64,
+    /// Longest a client may take to send a request body, once its key is accepted: past it, 408.
+    pub body_read_timeout_ms: u64,
+    /// Longest one request may take in all, answer streaming included; past it the answer is cut off
+    /// (and billed for what was produced). Keep it below the limiter's lease lifetime.
+    pub request_timeout_secs: u64,
+    /// Most client connections open at once; further ones wait to be accepted.
+    pub max_connections: usize,
+    /// Most requests in progress at once on this replica; past it, 503 with `Retry-After` before the
+    /// body is read.
+    pub max_in_flight: usize,
+    /// Most request-body bytes buffered at once across all requests (by `Content-Length`, or
+    /// `max_body_bytes` when the client does not say); past it, 503 before the body is read.
+    pub max_buffered_body_bytes: usize,
+    /// Failed authentications allowed per client address per minute; past it, 429 without a lookup.
+    pub auth_failures_per_minute: u32,
 }
 
 impl Default for EdgeConfig {
@@ -46,8 +65,51 @@ impl Default for EdgeConfig {
         Self {
             max_body_bytes: 32 << 20,
             auth_cache_entries: 100_000,
-            trust_forwarded_for: false,
+            trusted_proxies: Vec::new(),
             drain_max_secs: 300,
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 30_000,
+            request_timeout_secs: 600,
+            max_connections: 10_000,
+            max_in_flight: 10_000,
+            max_buffered_body_bytes: 1 << 30,
+            auth_failures_per_minute: 30,
+        }
+    }
+}
+
+impl EdgeConfig {
+    pub fn validate(&self, errors: &mut Vec<String>) {
+        for p in &self.trusted_proxies {
+            if !relay_core::is_ip_or_cidr(p) {
+                errors.push(format!("edge.trusted_proxies: `{p}` is not an IP address or CIDR"));
+            }
+        }
+        let positive = [
+            ("max_body_bytes", self.max_body_bytes as u64),
+            ("auth_cache_entries", self.auth_cache_entries as u64),
+            ("header_read_timeout_ms", self.header_read_timeout_ms),
+            ("body_read_timeout_ms", self.body_read_timeout_ms),
+            ("request_timeout_secs", self.request_timeout_secs),
+            ("max_connections", self.max_connections as u64),
+            ("max_in_flight", self.max_in_flight as u64),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                errors.push(format!("edge.{name} must be at least 1"));
+            }
+        }
+        if self.max_buffered_body_bytes < self.max_body_bytes {
+            errors.push("edge.max_buffered_body_bytes must be at least edge.max_body_bytes".into());
+        }
+    }
+
+    /// The listener's connection bounds.
+    pub fn connections(&self) -> relay_runtime::http::ConnLimits {
+        relay_runtime::http::ConnLimits {
+            header_read_timeout_ms: self.header_read_timeout_ms,
+            max_connections: self.max_connections,
+            ..Default::default()
         }
     }
 }
@@ -60,6 +122,7 @@ pub struct Edge {
 
 struct Inner {
     cfg: EdgeConfig,
+    bounds: bounds::Bounds,
     services: Services,
     principals: principal::PrincipalCache,
     routes: cache::TtlCache<String, Arc<relay_core::pb::routing::v1::RouteResponse>>,
@@ -87,6 +150,7 @@ impl Edge {
         let principals = principal::PrincipalCache::new(cfg.auth_cache_entries);
         Self {
             inner: Arc::new(Inner {
+                bounds: bounds::Bounds::new(&cfg),
                 cfg,
                 services,
                 principals,

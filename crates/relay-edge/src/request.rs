@@ -25,21 +25,53 @@ pub struct RequestCtx {
     pub client_ip: String,
 }
 
-/// The peer address, or the first `X-Forwarded-For` hop when the edge is configured to trust it.
-fn client_ip(req: &Request, trust_forwarded_for: bool) -> String {
-    if trust_forwarded_for
-        && let Some(first) = req
-            .headers()
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(',').next())
-    {
-        return first.trim().to_owned();
+/// The client's address: the peer, unless the peer is a trusted proxy; then `X-Forwarded-For` is read from
+/// the right (each trusted proxy appends the address it saw) and the first hop that is not a trusted proxy
+/// is the client. Entries left of it are whatever the client wrote, so they are never believed.
+pub(crate) fn client_ip(
+    headers: &axum::http::HeaderMap,
+    peer: Option<std::net::IpAddr>,
+    trusted: &[String],
+) -> String {
+    let Some(peer) = peer.map(|p| p.to_canonical()) else { return String::new() };
+    let is_trusted = |ip: &str| relay_core::ip_allowed(trusted, ip);
+    if trusted.is_empty() || !is_trusted(&peer.to_string()) {
+        return peer.to_string();
     }
-    req.extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0.ip().to_string())
-        .unwrap_or_default()
+    let hops: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .collect();
+    let mut client = peer.to_string();
+    for hop in hops.iter().rev() {
+        match hop.parse::<std::net::IpAddr>() {
+            Ok(ip) => {
+                let ip = ip.to_canonical().to_string();
+                let proxy = is_trusted(&ip);
+                client = ip;
+                if !proxy {
+                    break;
+                }
+            }
+            // Garbage where an address should be: the last trusted hop saw something it could not
+            // name, so the client is unknown, and an allowlist cannot pass it.
+            Err(_) => return String::new(),
+        }
+    }
+    client
+}
+
+/// The error shape of a path, for answers the middleware gives itself.
+fn inbound_of(path: &str) -> crate::error::Inbound {
+    if path.starts_with("/v1/messages") {
+        crate::error::Inbound::Anthropic
+    } else {
+        crate::error::Inbound::OpenAiChat
+    }
 }
 
 pub async fn middleware(
@@ -67,7 +99,16 @@ pub async fn middleware(
     let trace_context = span.in_scope(relay_telemetry::current_context_map);
     let started = Instant::now();
     let started_unix_ms = relay_core::ids::now_ms();
-    let client_ip = client_ip(&req, edge.inner.cfg.trust_forwarded_for);
+    let peer = req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
+    let client_ip = client_ip(req.headers(), peer, &edge.inner.cfg.trusted_proxies);
+    let inbound = inbound_of(req.uri().path());
+    let held = match edge.inner.bounds.admit(req.method(), req.headers()) {
+        Ok(h) => h,
+        Err(e) => {
+            return finish(inbound.error(e), &span, &request_id, client_request_id.as_deref(), route, started);
+        }
+    };
+    let until = tokio::time::Instant::now() + edge.inner.bounds.deadline;
     req.extensions_mut().insert(RequestCtx {
         request_id: request_id.clone(),
         client_request_id: client_request_id.clone(),
@@ -76,13 +117,35 @@ pub async fn middleware(
         trace_context,
         client_ip,
     });
-    let mut resp = next.run(req).instrument(span.clone()).await;
+    let resp = match tokio::time::timeout_at(until, next.run(req).instrument(span.clone())).await {
+        Ok(resp) => resp,
+        Err(_) => inbound.error(relay_core::RelayError::new(
+            relay_core::ErrorCode::UpstreamTimeout,
+            format!(
+                "The request did not finish within the relay's deadline of {} s.",
+                edge.inner.bounds.deadline.as_secs()
+            ),
+        )),
+    };
+    let resp = resp.map(|body| axum::body::Body::new(crate::bounds::Bounded::new(body, until, held)));
+    finish(resp, &span, &request_id, client_request_id.as_deref(), route, started)
+}
+
+/// Response headers and metrics every answer gets.
+fn finish(
+    mut resp: Response,
+    span: &tracing::Span,
+    request_id: &str,
+    client_request_id: Option<&str>,
+    route: String,
+    started: Instant,
+) -> Response {
     let status = resp.status().as_u16();
     span.record("http.response.status_code", status);
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
+    if let Ok(v) = HeaderValue::from_str(request_id) {
         resp.headers_mut().insert("x-relay-request-id", v);
     }
-    if let Ok(v) = HeaderValue::from_str(client_request_id.as_deref().unwrap_or(&request_id)) {
+    if let Ok(v) = HeaderValue::from_str(client_request_id.unwrap_or(request_id)) {
         resp.headers_mut().insert("x-request-id", v);
     }
     metrics::counter!("relay_edge_requests_total", "route" => route.clone(), "status" => status.to_string())

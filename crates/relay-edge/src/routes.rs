@@ -142,8 +142,7 @@ async fn embed(
     body: Body,
     rec: &mut UsageRecord,
 ) -> Result<relay_core::pb::adapter::v1::EmbedResponse, RelayError> {
-    let (bytes, env): (axum::body::Bytes, EmbedEnvelope) =
-        read_json(body, edge.inner.cfg.max_body_bytes).await?;
+    let (bytes, env): (axum::body::Bytes, EmbedEnvelope) = read_json(edge, body).await?;
     let model = required_model(env.model)?;
     if env.input.is_none() {
         return Err(RelayError::invalid_request("you must provide an input parameter").with_param("input"));
@@ -154,7 +153,13 @@ async fn embed(
     let route = route(edge, &model, false).await?;
     let candidates = resident(p, &model, &route.candidates)?;
     let candidates = billable(p, &model, &candidates)?;
-    let lease = admission(ctx, p, bytes.len(), Some(0), &candidates);
+    let lease = admission(
+        ctx,
+        p,
+        bytes.len(),
+        crate::dispatch::OutputLimit { tokens: Some(0), choices: 1 },
+        &candidates,
+    );
     admit(edge, rec, lease).await.map_err(|d| d.error)?;
     let decision = decide(edge, headers, p, &route, rec.lease()).await?;
     rec.routing_rule(decision.rule.as_deref());

@@ -42,6 +42,17 @@ impl Authenticator for FakeAuth {
                     budget: None,
                 }]
             }
+            k if k.starts_with("sk-tpm") => {
+                principal.scopes = vec![relay_core::pb::auth::v1::Scope {
+                    kind: relay_core::pb::auth::v1::ScopeKind::Key as i32,
+                    id: k.into(),
+                    limits: Some(relay_core::pb::auth::v1::Limits {
+                        tokens_per_minute: 10_000_000,
+                        ..Default::default()
+                    }),
+                    budget: None,
+                }]
+            }
             "sk-office" => principal.ip_allowlist = vec!["10.0.0.0/8".to_owned()],
             "sk-eu" => principal.allowed_regions = vec!["eu".to_owned()],
             _ => return Err(RelayError::new(ErrorCode::Unauthenticated, "Invalid API key.")),
@@ -103,6 +114,7 @@ impl Router for FakeRouter {
                 });
             }
             "ok-dies" => vec![dep("dies")],
+            "ok-capped" => vec![Deployment { max_output_tokens: 700, ..dep("good") }],
             "ok-good" | "secret-model" => vec![dep("good")],
             _ => return Err(RelayError::new(ErrorCode::ModelNotFound, "no such model")),
         };
@@ -200,7 +212,12 @@ fn harness(max_body: usize) -> Harness {
         usage: sink.clone(),
         limiter: Arc::new(relay_limits::MemoryLimiter::new()),
     };
-    let cfg = EdgeConfig { max_body_bytes: max_body, trust_forwarded_for: true, ..Default::default() };
+    let cfg = EdgeConfig {
+        max_body_bytes: max_body,
+        max_buffered_body_bytes: max_body.max(1 << 20),
+        trusted_proxies: vec!["127.0.0.0/8".into()],
+        ..Default::default()
+    };
     Harness { edge: Edge::new(cfg, services), auth, adapter, sink }
 }
 
@@ -542,24 +559,27 @@ async fn limits_refuse_with_openai_headers_and_addresses_are_checked() {
     let evs = events(&h).await;
     assert_eq!(evs.last().unwrap().error_code, relay_core::pb::common::v1::ErrorCode::RateLimited as i32);
 
-    // No client address known (in process): an allowlisted key is refused; a trusted forwarded address works.
+    // No client address known (in process): an allowlisted key is refused. Behind a trusted proxy
+    // (127.0.0.0/8 here), the hop the proxy appended is the client; what the client wrote left of it is not.
     let (status, _, body) = send(&h, "sk-office", "/v1/models", None).await;
     assert_eq!(status, 403, "{body}");
-    let req = Request::builder()
-        .uri("/v1/models")
-        .header("authorization", "Bearer sk-office")
-        .header("x-forwarded-for", "10.1.2.3, 203.0.113.9")
-        .body(Body::empty())
-        .unwrap();
-    let resp = relay_edge::router(h.edge.clone()).oneshot(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let req = Request::builder()
-        .uri("/v1/models")
-        .header("authorization", "Bearer sk-office")
-        .header("x-forwarded-for", "192.168.0.1")
-        .body(Body::empty())
-        .unwrap();
-    assert_eq!(relay_edge::router(h.edge.clone()).oneshot(req).await.unwrap().status(), 403);
+    let via = |peer: &str, xff: &str| {
+        let mut req = Request::builder()
+            .uri("/v1/models")
+            .header("authorization", "Bearer sk-office")
+            .header("x-forwarded-for", xff)
+            .body(Body::empty())
+            .unwrap();
+        let peer: std::net::SocketAddr = format!("{peer}:4000").parse().unwrap();
+        req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+        let edge = h.edge.clone();
+        async move { relay_edge::router(edge).oneshot(req).await.unwrap().status() }
+    };
+    assert_eq!(via("127.0.0.1", "203.0.113.9, 10.1.2.3").await, 200, "the proxy saw 10.1.2.3");
+    assert_eq!(via("127.0.0.1", "10.1.2.3, 203.0.113.9").await, 403, "a forged first entry is not believed");
+    assert_eq!(via("127.0.0.1", "10.1.2.3, 127.0.0.5").await, 200, "trusted hops are skipped");
+    assert_eq!(via("198.51.100.7", "10.1.2.3").await, 403, "an untrusted peer's header is ignored");
+    assert_eq!(via("127.0.0.1", "10.1.2.3, bogus").await, 403, "garbage makes the client unknown");
 }
 
 #[tokio::test]
@@ -572,4 +592,52 @@ async fn invalidation_drops_cached_keys_at_once() {
     h.edge.invalidate("team:team-1");
     assert_eq!(send(&h, "sk-all", "/v1/models", None).await.0, 200);
     assert_eq!(h.auth.0.load(Ordering::SeqCst), 2, "asked auth again after the invalidation");
+}
+
+#[tokio::test]
+async fn reservations_read_the_limit_the_upstream_obeys_and_absurd_limits_are_refused() {
+    let h = harness(1 << 20);
+    let reserved = |key: &'static str, path: &'static str, body: Value| {
+        let h = &h;
+        async move {
+            let len = body.to_string().len() as u64;
+            let (status, headers, text) = send(h, key, path, Some(body)).await;
+            assert_eq!(status, 200, "{text}");
+            let left: u64 = headers["x-ratelimit-remaining-tokens"].parse().unwrap();
+            10_000_000 - left - len
+        }
+    };
+    let input = json!([{"role": "user", "content": "hi"}]);
+    // Responses obeys only `max_output_tokens`: a stray `max_tokens: 1` must not shrink the reservation
+    // while the upstream is uncapped; unset, the deployment's limit is reserved (and sent upstream).
+    let stray = json!({"model": "ok-capped", "input": input, "max_tokens": 1});
+    assert_eq!(reserved("sk-tpm-1", "/v1/responses", stray).await, 700);
+    let set = json!({"model": "ok-capped", "input": input, "max_output_tokens": 50});
+    assert_eq!(reserved("sk-tpm-2", "/v1/responses", set).await, 50);
+    // OpenAI chat: `max_completion_tokens` wins over `max_tokens`, times `n` answers.
+    let chat = json!({"model": "ok-capped", "messages": input, "max_completion_tokens": 10, "max_tokens": 999, "n": 3});
+    assert_eq!(reserved("sk-tpm-3", "/v1/chat/completions", chat).await, 30);
+    let unset = json!({"model": "ok-capped", "messages": input, "n": 2});
+    assert_eq!(reserved("sk-tpm-4", "/v1/chat/completions", unset).await, 1400);
+
+    for (path, field, value) in [
+        ("/v1/chat/completions", "max_tokens", json!(u64::MAX)),
+        ("/v1/chat/completions", "max_completion_tokens", json!(-1)),
+        ("/v1/chat/completions", "max_tokens", json!("100")),
+        ("/v1/chat/completions", "n", json!(1000)),
+        ("/v1/responses", "max_output_tokens", json!(1e300)),
+        ("/v1/messages", "max_tokens", json!(u64::MAX)),
+    ] {
+        let mut body = if path == "/v1/responses" {
+            json!({"model": "ok-capped", "input": "hi"})
+        } else {
+            json!({"model": "ok-capped", "messages": input, "max_tokens": 10})
+        };
+        body[field] = value.clone();
+        let (status, _, text) = send(&h, "sk-tpm-5", path, Some(body)).await;
+        assert_eq!(status, 400, "{path} {field}={value}: {text}");
+        let err: Value = serde_json::from_str(&text).unwrap();
+        let message = err["error"]["message"].as_str().unwrap();
+        assert!(message.contains(field), "{path} {field}: {text}");
+    }
 }

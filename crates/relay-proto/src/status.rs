@@ -24,7 +24,7 @@ fn grpc_code(code: ErrorCode) -> Code {
         ErrorCode::UpstreamServerError | ErrorCode::UpstreamUnreachable | ErrorCode::Unavailable => {
             Code::Unavailable
         }
-        ErrorCode::UpstreamTimeout => Code::DeadlineExceeded,
+        ErrorCode::UpstreamTimeout | ErrorCode::RequestTimeout => Code::DeadlineExceeded,
         ErrorCode::UpstreamProtocol | ErrorCode::Internal => Code::Internal,
         ErrorCode::Cancelled => Code::Cancelled,
     }

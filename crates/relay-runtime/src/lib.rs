@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod http;
 pub mod shutdown;
 
 pub use config::{ConfigErrors, ConfigSource};

@@ -248,14 +248,11 @@ pub async fn run(
                 listener_edge.invalidate(&target);
             }
         });
-        let app =
-            relay_edge::router(edge.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
-        let stop = shutdown.clone();
+        let app = relay_edge::router(edge.clone());
+        let (stop, limits) = (shutdown.clone(), cfg.edge.connections());
         servers.push(tokio::spawn(async move {
-            axum::serve(nodelay(listener), app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-                .context("edge server")
+            relay_runtime::http::serve(listener, app, limits, stop).await;
+            Ok(())
         }));
         edge_handle = Some(edge);
     }
@@ -307,7 +304,7 @@ pub async fn run(
     let admin_task = {
         let stop = admin_stop.clone();
         tokio::spawn(async move {
-            axum::serve(nodelay(admin), admin_app).with_graceful_shutdown(stop.cancelled_owned()).await
+            relay_runtime::http::serve(admin, admin_app, Default::default(), stop).await;
         })
     };
 
@@ -387,18 +384,6 @@ async fn wait_first(servers: &mut Vec<tokio::task::JoinHandle<anyhow::Result<()>
         Ok(r) => r,
         Err(e) => Err(anyhow::anyhow!("a server task panicked: {e}")),
     }
-}
-
-/// Accepted connections send small writes (SSE events, short answers) immediately: axum 0.8 leaves
-/// Nagle on, which stalls a stream's first event behind the client's delayed ACK.
-fn nodelay(listener: TcpListener) -> axum::serve::TapIo<TcpListener, fn(&mut tokio::net::TcpStream)> {
-    use axum::serve::ListenerExt as _;
-    fn set(tcp: &mut tokio::net::TcpStream) {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
-        }
-    }
-    listener.tap_io(set as fn(&mut tokio::net::TcpStream))
 }
 
 async fn bind(addr: &str) -> anyhow::Result<TcpListener> {

@@ -200,6 +200,9 @@ impl Config {
         if self.runs("edge") != self.runs("billing") && self.bus.nats_url.is_none() {
             e.push("bus.nats_url: required when edge and billing run in different processes".into());
         }
+        if self.runs("edge") {
+            self.edge.validate(&mut e);
+        }
         if self.runs("auth") {
             self.auth.validate(&mut e);
         }

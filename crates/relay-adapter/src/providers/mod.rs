@@ -87,7 +87,11 @@ impl<D: Dialect> Provider for HttpProvider<D> {
         let body = if native {
             self.dialect.native_body(&req, &model)?
         } else {
-            let ir = inbound::parse_request(protocol, &req.body)?;
+            let mut ir = inbound::parse_request(protocol, &req.body)?;
+            // No limit from the client: the deployment's, so the edge's reservation bounds the answer.
+            if ir.max_tokens.is_none() {
+                ir.max_tokens = default_max_output(&req);
+            }
             serde_json::to_vec(&self.dialect.build(&ir, &model, req.stream)?)
                 .map_err(|e| RelayError::internal(e.to_string()))?
         };
@@ -125,6 +129,11 @@ impl<D: Dialect> Provider for HttpProvider<D> {
         let ir = inbound::parse_count_request(req.protocol(), &req.body)?;
         self.dialect.count_tokens(&self.http, &ir, &req).await
     }
+}
+
+/// The deployment's `max_output_tokens`, sent upstream when a request sets no limit of its own.
+pub fn default_max_output(req: &ChatRequest) -> Option<u64> {
+    req.deployment.as_ref().map(|d| d.max_output_tokens).filter(|m| *m > 0)
 }
 
 /// Relay's counting for one call: the upstream model's tokenizer over the client's request.

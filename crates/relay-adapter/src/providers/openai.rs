@@ -67,6 +67,14 @@ impl Dialect for OpenAi {
         if req.stream {
             force_include_usage(&mut body)?;
         }
+        let unset = |f: &str| body.raw(f).is_none_or(|v| v == "null");
+        if unset("max_completion_tokens")
+            && unset("max_tokens")
+            && let Some(max) = super::default_max_output(req)
+        {
+            // The field every OpenAI model takes (reasoning models refuse `max_tokens`).
+            body.set("max_completion_tokens", max.to_string());
+        }
         Ok(body.into_bytes())
     }
 
