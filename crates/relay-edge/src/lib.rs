@@ -147,7 +147,10 @@ impl Edge {
 
     /// As [`Self::new`], sharing breaker changes with the other replicas through `announce`.
     pub fn with_announce(cfg: EdgeConfig, services: Services, announce: Option<Announce>) -> Self {
-        let principals = principal::PrincipalCache::new(cfg.auth_cache_entries);
+        let principals = principal::PrincipalCache::with_failure_limit(
+            cfg.auth_cache_entries,
+            cfg.auth_failures_per_minute,
+        );
         Self {
             inner: Arc::new(Inner {
                 bounds: bounds::Bounds::new(&cfg),
@@ -181,7 +184,7 @@ impl Edge {
         ctx: &request::RequestCtx,
         headers: &axum::http::HeaderMap,
     ) -> Result<std::sync::Arc<relay_core::pb::auth::v1::Principal>, relay_core::RelayError> {
-        self.inner.principals.authenticate(self.inner.services.auth.as_ref(), headers, &ctx.client_ip).await
+        self.inner.principals.authenticate(&self.inner.services.auth, headers, &ctx.client_ip).await
     }
 
     pub(crate) fn announce(&self, msg: String) {

@@ -105,7 +105,14 @@ pub async fn middleware(
     let held = match edge.inner.bounds.admit(req.method(), req.headers()) {
         Ok(h) => h,
         Err(e) => {
-            return finish(inbound.error(e), &span, &request_id, client_request_id.as_deref(), route, started);
+            return finish(
+                inbound.error(e),
+                &span,
+                &request_id,
+                client_request_id.as_deref(),
+                route,
+                started,
+            );
         }
     };
     let until = tokio::time::Instant::now() + edge.inner.bounds.deadline;
