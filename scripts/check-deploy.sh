@@ -12,7 +12,7 @@ trap 'rm -rf "$OUT"' EXIT
 
 check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 
-SETS=(--set pepper=chart-check-pepper-0123 --set databaseUrl=postgres://relay@db:5432/relay --set adminToken=chart-check-admin-token)
+SETS=(--set pepper=chart-check-pepper-0123 --set databaseUrl=postgres://relay@db:5432/relay --set adminToken=chart-check-admin-token --set serviceToken=chart-check-service-token)
 "$PY" .ci/helm_offline.py lint deploy/helm/relay --strict "${SETS[@]}"
 "$PY" .ci/helm_offline.py template deploy/helm/relay "${SETS[@]}" --name relay --namespace relay > "$OUT/rendered.yaml"
 kubernetes-validate -k 1.32.0 --strict "$OUT/rendered.yaml" >/dev/null
@@ -30,6 +30,7 @@ PYEOF
 cargo build -q --bin relay
 for s in edge auth routing adapter billing; do
   RELAY__AUTH__PEPPER=chart-check-pepper-0123 RELAY__DATABASE__URL=postgres://relay@db:5432/relay \
+    RELAY__SERVER__SERVICE_TOKEN=chart-check-service-token \
     ./target/debug/relay check --config "$OUT/relay.toml" --services "$s" >/dev/null
 done
 echo "check-deploy: compose, helm chart and rendered config are valid"

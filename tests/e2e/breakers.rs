@@ -35,7 +35,7 @@ async fn a_deployment_isolated_by_one_edge_is_isolated_by_all_within_a_second() 
         &dir,
         "backend",
         &format!(
-            "[server]\nservices = [\"auth\", \"routing\", \"adapter\", \"billing\"]\ngrpc_listen = \"127.0.0.1:0\"\n\
+            "[server]\nservice_token = \"relay-test-service-token\"\nservices = [\"auth\", \"routing\", \"adapter\", \"billing\"]\ngrpc_listen = \"127.0.0.1:0\"\n\
              admin_listen = \"127.0.0.1:0\"\n{bus}{}\
              [[adapter.providers]]\nname = \"dead\"\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:{dead}/v1\"\nconnect_timeout_ms = 500\n\
              [[adapter.providers]]\nname = \"mock\"\nkind = \"openai\"\nbase_url = \"{}\"\n\
@@ -49,7 +49,7 @@ async fn a_deployment_isolated_by_one_edge_is_isolated_by_all_within_a_second() 
     let mut edges = Vec::new();
     for i in 0..3 {
         let cfg = format!(
-            "[server]\nservices = [\"edge\"]\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+            "[server]\nservice_token = \"relay-test-service-token\"\nservices = [\"edge\"]\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
              [remote]\nauth = \"{g}\"\nrouting = \"{g}\"\nadapter = \"{g}\"\n{bus}",
             g = backend.grpc()
         );

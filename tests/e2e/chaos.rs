@@ -126,7 +126,7 @@ async fn ten_thousand_requests_through_kills_and_a_rolling_restart_are_booked_on
     );
     let backend_cfg = |services: &str, extra: &str| {
         format!(
-            "[server]\nservices = [{services}]\ngrpc_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{shared}{extra}"
+            "[server]\nservice_token = \"relay-test-service-token\"\nservices = [{services}]\ngrpc_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{shared}{extra}"
         )
     };
     let billing = RelayProc::start(&dir, "billing", &backend_cfg("\"billing\"", "")).await;
@@ -134,7 +134,7 @@ async fn ten_thousand_requests_through_kills_and_a_rolling_restart_are_booked_on
     let backend =
         RelayProc::start(&dir, "backend", &backend_cfg("\"auth\", \"routing\", \"adapter\"", &extra)).await;
     let edge_cfg = format!(
-        "[server]\nservices = [\"edge\"]\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+        "[server]\nservice_token = \"relay-test-service-token\"\nservices = [\"edge\"]\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
          shutdown_grace_secs = 5\n[remote]\nauth = \"{g}\"\nrouting = \"{g}\"\nadapter = \"{g}\"\n{shared}",
         g = backend.grpc()
     );

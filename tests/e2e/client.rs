@@ -108,8 +108,12 @@ pub async fn recorded_usage(billing: &relay_proto::clients::GrpcBilling, request
     }
 }
 
+/// The `server.service_token` of every split-process test config.
+pub const SERVICE_TOKEN: &str = "relay-test-service-token";
+
 pub fn billing_client(grpc: &str) -> relay_proto::clients::GrpcBilling {
-    relay_proto::clients::GrpcBilling::new(relay_proto::clients::channel(grpc).unwrap())
+    let token = relay_core::Secret::new(SERVICE_TOKEN);
+    relay_proto::clients::GrpcBilling::new(relay_proto::clients::channel(grpc, Some(&token)).unwrap())
 }
 
 /// The mock's usage for a single user message `text`: prompt = 1000 + words, completion = reply words.

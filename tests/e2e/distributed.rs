@@ -13,6 +13,35 @@ use crate::{client, scenario, upstream_sections};
 
 const ADMIN_TOKEN: &str = "e2e-billing-admin-token-0123";
 
+/// Any pod that can reach a service port is not thereby trusted: without the service token (or with a
+/// wrong one) the adapter will not call a provider and billing will not answer.
+async fn services_refuse_callers_without_the_token(adapter: &RelayProc, billing: &RelayProc) {
+    use relay_core::contracts::{Adapter as _, Billing as _};
+    use relay_proto::clients::{GrpcAdapter, GrpcBilling, channel};
+    let wrong = relay_core::Secret::new("not-the-service-token");
+    for token in [None, Some(&wrong)] {
+        let rogue = GrpcAdapter::new(channel(&adapter.grpc(), token).unwrap());
+        let req = relay_core::pb::adapter::v1::ChatRequest {
+            request_id: "rogue".into(),
+            protocol: relay_core::pb::common::v1::Protocol::OpenaiChat as i32,
+            body: bytes::Bytes::from_static(br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#),
+            deployment: Some(relay_core::pb::routing::v1::Deployment {
+                id: "rogue".into(),
+                provider: "mock".into(),
+                upstream_model: "gpt-mock-upstream".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let e = rogue.chat(req).await.err().expect("the adapter served a caller without the token");
+        assert_eq!(e.code, relay_core::ErrorCode::Unauthenticated, "{e:?}");
+        let rogue = GrpcBilling::new(channel(&billing.grpc(), token).unwrap());
+        let e =
+            rogue.spent(Default::default()).await.expect_err("billing answered a caller without the token");
+        assert_eq!(e.code, relay_core::ErrorCode::Unauthenticated, "{e:?}");
+    }
+}
+
 /// Billing's admin API on the billing process: usage grouped, the CSV export, a price version added and
 /// used by the next request, the reconcile report; nothing without the admin token.
 async fn billing_admin(billing: &RelayProc, edge: &RelayProc, db: &Db, requests: usize) {
@@ -70,7 +99,7 @@ fn common(nats: &str, db_url: &str, collector: &Collector, tag: &str) -> String 
 
 fn backend(service: &str, shared: &str, extra: &str) -> String {
     format!(
-        "[server]\nservices = [\"{service}\"]\ngrpc_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{shared}{extra}"
+        "[server]\nservice_token = \"relay-test-service-token\"\nservices = [\"{service}\"]\ngrpc_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{shared}{extra}"
     )
 }
 
@@ -124,7 +153,7 @@ async fn five_processes_over_grpc_nats_and_postgres() {
     let routing = RelayProc::start(&dir, "routing", &backend("routing", &shared, &upstreams)).await;
     let adapter = RelayProc::start(&dir, "adapter", &backend("adapter", &shared, &upstreams)).await;
     let edge_cfg = format!(
-        "[server]\nservices = [\"edge\"]\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+        "[server]\nservice_token = \"relay-test-service-token\"\nservices = [\"edge\"]\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
          [remote]\nauth = \"{}\"\nrouting = \"{}\"\nadapter = \"{}\"\n{shared}",
         auth.grpc(),
         routing.grpc(),
@@ -132,6 +161,7 @@ async fn five_processes_over_grpc_nats_and_postgres() {
     );
     let edge = RelayProc::start(&dir, "edge", &edge_cfg).await;
     let billing_client = client::billing_client(&billing.grpc());
+    services_refuse_callers_without_the_token(&adapter, &billing).await;
 
     let mut sent = scenario::run(&edge.http(), &billing_client, &mock).await;
     sent.extend(no_hop_stalls(&edge.http()).await);

@@ -12,7 +12,7 @@ async fn embedded_single_process_serves_and_records_every_request_once() {
     let dir = temp_dir("embedded");
     let db_path = dir.join("relay.db");
     let config = format!(
-        "[server]\nhttp_listen = \"127.0.0.1:0\"\ngrpc_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+        "[server]\nservice_token = \"relay-test-service-token\"\nhttp_listen = \"127.0.0.1:0\"\ngrpc_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
          [database]\nurl = \"sqlite://{}\"\n{}{}",
         db_path.display(),
         auth_section(),

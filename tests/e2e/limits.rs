@@ -94,7 +94,7 @@ async fn limits_hold_across_three_edges_and_revocation_is_fast() {
         &dir,
         "backend",
         &format!(
-            "[server]\nservices = [\"auth\", \"routing\", \"adapter\", \"billing\"]\ngrpc_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+            "[server]\nservice_token = \"relay-test-service-token\"\nservices = [\"auth\", \"routing\", \"adapter\", \"billing\"]\ngrpc_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
              [database]\nurl = \"{db_url}\"\n{bus}\
              [auth]\npepper = \"{}\"\nadmin_token = \"{ADMIN_TOKEN}\"\ncache_ttl_secs = 300\n\
              [[adapter.providers]]\nname = \"demo\"\nkind = \"demo\"\nchunk_delay_ms = 15\n\
@@ -107,7 +107,7 @@ async fn limits_hold_across_three_edges_and_revocation_is_fast() {
     let mut edges = Vec::new();
     for i in 0..3 {
         let cfg = format!(
-            "[server]\nservices = [\"edge\"]\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+            "[server]\nservice_token = \"relay-test-service-token\"\nservices = [\"edge\"]\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
              [remote]\nauth = \"{g}\"\nrouting = \"{g}\"\nadapter = \"{g}\"\n{bus}\
              [limits]\nredis_url = \"{redis}\"\nkey_prefix = \"l{tag}\"\non_redis_error = \"fail_closed\"\n",
             g = backend.grpc()

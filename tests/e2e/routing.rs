@@ -156,7 +156,7 @@ deployments = [{ provider = "d", model = "big" }]
         &dir,
         "backend",
         &format!(
-            "[server]\nservices = [\"auth\", \"routing\", \"adapter\", \"billing\"]\ngrpc_listen = \"127.0.0.1:0\"\n\
+            "[server]\nservice_token = \"relay-test-service-token\"\nservices = [\"auth\", \"routing\", \"adapter\", \"billing\"]\ngrpc_listen = \"127.0.0.1:0\"\n\
              admin_listen = \"127.0.0.1:0\"\n{bus}{}{providers}{models}",
             auth_section().replacen("[auth]\n", &format!("[auth]\nadmin_token = \"{ADMIN}\"\n"), 1),
         ),
@@ -165,7 +165,7 @@ deployments = [{ provider = "d", model = "big" }]
     let mut edges = Vec::new();
     for i in 0..3 {
         let cfg = format!(
-            "[server]\nservices = [\"edge\"]\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+            "[server]\nservice_token = \"relay-test-service-token\"\nservices = [\"edge\"]\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
              [remote]\nauth = \"{g}\"\nrouting = \"{g}\"\nadapter = \"{g}\"\n{bus}[auth]\nadmin_token = \"{ADMIN}\"\n\
              [limits]\nredis_url = \"{redis}\"\nkey_prefix = \"relay-{tag}\"\n",
             g = backend.grpc()

@@ -8,6 +8,7 @@ use relay_core::contracts::{Adapter, ChatEventStream, Result};
 use relay_core::pb::adapter::v1::{
     ChatRequest, CountTokensRequest, CountTokensResponse, EmbedRequest, EmbedResponse,
 };
+use relay_core::pb::routing::v1::Deployment;
 use relay_core::{ErrorCode, RelayError};
 use tracing::Instrument;
 
@@ -16,6 +17,9 @@ use crate::providers::{Provider, anthropic, demo::Demo, gemini, openai};
 
 pub struct AdapterService {
     providers: HashMap<String, Arc<dyn Provider>>,
+    /// The deployments this adapter serves, by id, from its own config. When set, a call names only the
+    /// deployment's id: the provider, upstream model and output limit are this copy's, never the caller's.
+    deployments: Option<HashMap<String, Deployment>>,
 }
 
 impl AdapterService {
@@ -30,7 +34,24 @@ impl AdapterService {
             };
             providers.insert(p.name.clone(), provider);
         }
-        Ok(Self { providers })
+        Ok(Self { providers, deployments: None })
+    }
+
+    /// Serves only `deployments` (by id), each resolved from this copy whatever the caller sends.
+    pub fn restrict_to(mut self, deployments: impl IntoIterator<Item = Deployment>) -> Self {
+        self.deployments = Some(deployments.into_iter().map(|d| (d.id.clone(), d)).collect());
+        self
+    }
+
+    /// The deployment a call may use: the configured one with the caller's id.
+    fn resolve(&self, asked: Option<Deployment>) -> Result<Deployment> {
+        let asked = asked.unwrap_or_default();
+        let Some(known) = &self.deployments else { return Ok(asked) };
+        known.get(&asked.id).cloned().ok_or_else(|| {
+            metrics::counter!("relay_adapter_unknown_deployment_total").increment(1);
+            tracing::warn!(deployment = %asked.id, "call for a deployment this adapter does not serve refused");
+            RelayError::new(ErrorCode::PermissionDenied, "the selected deployment is not served here")
+        })
     }
 
     fn provider(&self, name: &str) -> Result<&Arc<dyn Provider>> {
@@ -44,8 +65,9 @@ impl AdapterService {
 
 #[async_trait::async_trait]
 impl Adapter for AdapterService {
-    async fn chat(&self, req: ChatRequest) -> Result<ChatEventStream> {
-        let dep = req.deployment.clone().unwrap_or_default();
+    async fn chat(&self, mut req: ChatRequest) -> Result<ChatEventStream> {
+        let dep = self.resolve(req.deployment.take())?;
+        req.deployment = Some(dep.clone());
         let provider = self.provider(&dep.provider)?;
         let span = tracing::info_span!(
             "adapter.chat",
@@ -63,18 +85,81 @@ impl Adapter for AdapterService {
         })))
     }
 
-    async fn embed(&self, req: EmbedRequest) -> Result<EmbedResponse> {
-        let dep = req.deployment.clone().unwrap_or_default();
+    async fn embed(&self, mut req: EmbedRequest) -> Result<EmbedResponse> {
+        let dep = self.resolve(req.deployment.take())?;
+        req.deployment = Some(dep.clone());
         let provider = self.provider(&dep.provider)?;
         let span =
             tracing::info_span!("adapter.embed", request_id = %req.request_id, relay.deployment = %dep.id);
         provider.embed(req).instrument(span).await
     }
 
-    async fn count_tokens(&self, req: CountTokensRequest) -> Result<CountTokensResponse> {
-        let dep = req.deployment.clone().unwrap_or_default();
+    async fn count_tokens(&self, mut req: CountTokensRequest) -> Result<CountTokensResponse> {
+        let dep = self.resolve(req.deployment.take())?;
+        req.deployment = Some(dep.clone());
         let provider = self.provider(&dep.provider)?;
         let span = tracing::info_span!("adapter.count_tokens", request_id = %req.request_id, relay.deployment = %dep.id);
         provider.count_tokens(req).instrument(span).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt as _;
+    use relay_core::pb::adapter::v1::chat_event::Event;
+
+    use super::*;
+    use crate::config::ProviderConfig;
+
+    fn demo(name: &str) -> ProviderConfig {
+        toml::from_str(&format!("name = \"{name}\"\nkind = \"demo\"\n")).unwrap()
+    }
+
+    async fn upstream_model_of(a: &AdapterService, dep: Deployment) -> Result<String> {
+        let req = ChatRequest {
+            request_id: "r".into(),
+            body: bytes::Bytes::from_static(br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#),
+            deployment: Some(dep),
+            protocol: relay_core::pb::common::v1::Protocol::OpenaiChat as i32,
+            ..Default::default()
+        };
+        let mut events = a.chat(req).await?;
+        while let Some(ev) = events.next().await {
+            if let Some(Event::Start(s)) = ev.event {
+                return Ok(s.upstream_model);
+            }
+        }
+        Err(RelayError::internal("no start event"))
+    }
+
+    #[tokio::test]
+    async fn a_call_names_a_deployment_and_the_adapter_supplies_the_rest() {
+        let cfg = AdapterConfig { providers: vec![demo("demo-a"), demo("demo-b")] };
+        let configured = Deployment {
+            id: "m@demo-a".into(),
+            provider: "demo-a".into(),
+            upstream_model: "real".into(),
+            ..Default::default()
+        };
+        let a = AdapterService::new(&cfg).unwrap().restrict_to([configured]);
+        // The caller claims another provider and model for a known id: the configured ones are used.
+        let forged = Deployment {
+            id: "m@demo-a".into(),
+            provider: "demo-b".into(),
+            upstream_model: "forged".into(),
+            ..Default::default()
+        };
+        assert_eq!(upstream_model_of(&a, forged).await.unwrap(), "real");
+        // An id the config does not have is refused, whatever else it says.
+        let unknown = Deployment {
+            id: "x@demo-b".into(),
+            provider: "demo-b".into(),
+            upstream_model: "x".into(),
+            ..Default::default()
+        };
+        let e = upstream_model_of(&a, unknown).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::PermissionDenied);
+        let e = upstream_model_of(&a, Deployment::default()).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::PermissionDenied);
     }
 }

@@ -403,3 +403,33 @@ async fn n_above_one_is_refused_where_the_upstream_has_one_choice() {
     };
     assert_eq!(e.param.as_deref(), Some("n"));
 }
+
+/// A request without an output limit gets the deployment's, in the field each upstream obeys, so the
+/// edge's reservation (which assumed it) is a real bound. A Responses body's stray `max_tokens` is not
+/// a limit there and changes nothing.
+#[tokio::test]
+async fn requests_without_a_limit_carry_the_deployments_upstream() {
+    let (up, base) = upstream().await;
+    let a = adapter(&base);
+    let openai = br#"{"model":"client-model","messages":[{"role":"user","content":"hi"}]}"#;
+    let responses = br#"{"model":"client-model","input":"hi","max_tokens":1}"#;
+    for (protocol, body) in [(Protocol::OpenaiChat, &openai[..]), (Protocol::OpenaiResponses, &responses[..])]
+    {
+        for provider in UPSTREAMS {
+            let fixture = dir().join("upstream").join(format!("{provider}_whole.json"));
+            *up.reply.lock().unwrap() = (200, std::fs::read_to_string(fixture).unwrap());
+            up.seen.lock().unwrap().clear();
+            let mut req = request(protocol, provider, Bytes::copy_from_slice(body), false);
+            req.deployment.as_mut().unwrap().max_output_tokens = 321;
+            call(&a, req).await;
+            let (_, _, sent) = up.seen.lock().unwrap().pop().unwrap();
+            let sent: Value = serde_json::from_slice(&sent).unwrap();
+            let limit = match provider {
+                "openai" => sent.get("max_completion_tokens").or_else(|| sent.get("max_tokens")),
+                "anthropic" => sent.get("max_tokens"),
+                _ => sent.pointer("/generationConfig/maxOutputTokens"),
+            };
+            assert_eq!(limit, Some(&json!(321)), "{protocol:?} → {provider}: {sent}");
+        }
+    }
+}

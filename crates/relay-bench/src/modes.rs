@@ -261,7 +261,7 @@ async fn start_services(
         let mut grpc = std::collections::HashMap::new();
         for s in ["billing", "auth", "routing", "adapter"] {
             let cfg = format!(
-                "[server]\nservices = [\"{s}\"]\ngrpc_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{shared}"
+                "[server]\nservice_token = \"relay-test-service-token\"\nservices = [\"{s}\"]\ngrpc_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{shared}"
             );
             let p = Proc::relay(relay, &format!("{tag}-{s}"), &write(dir, &format!("{tag}-{s}"), &cfg)?, dir)
                 .await?;
@@ -269,7 +269,7 @@ async fn start_services(
             procs.push(p);
         }
         format!(
-            "[server]\nservices = [\"edge\"]\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+            "[server]\nservice_token = \"relay-test-service-token\"\nservices = [\"edge\"]\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
              [remote]\nauth = \"{}\"\nrouting = \"{}\"\nadapter = \"{}\"\nbilling = \"{}\"\n{shared}",
             grpc["auth"].0, grpc["routing"].0, grpc["adapter"].0, grpc["billing"].0
         )

@@ -11,25 +11,22 @@ use relay_core::pb::{events::v1 as events, routing::v1 as routing};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::credentials::Outbound;
 use crate::generated;
 use crate::status::from_status;
-use crate::trace::{InjectFn, inject};
 
-pub type TracedChannel = InterceptedService<Channel, InjectFn>;
+/// A channel whose calls carry the trace context and the service token.
+pub type TracedChannel = InterceptedService<Channel, Outbound>;
 
-/// A lazily connecting channel to `url` (`http://host:port`).
-pub fn channel(url: &str) -> Result<Channel> {
+/// A lazily connecting channel to `url` (`http://host:port`), presenting `token` on every call.
+pub fn channel(url: &str, token: Option<&relay_core::Secret>) -> Result<TracedChannel> {
     let endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|_| RelayError::internal(format!("invalid gRPC address `{url}`")))?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(3))
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true);
-    Ok(endpoint.connect_lazy())
-}
-
-fn traced(ch: Channel) -> TracedChannel {
-    InterceptedService::new(ch, inject as InjectFn)
+    Ok(InterceptedService::new(endpoint.connect_lazy(), Outbound::new(token)?))
 }
 
 // === impl GrpcAuth ===
@@ -38,8 +35,8 @@ fn traced(ch: Channel) -> TracedChannel {
 pub struct GrpcAuth(generated::auth::auth_service_client::AuthServiceClient<TracedChannel>);
 
 impl GrpcAuth {
-    pub fn new(ch: Channel) -> Self {
-        Self(generated::auth::auth_service_client::AuthServiceClient::new(traced(ch)))
+    pub fn new(ch: TracedChannel) -> Self {
+        Self(generated::auth::auth_service_client::AuthServiceClient::new(ch))
     }
 }
 
@@ -57,8 +54,8 @@ impl Authenticator for GrpcAuth {
 pub struct GrpcRouter(generated::routing::routing_service_client::RoutingServiceClient<TracedChannel>);
 
 impl GrpcRouter {
-    pub fn new(ch: Channel) -> Self {
-        Self(generated::routing::routing_service_client::RoutingServiceClient::new(traced(ch)))
+    pub fn new(ch: TracedChannel) -> Self {
+        Self(generated::routing::routing_service_client::RoutingServiceClient::new(ch))
     }
 }
 
@@ -85,9 +82,9 @@ impl Router for GrpcRouter {
 pub struct GrpcAdapter(generated::adapter::adapter_service_client::AdapterServiceClient<TracedChannel>);
 
 impl GrpcAdapter {
-    pub fn new(ch: Channel) -> Self {
+    pub fn new(ch: TracedChannel) -> Self {
         Self(
-            generated::adapter::adapter_service_client::AdapterServiceClient::new(traced(ch))
+            generated::adapter::adapter_service_client::AdapterServiceClient::new(ch)
                 // Chat bodies carry whole conversations (images included).
                 .max_decoding_message_size(256 << 20)
                 .max_encoding_message_size(256 << 20),
@@ -123,8 +120,8 @@ impl Adapter for GrpcAdapter {
 pub struct GrpcBilling(generated::billing::billing_service_client::BillingServiceClient<TracedChannel>);
 
 impl GrpcBilling {
-    pub fn new(ch: Channel) -> Self {
-        Self(generated::billing::billing_service_client::BillingServiceClient::new(traced(ch)))
+    pub fn new(ch: TracedChannel) -> Self {
+        Self(generated::billing::billing_service_client::BillingServiceClient::new(ch))
     }
 }
 

@@ -6,6 +6,7 @@
 //! nothing here knows what a service does.
 
 pub mod clients;
+pub mod credentials;
 pub mod servers;
 pub mod status;
 pub mod trace;

@@ -15,9 +15,6 @@ impl Injector for MetadataInjector<'_> {
     }
 }
 
-/// The function type of [`inject`], so intercepted clients have a nameable type.
-pub type InjectFn = fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>;
-
 /// Client interceptor: adds the current span's `traceparent` to the request metadata.
 pub fn inject(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
     let cx = tracing::Span::current().context();

@@ -166,6 +166,13 @@ pub struct DeploymentConfig {
     pub tpm: Option<u64>,
 }
 
+impl DeploymentConfig {
+    /// The deployment's stable id (`<model>@<provider>`), the key routing and the adapter share.
+    pub fn id(&self) -> String {
+        format!("{}@{}", self.model, self.provider)
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PriceConfig {

@@ -74,7 +74,7 @@ impl RoutingService {
                 .deployments
                 .iter()
                 .map(|d| Deployment {
-                    id: format!("{}@{}", d.model, d.provider),
+                    id: d.id(),
                     provider: d.provider.clone(),
                     upstream_model: d.model.clone(),
                     weight: d.weight.unwrap_or(0),

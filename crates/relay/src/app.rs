@@ -63,7 +63,7 @@ async fn build_local(cfg: &Config) -> anyhow::Result<Local> {
     };
     let router = routing.clone().map(|r| r as Arc<dyn Router>);
     let adapter: Option<Arc<dyn Adapter>> = match cfg.runs("adapter") {
-        true => Some(Arc::new(relay_adapter::AdapterService::new(&cfg.adapter)?)),
+        true => Some(Arc::new(adapter_service(cfg)?)),
         false => None,
     };
     let billing = match db.clone().filter(|_| cfg.runs("billing")) {
@@ -123,13 +123,39 @@ impl relay_auth::admin::Invalidate for BusInvalidate {
     }
 }
 
+/// The adapter, serving exactly the deployments of the routing config in this file (provider, upstream
+/// model and output limit by id, never the caller's). A file without routing models (an adapter
+/// configured on its own) serves what it is asked, within its providers.
+fn adapter_service(cfg: &Config) -> anyhow::Result<relay_adapter::AdapterService> {
+    let service = relay_adapter::AdapterService::new(&cfg.adapter)?;
+    if cfg.routing.models.is_empty() {
+        if !cfg.runs("routing") {
+            tracing::warn!("no routing models in this config: the adapter trusts the deployments it is sent");
+        }
+        return Ok(service);
+    }
+    let deployments = cfg.routing.models.iter().flat_map(|m| &m.deployments).map(|d| {
+        relay_core::pb::routing::v1::Deployment {
+            id: d.id(),
+            provider: d.provider.clone(),
+            upstream_model: d.model.clone(),
+            max_output_tokens: d.max_output_tokens,
+            ..Default::default()
+        }
+    });
+    Ok(service.restrict_to(deployments))
+}
+
 /// Billing for the edge's limiter: in this process, or at `remote.billing`.
 fn ledger(local: &Local, cfg: &Config) -> anyhow::Result<Option<Arc<dyn Billing>>> {
     if let Some(b) = &local.billing {
         return Ok(Some(Arc::new(b.clone())));
     }
     match &cfg.remote.billing {
-        Some(addr) => Ok(Some(Arc::new(relay_proto::clients::GrpcBilling::new(channel(addr)?)))),
+        Some(addr) => Ok(Some(Arc::new(relay_proto::clients::GrpcBilling::new(channel(
+            addr,
+            cfg.server.service_token.as_ref(),
+        )?)))),
         None => Ok(None),
     }
 }
@@ -216,13 +242,13 @@ pub async fn run(
     if let Some(listener) = http {
         let services = Services {
             auth: remote(local.auth.clone(), &cfg.remote.auth, |a| {
-                Ok(Arc::new(GrpcAuth::new(channel(a)?)) as _)
+                Ok(Arc::new(GrpcAuth::new(channel(a, cfg.server.service_token.as_ref())?)) as _)
             })?,
             router: remote(local.router.clone(), &cfg.remote.routing, |a| {
-                Ok(Arc::new(GrpcRouter::new(channel(a)?)) as _)
+                Ok(Arc::new(GrpcRouter::new(channel(a, cfg.server.service_token.as_ref())?)) as _)
             })?,
             adapter: remote(local.adapter.clone(), &cfg.remote.adapter, |a| {
-                Ok(Arc::new(GrpcAdapter::new(channel(a)?)) as _)
+                Ok(Arc::new(GrpcAdapter::new(channel(a, cfg.server.service_token.as_ref())?)) as _)
             })?,
             usage: outbox
                 .clone()
@@ -257,7 +283,12 @@ pub async fn run(
         edge_handle = Some(edge);
     }
     if let Some(listener) = grpc {
-        let mut builder = tonic::transport::Server::builder().trace_fn(relay_proto::trace::server_span);
+        // Every call must carry the service token (unless the operator opted out, e.g. behind a mesh
+        // that authenticates peers with mTLS).
+        let require = relay_proto::credentials::RequireToken::new(cfg.server.service_token.as_ref());
+        let mut builder = tonic::transport::Server::builder()
+            .trace_fn(relay_proto::trace::server_span)
+            .layer(tonic::service::InterceptorLayer::new(require));
         let billing: Option<Arc<dyn Billing>> = local.billing.as_ref().map(|b| Arc::new(b.clone()) as _);
         let routes = builder
             .add_optional_service(local.auth.clone().map(relay_proto::servers::auth))

@@ -37,6 +37,12 @@ pub struct ServerConfig {
     pub admin_listen: String,
     /// How long in-flight requests and streams may take to finish after a shutdown signal.
     pub shutdown_grace_secs: u64,
+    /// Shared secret every internal gRPC call carries and every gRPC server checks (constant time).
+    /// Required whenever this process serves gRPC or calls a remote service.
+    pub service_token: Option<relay_core::Secret>,
+    /// Serve and call gRPC without the token (only where the network itself authenticates peers, e.g.
+    /// a mesh with mTLS).
+    pub allow_unauthenticated_grpc: bool,
 }
 
 impl Default for ServerConfig {
@@ -47,6 +53,8 @@ impl Default for ServerConfig {
             grpc_listen: None,
             admin_listen: "127.0.0.1:9090".into(),
             shutdown_grace_secs: 30,
+            service_token: None,
+            allow_unauthenticated_grpc: false,
         }
     }
 }
@@ -203,6 +211,20 @@ impl Config {
         if self.runs("edge") {
             self.edge.validate(&mut e);
         }
+        let remote = [&self.remote.auth, &self.remote.routing, &self.remote.adapter, &self.remote.billing];
+        let uses_grpc = self.server.grpc_listen.is_some() || remote.iter().any(|r| r.is_some());
+        match &self.server.service_token {
+            Some(t) if t.expose().len() < 16 => {
+                e.push("server.service_token: must be at least 16 characters".into())
+            }
+            Some(t) if !t.expose().bytes().all(|b| b.is_ascii_graphic()) => {
+                e.push("server.service_token: printable ASCII without spaces only".into())
+            }
+            None if uses_grpc && !self.server.allow_unauthenticated_grpc => e.push(
+                "server.service_token: required when this process serves or calls gRPC (or set server.allow_unauthenticated_grpc = true behind an authenticating mesh)".into(),
+            ),
+            _ => {}
+        }
         if self.runs("auth") {
             self.auth.validate(&mut e);
         }
@@ -255,11 +277,26 @@ mod tests {
             let env = env(&[
                 ("RELAY__SERVER__SERVICES", &format!("[\"{role}\"]")),
                 ("RELAY__AUTH__PEPPER", "a-long-enough-pepper"),
+                ("RELAY__SERVER__SERVICE_TOKEN", "a-long-enough-service-token"),
             ]);
             if let Err(e) = Config::load(Some(&path), &env) {
                 panic!("{role}: {e}");
             }
         }
+    }
+
+    #[test]
+    fn split_processes_need_a_service_token() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/config/relay.compose.toml");
+        let base =
+            [("RELAY__SERVER__SERVICES", "[\"adapter\"]"), ("RELAY__AUTH__PEPPER", "a-long-enough-pepper")];
+        let errs = Config::load(Some(&path), &env(&base)).unwrap_err().to_string();
+        assert!(errs.contains("server.service_token"), "{errs}");
+        let short = env(&[base[0], base[1], ("RELAY__SERVER__SERVICE_TOKEN", "short")]);
+        assert!(Config::load(Some(&path), &short).unwrap_err().to_string().contains("16 characters"));
+        let opted_out = env(&[base[0], base[1], ("RELAY__SERVER__ALLOW_UNAUTHENTICATED_GRPC", "true")]);
+        assert!(Config::load(Some(&path), &opted_out).is_ok());
+        assert!(Config::load(None, &env(&[base[1]])).is_ok(), "embedded (no gRPC) needs none");
     }
 
     #[test]
