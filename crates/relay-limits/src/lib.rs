@@ -55,8 +55,10 @@ pub enum OnRedisError {
     FailClosed,
 }
 
-/// Longest a request may hold a concurrency slot if its settlement never arrives (a crashed replica).
-pub const SLOT_TTL_MS: i64 = 10 * 60 * 1000;
+/// Longest a request holds a concurrency slot and a budget reservation if its settlement never arrives
+/// (a crashed replica, a lost task): past it they stop counting on their own. Longer than the edge's
+/// request deadline plus its drain, so a live request never loses its lease.
+pub const LEASE_TTL_MS: i64 = 20 * 60 * 1000;
 
 /// What one scope enforces, read from its protobuf form (0 = no limit).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

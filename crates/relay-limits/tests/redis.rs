@@ -87,11 +87,13 @@ async fn requests_per_minute_are_shared_by_replicas() {
 async fn tokens_per_minute_hold_reservations_and_settle_to_real_use() {
     let Some((a, b)) = replicas().await else { return };
     let s = scope("tpm", 0, 1000, 0, 0);
-    assert_eq!(race(&a, &b, &s, 50, 100, 0, NOW).await, 10, "10 × 100 reserved tokens fill 1000");
-    // Settle all ten at 30 real tokens: 700 tokens come back.
-    for i in 0..10 {
+    let ins = admitted(&a, &b, &s, 50, (100, 0), NOW).await;
+    assert_eq!(ins.len(), 10, "10 × 100 reserved tokens fill 1000");
+    // Settle all ten at 30 real tokens: 700 tokens come back. Settling one never admitted gives nothing.
+    for i in ins {
         a.settle(&adm(i, &s, 100, 0, NOW), 30, 0).await;
     }
+    a.settle(&adm(999, &s, 100, 0, NOW), 0, 0).await;
     assert_eq!(race(&a, &b, &s, 50, 100, 0, NOW).await, 7);
 }
 
@@ -164,15 +166,28 @@ async fn a_redis_outage_follows_the_configured_policy() {
     let mut own = OwnRedis::start().expect("redis-server on PATH");
     let open = RedisLimiter::connect(&own.url, "outage", OnRedisError::FailOpen).await.unwrap();
     let closed = RedisLimiter::connect(&own.url, "outage", OnRedisError::FailClosed).await.unwrap();
-    let s = scope("outage", 2, 0, 0, 0);
+    let s = scope("outage", 4, 0, 0, 0);
+    let money = scope("outage-budget", 0, 0, 0, 1000);
+    // Two replicas are alive (each tells Redis every few seconds; here at once).
+    for l in [&open, &closed, &open] {
+        l.heartbeat().await;
+    }
     assert!(open.admit(&adm(0, &s, 1, 0, NOW)).await.is_ok());
     let _ = own.child.kill();
     let _ = own.child.wait();
     let outage = std::time::Instant::now();
-    // Fail-open: this replica keeps enforcing the limit on its own.
+    // Fail-open: this replica keeps enforcing its half of each limit on its own (4 rpm → 2), so the
+    // replicas together never grant more than the limit.
     assert!(open.admit(&adm(1, &s, 1, 0, NOW)).await.is_ok());
     assert!(open.admit(&adm(2, &s, 1, 0, NOW)).await.is_ok());
     assert_eq!(open.admit(&adm(3, &s, 1, 0, NOW)).await.unwrap_err().error.code, ErrorCode::RateLimited);
+    // And its half of what is left of a budget.
+    assert!(open.admit(&adm(10, &money, 1, 400, NOW)).await.is_ok());
+    let e = open.admit(&adm(11, &money, 1, 400, NOW)).await.unwrap_err();
+    assert_eq!(e.error.code, ErrorCode::InsufficientQuota, "800 > this replica's 500");
+    // Settled where it was admitted (memory), although Redis is the store it would normally use.
+    open.settle(&adm(10, &money, 1, 400, NOW), 1, 100).await;
+    assert!(open.admit(&adm(12, &money, 1, 400, NOW)).await.is_ok(), "100 spent + 400 ≤ 500");
     // Fail-closed: refuse with 503.
     let e = closed.admit(&adm(4, &s, 1, 0, NOW)).await.unwrap_err();
     assert_eq!(e.error.code, ErrorCode::Unavailable);
@@ -207,4 +222,32 @@ async fn budget_counters_are_rebuilt_from_the_ledger_after_a_start_and_after_red
     let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await.unwrap();
     let e = l.admit(&adm(3, &s, 1, 100, now)).await.unwrap_err();
     assert_eq!(e.error.code, ErrorCode::InsufficientQuota, "rebuilt, not reset to zero");
+}
+
+#[tokio::test]
+async fn a_reservation_never_settled_expires_on_its_own() {
+    let Some((a, b)) = replicas().await else { return };
+    let mut s = scope("leaked", 0, 0, 0, 1000);
+    s.budget.as_mut().unwrap().period = BudgetPeriod::Total as i32;
+    let now = relay_core::ids::now_ms();
+    let crashed_at = now - relay_limits::LEASE_TTL_MS - 1_000;
+    // A replica reserved 600 and crashed before settling: its lease is older than any live request.
+    a.admit(&adm(1, &s, 1, 600, crashed_at)).await.unwrap();
+    // A fresh reservation would not fit beside it; once its lease is past, it no longer counts.
+    b.admit(&adm(2, &s, 1, 600, now)).await.unwrap();
+    let e = b.admit(&adm(3, &s, 1, 600, now)).await.unwrap_err();
+    assert_eq!(e.error.code, ErrorCode::InsufficientQuota, "the live reservation still counts");
+}
+
+#[tokio::test]
+async fn settling_twice_gives_nothing_back_twice() {
+    let Some((a, b)) = replicas().await else { return };
+    let s = scope("twice", 0, 100, 1, 1000);
+    let first = adm(1, &s, 80, 500, NOW);
+    a.admit(&first).await.unwrap();
+    a.settle(&first, 20, 100).await;
+    b.settle(&first, 20, 100).await; // a duplicate, from another replica
+    b.admit(&adm(2, &s, 80, 0, NOW)).await.unwrap();
+    let e = a.admit(&adm(3, &s, 1, 0, NOW)).await.unwrap_err();
+    assert_eq!(e.error.code, ErrorCode::RateLimited, "20 + 80 tokens used: the minute is full");
 }
