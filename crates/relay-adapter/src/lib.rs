@@ -18,3 +18,4 @@ mod upstream;
 
 pub use config::{AdapterConfig, ProviderConfig, ProviderKind};
 pub use service::AdapterService;
+pub use upstream::{MAX_ANSWER_BYTES, MAX_EVENT_BYTES};

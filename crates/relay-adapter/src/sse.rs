@@ -29,8 +29,7 @@ impl SseParser {
     }
 
     /// Bytes received that do not (yet) form a whole event.
-    #[cfg(test)]
-    pub fn pending(&self) -> usize {
+    pub fn buffered(&self) -> usize {
         self.buf.len()
     }
 
@@ -103,7 +102,7 @@ mod tests {
             assert_eq!(got[1].event.as_deref(), Some("ping"));
             assert_eq!(got[1].data, "x\ny");
             assert_eq!(got[2].data, "[DONE]");
-            assert_eq!(p.pending(), 0);
+            assert_eq!(p.buffered(), 0);
         }
     }
 
@@ -114,7 +113,7 @@ mod tests {
         let got = all(&mut p);
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].data, "one");
-        assert_eq!(p.pending(), 8);
+        assert_eq!(p.buffered(), 8);
         p.push(b"o\n\n");
         assert_eq!(p.next_event().unwrap().data, "two");
     }

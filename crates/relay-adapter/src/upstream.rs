@@ -83,8 +83,29 @@ impl Http {
         serde_json::from_slice(&self.body(resp).await?).map_err(|_| self.invalid_answer())
     }
 
-    pub async fn body(&self, resp: reqwest::Response) -> Result<bytes::Bytes, RelayError> {
-        resp.bytes().await.map_err(|e| transport_error(&self.name, &e))
+    /// A whole answer, at most [`MAX_ANSWER_BYTES`] (a provider is not trusted to bound itself).
+    pub async fn body(&self, mut resp: reqwest::Response) -> Result<bytes::Bytes, RelayError> {
+        let too_large = || {
+            RelayError::new(
+                ErrorCode::UpstreamProtocol,
+                format!(
+                    "upstream provider `{}` sent an answer larger than {} MiB",
+                    self.name,
+                    MAX_ANSWER_BYTES >> 20
+                ),
+            )
+        };
+        if resp.content_length().is_some_and(|n| n > MAX_ANSWER_BYTES as u64) {
+            return Err(too_large());
+        }
+        let mut body = bytes::BytesMut::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| transport_error(&self.name, &e))? {
+            if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body.freeze())
     }
 
     pub fn invalid_answer(&self) -> RelayError {
@@ -94,6 +115,11 @@ impl Http {
         )
     }
 }
+
+/// Largest whole (non-streamed) answer read from a provider.
+pub const MAX_ANSWER_BYTES: usize = 256 << 20;
+/// Largest single server-sent event (one line or a run of lines without the blank line ending it).
+pub const MAX_EVENT_BYTES: usize = 16 << 20;
 
 /// The units of a streamed (SSE) answer, read as they arrive.
 pub fn sse_units(
@@ -127,6 +153,14 @@ pub fn sse_units(
                                 break;
                             }
                         }
+                    }
+                    if !st.over && st.parser.buffered() > MAX_EVENT_BYTES {
+                        let msg = format!(
+                            "upstream provider `{provider}` sent an event larger than {} MiB",
+                            MAX_EVENT_BYTES >> 20
+                        );
+                        units.push(Unit::Fail(RelayError::new(ErrorCode::UpstreamProtocol, msg)));
+                        st.over = true;
                     }
                 }
                 Some(Err(e)) => {

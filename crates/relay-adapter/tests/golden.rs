@@ -433,3 +433,33 @@ async fn requests_without_a_limit_carry_the_deployments_upstream() {
         }
     }
 }
+
+/// A provider that never ends its event (or sends one absurdly long line) is cut off with a clear
+/// error instead of growing the relay's memory without bound.
+#[tokio::test]
+async fn an_endless_event_is_cut_off() {
+    let (up, base) = upstream().await;
+    let a = adapter(&base);
+    let endless = format!("data: {{\"x\":\"{}", "a".repeat(relay_adapter::MAX_EVENT_BYTES + 1024));
+    *up.reply.lock().unwrap() = (200, endless);
+    let body = Bytes::from_static(br#"{"model":"client-model","messages":[{"role":"user","content":"hi"}]}"#);
+    let ans = call(&a, request(Protocol::OpenaiChat, "openai", body, true)).await;
+    assert!(ans.errors.iter().any(|e| e.contains("larger than 16 MiB")), "{:?}", ans.errors);
+}
+
+/// A provider's 4xx message reaches the caller (it says what to fix) without what it reveals about
+/// Relay's own account: key fragments, organisation and project ids.
+#[tokio::test]
+async fn relayed_provider_errors_are_scrubbed() {
+    let (up, base) = upstream().await;
+    let a = adapter(&base);
+    let reply = r#"{"error":{"message":"Invalid value for 'temperature' (key sk-proj-Zx81kQ0aa9Wq, organization org-Q1w2E3r4T5, contact ops@provider.example)."}}"#;
+    *up.reply.lock().unwrap() = (400, reply.into());
+    let body = Bytes::from_static(br#"{"model":"client-model","messages":[{"role":"user","content":"hi"}]}"#);
+    let e = a.chat(request(Protocol::OpenaiChat, "openai", body, false)).await.err().unwrap();
+    assert_eq!(e.http_status(), 400);
+    assert!(e.message.starts_with("Invalid value for 'temperature'"), "{}", e.message);
+    for gone in ["Zx81kQ0aa9Wq", "Q1w2E3r4T5", "ops@provider"] {
+        assert!(!e.message.contains(gone), "{gone} in {}", e.message);
+    }
+}

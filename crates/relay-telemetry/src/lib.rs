@@ -5,6 +5,8 @@
 //! Prometheus recorder. It does not know about services, requests or gRPC types (relay-proto wraps these
 //! helpers for tonic metadata).
 
+pub mod redact;
+
 use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -70,12 +72,18 @@ impl Telemetry {
 }
 
 /// Installs the global subscriber and propagator. Must run inside a Tokio runtime (the OTLP exporter needs it).
+/// Every log line goes out through the masking writer: no key, token, email or card number reaches the
+/// logs, whatever a message or a field carries.
+fn masked_stderr() -> redact::Scrubbing<std::io::Stderr> {
+    redact::Scrubbing(std::io::stderr())
+}
+
 pub fn init(cfg: &TelemetryConfig, service_name: &str) -> anyhow::Result<Telemetry> {
     global::set_text_map_propagator(TraceContextPropagator::new());
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cfg.log_filter.clone());
     let fmt = match cfg.log_format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
-        LogFormat::Json => tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(masked_stderr).boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer().json().with_writer(masked_stderr).boxed(),
     }
     .with_filter(EnvFilter::try_new(filter)?);
 

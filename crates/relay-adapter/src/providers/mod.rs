@@ -239,7 +239,10 @@ pub async fn upstream_error(provider: &str, resp: reqwest::Response) -> RelayErr
         .with_upstream_status(status);
     }
     let message = if (400..500).contains(&status) {
+        // The provider's words tell the caller what to fix; what they say about Relay's account (key
+        // fragments, organisation and project ids) is masked.
         provider_message(&body)
+            .map(|m| relay_telemetry::redact::upstream_message(&m))
             .unwrap_or_else(|| format!("upstream provider `{provider}` rejected the request"))
     } else {
         format!("upstream provider `{provider}` failed (HTTP {status})")
