@@ -61,9 +61,43 @@ fn list(v: Option<&String>) -> Value {
     )
 }
 
+const LIMITS: [&str; 5] = ["rpm", "tpm", "max-concurrent", "budget-micros", "budget-period"];
+
+/// The flags and positional arguments (after the verb) each command takes; anything else is an error,
+/// never silently ignored.
+fn accepted(kind: &str, verb: &str) -> Option<(Vec<&'static str>, usize)> {
+    let with_limits = |mut v: Vec<&'static str>| {
+        v.extend(LIMITS);
+        v
+    };
+    Some(match (kind, verb) {
+        (_, "show" | "disable" | "enable") | ("keys", "revoke") => (vec![], 1),
+        ("orgs", "list") => (vec![], 0),
+        ("teams", "list") => (vec!["org"], 0),
+        ("keys", "list") => (vec!["team", "org"], 0),
+        ("orgs", "create") => (with_limits(vec!["name", "id"]), 0),
+        ("teams", "create") => (with_limits(vec!["org", "name", "id"]), 0),
+        ("keys", "create") => {
+            (with_limits(vec!["team", "name", "models", "ips", "regions", "strategy", "expires-at-ms"]), 0)
+        }
+        _ => return None,
+    })
+}
+
 fn request(kind: &str, args: &[String]) -> Result<Request, String> {
     let (pos, named) = flags(args)?;
     let verb = pos.first().map(String::as_str).ok_or("missing action")?;
+    let (known, positional) =
+        accepted(kind, verb).ok_or_else(|| format!("unknown command: {kind} {verb}"))?;
+    let mut unknown: Vec<String> =
+        named.keys().filter(|f| !known.contains(&f.as_str())).map(|f| format!("--{f}")).collect();
+    unknown.sort();
+    if !unknown.is_empty() {
+        return Err(format!("{kind} {verb}: unknown option {}", unknown.join(", ")));
+    }
+    if pos.len() > 1 + positional {
+        return Err(format!("{kind} {verb}: unexpected argument `{}`", pos[1 + positional]));
+    }
     let id = || pos.get(1).cloned().ok_or_else(|| format!("{kind} {verb} needs an id"));
     let need = |name: &str| named.get(name).cloned().ok_or_else(|| format!("{kind} {verb} needs --{name}"));
     let get = |path: String| Request { method: reqwest::Method::GET, path, body: None };
@@ -216,5 +250,10 @@ mod tests {
         assert!(request("keys", &args("create --name x")).is_err(), "team is required");
         assert!(request("orgs", &args("explode x")).is_err());
         assert!(request("keys", &args("create --team t --rpm many")).is_err());
+        // A mistyped option is an error, never silently dropped (a key created without its budget).
+        let e = request("keys", &args("create --team t --budget 5000000")).err().unwrap();
+        assert!(e.contains("unknown option --budget"), "{e}");
+        assert!(request("orgs", &args("list --team t")).is_err());
+        assert!(request("keys", &args("show a b")).is_err(), "one id only");
     }
 }

@@ -73,6 +73,16 @@ pub fn main_with(args: Vec<String>, env: HashMap<String, String>) -> i32 {
         );
         return 0;
     }
+    // Help never needs a config (nor a pepper): `relay keys create --help` works on a fresh machine.
+    if args.iter().skip(1).any(|a| a == "--help" || a == "-h") {
+        match args[0].as_str() {
+            "orgs" | "teams" | "keys" => println!("usage:\n{}", crate::admin_cli::USAGE),
+            "billing" => println!("usage:\n{}", crate::billing_cli::USAGE),
+            "routing" => println!("usage:\n{}", crate::routing_cli::USAGE),
+            _ => println!("{USAGE}"),
+        }
+        return 0;
+    }
     let args = match parse_args(&args) {
         Ok(a) => a,
         Err(e) => {
@@ -86,11 +96,13 @@ pub fn main_with(args: Vec<String>, env: HashMap<String, String>) -> i32 {
         // `--services` wins over file and environment, and goes through the same validation.
         env.insert("RELAY__SERVER__SERVICES".into(), format!("{services:?}"));
     }
-    let load = if matches!(args.command.as_str(), "migrate" | "billing" | "routing") {
-        Config::load_for_database
-    } else {
-        Config::load
-    };
+    // Commands that only read the database or call the admin API do not need serving settings.
+    let load =
+        if matches!(args.command.as_str(), "migrate" | "billing" | "routing" | "orgs" | "teams" | "keys") {
+            Config::load_for_database
+        } else {
+            Config::load
+        };
     let cfg = match load(file.as_deref(), &env) {
         Ok(c) => c,
         Err(e) => {
@@ -177,4 +189,22 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     // Flushing blocks on the exporter, which needs this runtime: do it off the async threads.
     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &str) -> i32 {
+        main_with(args.split_whitespace().map(str::to_owned).collect(), HashMap::new())
+    }
+
+    #[test]
+    fn help_needs_no_config_and_unknown_options_are_refused() {
+        assert_eq!(run("keys create --help"), 0, "no pepper configured, still helps");
+        assert_eq!(run("routing -h"), 0);
+        assert_eq!(run("serve --help"), 0);
+        assert_eq!(run("serve --bogus"), EXIT_CONFIG);
+        assert_eq!(run("keys create --team t --bogus 1"), EXIT_CONFIG, "refused before any call");
+    }
 }
