@@ -25,6 +25,23 @@ import sys, yaml
 docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
 kinds = sorted((d["kind"], d["metadata"]["name"]) for d in docs)
 assert sum(k == "Deployment" for k, _ in kinds) == 5, kinds
+# Install order: Helm runs pre-install hooks before it creates any regular resource, so a hook may
+# reference only other hooks (or secrets the operator created beforehand, none in this render).
+hooks = {d["metadata"]["name"] for d in docs if "helm.sh/hook" in (d["metadata"].get("annotations") or {})}
+def refs(o):
+    if isinstance(o, dict):
+        for k, v in o.items():
+            if k in ("configMap", "secret", "secretRef", "configMapRef", "secretKeyRef", "configMapKeyRef") and isinstance(v, dict):
+                yield v.get("name") or v.get("secretName")
+            yield from refs(v)
+    elif isinstance(o, list):
+        for v in o:
+            yield from refs(v)
+for d in docs:
+    if d["metadata"]["name"] in hooks:
+        missing = [r for r in refs(d.get("spec", {})) if r not in hooks]
+        assert not missing, f"hook {d['kind']}/{d['metadata']['name']} needs non-hook resources {missing}: a first install would hang"
+assert any(d["kind"] == "Job" for d in docs if d["metadata"]["name"] in hooks), "no migration hook"
 open(sys.argv[2], "w").write(next(d for d in docs if d["kind"] == "ConfigMap")["data"]["relay.toml"])
 PYEOF
 cargo build -q --bin relay

@@ -76,6 +76,10 @@ impl RelayProc {
         format!("http://{}", self.bound["grpc"].as_str().expect("no grpc listener"))
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -9,6 +9,7 @@ mod collector;
 mod distributed;
 mod embedded;
 mod harness;
+mod hostile;
 mod limits;
 mod prepaid;
 mod routing;

@@ -6,6 +6,7 @@
 //!
 //! `relay-bench run [--quick] [--out FILE]`; `relay-bench mock|proxy` are the helper processes it starts.
 
+mod hostile;
 mod load;
 mod modes;
 mod procs;
@@ -42,6 +43,30 @@ async fn main() -> ExitCode {
             }
             _ => Err(anyhow::anyhow!("load needs --base URL --key KEY")),
         },
+        Some("fuzz") => match (flag("--base"), flag("--key")) {
+            (Some(base), Some(key)) => {
+                let n = flag("--requests").and_then(|v| v.parse().ok()).unwrap_or(20_000);
+                let conns = flag("--conns").and_then(|v| v.parse().ok()).unwrap_or(16);
+                let pid = flag("--pid").and_then(|v| v.parse().ok());
+                hostile::fuzz(&base, &key, &flag("--model").unwrap_or_else(|| "bench".into()), n, conns, pid)
+                    .await
+            }
+            _ => Err(anyhow::anyhow!("fuzz needs --base URL --key KEY")),
+        },
+        Some("flood") => match (flag("--base"), flag("--key")) {
+            (Some(base), Some(key)) => {
+                let n = flag("--requests").and_then(|v| v.parse().ok()).unwrap_or(20_000);
+                hostile::flood(&base, &key, n, args.iter().any(|a| a == "--spread")).await
+            }
+            _ => Err(anyhow::anyhow!("flood needs --base URL --key KEY")),
+        },
+        Some("flood-bogus") => match flag("--base") {
+            Some(base) => {
+                let n = flag("--requests").and_then(|v| v.parse().ok()).unwrap_or(20_000);
+                hostile::bogus(&base, n, args.iter().any(|a| a == "--spread")).await
+            }
+            None => Err(anyhow::anyhow!("flood-bogus needs --base URL")),
+        },
         Some("hold") => modes::hold(args.get(1).map_or("embedded", String::as_str)).await,
         Some("run") => {
             let quick = args.iter().any(|a| a == "--quick");
@@ -49,7 +74,7 @@ async fn main() -> ExitCode {
         }
         _ => {
             eprintln!(
-                "usage: relay-bench run [--quick] [--out FILE] | load --base URL --key K [--secs N] [--conns C] | hold embedded|single|five | mock [--chunks N] [--gap-ms MS] | proxy --upstream URL"
+                "usage: relay-bench run [--quick] [--out FILE] | load --base URL --key K [--secs N] [--conns C] | fuzz --base URL --key K [--model M] [--requests N] [--conns C] [--pid P] | flood --base URL --key K [--requests N] [--spread] | hold embedded|single|five | mock [--chunks N] [--gap-ms MS] | proxy --upstream URL"
             );
             return ExitCode::from(64);
         }

@@ -50,6 +50,11 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
         }
     }
 
+    /// Is `key` here at all, live or expired (not yet evicted)?
+    pub fn remembers(&self, key: &K) -> bool {
+        self.inner.read().unwrap_or_else(|p| p.into_inner()).map.contains_key(key)
+    }
+
     /// Drops every entry `keep` refuses.
     pub fn retain(&self, keep: impl Fn(&V) -> bool) {
         let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());

@@ -58,6 +58,9 @@ pub struct EdgeConfig {
     pub max_buffered_body_bytes: usize,
     /// Failed authentications allowed per client address per minute; past it, 429 without a lookup.
     pub auth_failures_per_minute: u32,
+    /// A failed authentication is answered after this pause (a timer, no CPU): a client flooding with
+    /// bad keys is slowed to a trickle per connection, while real callers never meet it.
+    pub auth_failure_delay_ms: u64,
 }
 
 impl Default for EdgeConfig {
@@ -74,6 +77,7 @@ impl Default for EdgeConfig {
             max_in_flight: 10_000,
             max_buffered_body_bytes: 1 << 30,
             auth_failures_per_minute: 30,
+            auth_failure_delay_ms: 150,
         }
     }
 }
@@ -184,7 +188,14 @@ impl Edge {
         ctx: &request::RequestCtx,
         headers: &axum::http::HeaderMap,
     ) -> Result<std::sync::Arc<relay_core::pb::auth::v1::Principal>, relay_core::RelayError> {
-        self.inner.principals.authenticate(&self.inner.services.auth, headers, &ctx.client_ip).await
+        let r = self.inner.principals.authenticate(&self.inner.services.auth, headers, &ctx.client_ip).await;
+        if let Err(e) = &r
+            && matches!(e.code, relay_core::ErrorCode::Unauthenticated | relay_core::ErrorCode::RateLimited)
+            && self.inner.cfg.auth_failure_delay_ms > 0
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(self.inner.cfg.auth_failure_delay_ms)).await;
+        }
+        r
     }
 
     pub(crate) fn announce(&self, msg: String) {

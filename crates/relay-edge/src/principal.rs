@@ -130,7 +130,11 @@ impl PrincipalCache {
             self.failed(client_ip);
             return Err(e);
         }
-        self.check_failures(client_ip)?;
+        // A throttled address may still refresh a key it used successfully before (its entry expired):
+        // one client failing behind a shared NAT does not lock out the others' known keys.
+        if !self.known.remembers(&digest) {
+            self.check_failures(client_ip)?;
+        }
         metrics::counter!("relay_edge_auth_cache_total", "result" => "miss").increment(1);
         let generation = self.generation.load(Ordering::SeqCst);
         let lookup = self.join_or_start(auth, digest, key);
@@ -325,6 +329,14 @@ mod tests {
             cache.authenticate(&auth, &bearer("sk-good"), "10.0.0.9").await.is_ok(),
             "cached keys still work"
         );
+        let digest: [u8; 32] = Sha256::digest(b"sk-good").into();
+        let p = cache.known.get(&digest).unwrap();
+        cache.known.insert(digest, p, Duration::from_nanos(1)); // its cache entry expires
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let refreshed = cache.authenticate(&auth, &bearer("sk-good"), "10.0.0.9").await;
+        assert!(refreshed.is_ok(), "a known key refreshes from a throttled address");
+        let e = cache.authenticate(&auth, &bearer("sk-new"), "10.0.0.9").await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::RateLimited, "a key never seen from it does not");
         let e = cache.authenticate(&auth, &bearer("sk-other"), "10.0.0.10").await.unwrap_err();
         assert_eq!(e.code, ErrorCode::Unauthenticated, "other addresses are unaffected");
     }

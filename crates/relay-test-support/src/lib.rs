@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod books;
+pub mod fuzz;
 mod mock_openai;
 
 pub use books::Books;
