@@ -15,16 +15,46 @@ check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 SETS=(--set pepper=chart-check-pepper-0123 --set databaseUrl=postgres://relay@db:5432/relay --set adminToken=chart-check-admin-token --set serviceToken=chart-check-service-token)
 "$PY" .ci/helm_offline.py lint deploy/helm/relay --strict "${SETS[@]}"
 "$PY" .ci/helm_offline.py template deploy/helm/relay "${SETS[@]}" --name relay --namespace relay > "$OUT/rendered.yaml"
-kubernetes-validate -k 1.32.0 --strict "$OUT/rendered.yaml" >/dev/null
+"$PY" .ci/helm_offline.py lint deploy/helm/relay --strict -f deploy/helm/relay/ci/production-values.yaml
+"$PY" .ci/helm_offline.py template deploy/helm/relay -f deploy/helm/relay/ci/production-values.yaml \
+  --name relay --namespace relay > "$OUT/production.yaml"
+# The two newest Kubernetes minors kubernetes-validate knows.
+for k in 1.36.0 1.37.0; do
+  kubernetes-validate -k "$k" --strict "$OUT/rendered.yaml" >/dev/null
+  kubernetes-validate -k "$k" --strict "$OUT/production.yaml" >/dev/null
+done
 # A bad value must fail the schema.
 if "$PY" .ci/helm_offline.py template deploy/helm/relay "${SETS[@]}" --set services.edge.replicas=-1 >/dev/null 2>&1; then
   echo "check-deploy: the chart accepted services.edge.replicas=-1" >&2; exit 1
 fi
-"$PY" - "$OUT/rendered.yaml" "$OUT/relay.toml" <<'PYEOF'
+for rendered in "$OUT/rendered.yaml" "$OUT/production.yaml"; do
+"$PY" - "$rendered" "$OUT/relay.toml" <<'PYEOF'
 import sys, yaml
 docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
 kinds = sorted((d["kind"], d["metadata"]["name"]) for d in docs)
 assert sum(k == "Deployment" for k, _ in kinds) == 5, kinds
+# Each service: its Deployment, Service, PDB and NetworkPolicy; hardened pods that drain in order.
+for svc in ["edge", "auth", "routing", "adapter", "billing"]:
+    name = f"relay-relay-{svc}"
+    for kind in ["Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy"]:
+        assert (kind, name) in kinds, f"{kind} {name} missing"
+    dep = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == name)
+    pod = dep["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] and c["securityContext"]["readOnlyRootFilesystem"], name
+    assert c["securityContext"]["capabilities"]["drop"] == ["ALL"], name
+    assert c["resources"].get("requests"), f"{name} has no resource requests"
+    for probe in ["startupProbe", "livenessProbe", "readinessProbe"]:
+        assert probe in c, f"{name} has no {probe}"
+    grace = int(next(e["value"] for e in c["env"] if e["name"] == "RELAY__SERVER__SHUTDOWN_GRACE_SECS"))
+    assert pod["terminationGracePeriodSeconds"] > grace + c["lifecycle"]["preStop"]["sleep"]["seconds"], name
+    pol = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == name)
+    first = pol["spec"]["ingress"][0]
+    if svc == "edge":
+        assert "from" not in first and first["ports"] == [{"port": "http"}], "only the edge's HTTP port is open"
+    else:
+        assert first["from"] and first["ports"] == [{"port": "grpc"}], f"{name}: gRPC only from Relay pods"
+assert {n for k, n in kinds if k == "HorizontalPodAutoscaler"} == {"relay-relay-edge", "relay-relay-adapter"}, kinds
 # Install order: Helm runs pre-install hooks before it creates any regular resource, so a hook may
 # reference only other hooks (or secrets the operator created beforehand, none in this render).
 hooks = {d["metadata"]["name"] for d in docs if "helm.sh/hook" in (d["metadata"].get("annotations") or {})}
@@ -39,9 +69,16 @@ def refs(o):
             yield from refs(v)
 for d in docs:
     if d["metadata"]["name"] in hooks:
-        missing = [r for r in refs(d.get("spec", {})) if r not in hooks]
+        # Names not rendered at all are the operator's (existingSecret), created before the install.
+        rendered = {x["metadata"]["name"] for x in docs}
+        missing = [r for r in refs(d.get("spec", {})) if r in rendered and r not in hooks]
         assert not missing, f"hook {d['kind']}/{d['metadata']['name']} needs non-hook resources {missing}: a first install would hang"
 assert any(d["kind"] == "Job" for d in docs if d["metadata"]["name"] in hooks), "no migration hook"
+PYEOF
+done
+"$PY" - "$OUT/rendered.yaml" "$OUT/relay.toml" <<'PYEOF'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
 open(sys.argv[2], "w").write(next(d for d in docs if d["kind"] == "ConfigMap")["data"]["relay.toml"])
 PYEOF
 cargo build -q --bin relay

@@ -18,6 +18,6 @@ envFrom:
   - secretRef:
       name: {{ include "relay.secretName" . }}
 {{- with .Values.extraEnvFrom }}
-{{ toYaml . }}
+{{ toYaml . | indent 2 }}
 {{- end }}
 {{- end -}}
