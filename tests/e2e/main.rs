@@ -2,6 +2,7 @@
 //! mode) real NATS JetStream and Postgres from `NATS_URL` / `DATABASE_URL`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod balance;
 mod breakers;
 mod chaos;
 mod client;

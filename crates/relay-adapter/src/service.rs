@@ -69,6 +69,7 @@ impl Adapter for AdapterService {
         let dep = self.resolve(req.deployment.take())?;
         req.deployment = Some(dep.clone());
         let provider = self.provider(&dep.provider)?;
+        metrics::counter!("relay_adapter_calls_total", "kind" => "chat").increment(1);
         let span = tracing::info_span!(
             "adapter.chat",
             request_id = %req.request_id,
