@@ -9,20 +9,7 @@ use relay_core::pb::events::v1::{Outcome, UsageEvent};
 use relay_db::{Col, Db, Val};
 use relay_events::{Handled, UsageHandler};
 
-/// xorshift64*: deterministic, dependency-free randomness for the cases.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
+use relay_test_support::Rng;
 
 const MODELS: [&str; 4] = ["gpt-4o", "claude-sonnet-4-5-20250929", "gemini-2.5-flash", "unpriced-model"];
 
@@ -77,7 +64,7 @@ async fn replay(db: Db, seed: u64) {
         ..Default::default()
     };
     let rec = BillingService::new(UsageStore::new(db.clone()), cfg).await.unwrap().recorder();
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let events: Vec<UsageEvent> = (0..60).map(|i| event(&mut rng, i)).collect();
     // The reference: each event once, in order.
     for e in &events {

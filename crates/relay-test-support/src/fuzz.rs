@@ -42,26 +42,7 @@ impl std::fmt::Display for Report {
     }
 }
 
-/// A small deterministic PRNG (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-    fn chance(&mut self, percent: usize) -> bool {
-        self.below(100) < percent
-    }
-}
+use crate::Rng;
 
 /// One hostile request: its bytes, a description, and whether an HTTP answer is owed.
 struct Case {
@@ -83,7 +64,7 @@ const PATHS: [&str; 9] = [
 ];
 
 fn weird_value(r: &mut Rng) -> Value {
-    match r.below(16) {
+    match r.index(16) {
         0 => Value::Null,
         1 => json!(true),
         2 => json!(u64::MAX),
@@ -92,7 +73,7 @@ fn weird_value(r: &mut Rng) -> Value {
         5 => json!(1.0e300),
         6 => json!(0.5),
         7 => json!(""),
-        8 => json!("x".repeat(r.below(70_000))),
+        8 => json!("x".repeat(r.index(70_000))),
         9 => json!([]),
         10 => json!({}),
         11 => json!([{"type": "image_url", "image_url": {"url": "data:image/png;base64,!!!"}}]),
@@ -136,10 +117,10 @@ fn body(r: &mut Rng, model: &str, path: &str) -> Vec<u8> {
     } else {
         json!({"model": model, "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]})
     };
-    match r.below(12) {
+    match r.index(12) {
         // Type confusion on one to four fields.
         0..=5 => {
-            for _ in 0..1 + r.below(4) {
+            for _ in 0..1 + r.index(4) {
                 let field = *r.pick(&FIELDS);
                 if r.chance(20) {
                     base.as_object_mut().map(|o| o.remove(field));
@@ -157,7 +138,7 @@ fn body(r: &mut Rng, model: &str, path: &str) -> Vec<u8> {
         }
         // Deep nesting.
         7 => {
-            let depth = 1 + r.below(100_000);
+            let depth = 1 + r.index(100_000);
             let mut s = format!("{{\"model\":\"{model}\",\"messages\":");
             s.push_str(&"[".repeat(depth));
             s.push_str(&"]".repeat(depth));
@@ -167,7 +148,7 @@ fn body(r: &mut Rng, model: &str, path: &str) -> Vec<u8> {
         // Truncated or random bytes, invalid UTF-8 inside strings.
         8 => {
             let s = base.to_string();
-            let cut = r.below(s.len());
+            let cut = r.index(s.len());
             s.as_bytes()[..cut].to_vec()
         }
         9 => {
@@ -176,10 +157,10 @@ fn body(r: &mut Rng, model: &str, path: &str) -> Vec<u8> {
             b.extend_from_slice(br#"","messages":[{"role":"user","content":"hi"}]}"#);
             b
         }
-        10 => (0..r.below(4096)).map(|_| (r.next() & 0xff) as u8).collect(),
+        10 => (0..r.index(4096)).map(|_| (r.next_u64() & 0xff) as u8).collect(),
         // Many elements.
         _ => {
-            let n = r.below(20_000);
+            let n = r.index(20_000);
             base["messages"] =
                 Value::Array((0..n).map(|_| json!({"role": "user", "content": "hi"})).collect());
             base.to_string().into_bytes()
@@ -193,12 +174,12 @@ fn case(r: &mut Rng, key: &str, model: &str) -> Case {
     let method =
         if r.chance(85) { "POST" } else { *r.pick(&["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "BREW"]) };
     let mut headers = vec![("host".to_owned(), "relay".to_owned())];
-    match r.below(20) {
+    match r.index(20) {
         0 => {}
         1 => headers.push(("authorization".into(), "Bearer rk_nope_nope".into())),
         2 => headers.push(("authorization".into(), format!("Basic {key}"))),
-        3 => headers.push(("x-api-key".into(), "x".repeat(r.below(9000)))),
-        4 => headers.push(("authorization".into(), format!("Bearer rk_{:x}_{:x}", r.next(), r.next()))),
+        3 => headers.push(("x-api-key".into(), "x".repeat(r.index(9000)))),
+        4 => headers.push(("authorization".into(), format!("Bearer rk_{:x}_{:x}", r.next_u64(), r.next_u64()))),
         _ => headers.push(("authorization".into(), format!("Bearer {key}"))),
     }
     if r.chance(80) {
@@ -217,7 +198,7 @@ fn case(r: &mut Rng, key: &str, model: &str) -> Case {
         headers.push(("x-relay-strategy".into(), (*r.pick(&["cost", "nope", "", "latency\u{7f}"])).into()));
     }
     if r.chance(10) {
-        headers.push(("x-relay-session".into(), "s".repeat(r.below(5000))));
+        headers.push(("x-relay-session".into(), "s".repeat(r.index(5000))));
     }
     if r.chance(5) {
         headers
@@ -233,7 +214,7 @@ fn case(r: &mut Rng, key: &str, model: &str) -> Case {
     for (k, v) in &headers {
         req.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
     }
-    match r.below(25) {
+    match r.index(25) {
         // A header far over any sane size.
         0 => {
             req.extend_from_slice(format!("x-huge: {}\r\n", "h".repeat(200_000)).as_bytes());
@@ -315,7 +296,7 @@ pub async fn run(base: &str, key: &str, model: &str, requests: u64, concurrency:
     let next = Arc::new(AtomicU64::new(0));
     let report = Arc::new(std::sync::Mutex::new(Report::default()));
     let workers: Vec<_> = (0..concurrency.max(1))
-        .map(|w| {
+        .map(|_| {
             let (addr, key, model, next, report) =
                 (addr.clone(), key.to_owned(), model.to_owned(), next.clone(), report.clone());
             tokio::spawn(async move {
@@ -324,8 +305,8 @@ pub async fn run(base: &str, key: &str, model: &str, requests: u64, concurrency:
                     if i >= requests {
                         break;
                     }
-                    let mut rng =
-                        Rng(seed ^ (i.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ w as u64 | 1);
+                    // Case `i` is the same whichever worker sends it: a run is reproducible from its seed.
+                    let mut rng = Rng::new(seed ^ i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
                     let c = case(&mut rng, &key, &model);
                     let (status, answer) = send(&addr, &c).await;
                     let mut r = report.lock().unwrap_or_else(|p| p.into_inner());
