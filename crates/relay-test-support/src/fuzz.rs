@@ -179,7 +179,9 @@ fn case(r: &mut Rng, key: &str, model: &str) -> Case {
         1 => headers.push(("authorization".into(), "Bearer rk_nope_nope".into())),
         2 => headers.push(("authorization".into(), format!("Basic {key}"))),
         3 => headers.push(("x-api-key".into(), "x".repeat(r.index(9000)))),
-        4 => headers.push(("authorization".into(), format!("Bearer rk_{:x}_{:x}", r.next_u64(), r.next_u64()))),
+        4 => {
+            headers.push(("authorization".into(), format!("Bearer rk_{:x}_{:x}", r.next_u64(), r.next_u64())))
+        }
         _ => headers.push(("authorization".into(), format!("Bearer {key}"))),
     }
     if r.chance(80) {
