@@ -173,7 +173,7 @@ impl RedisLimiter {
         let Some(seeder) = &self.seeder else { return Ok(()) };
         for (s, r) in scopes.iter().filter(|(_, r)| r.budget > 0) {
             let name = scope_name(s);
-            let [.., counter, _, _] = self.keys(&slot_tag(a), &name, r, a.at_ms);
+            let [.., counter, _, _] = scope_keys(&self.prefix, &slot_tag(a), &name, r, a.at_ms);
             if !seeder.due(&counter) {
                 continue;
             }
@@ -210,14 +210,6 @@ impl RedisLimiter {
             }
         }
         Ok(())
-    }
-
-    fn keys(&self, tag: &str, name: &str, r: &Rules, at_ms: i64) -> [String; 7] {
-        scope_keys(&self.prefix, tag, name, r, at_ms)
-    }
-
-    fn script_keys(&self, a: &Admission, scopes: &[(&Scope, Rules)]) -> Vec<String> {
-        script_keys(&self.prefix, a, scopes)
     }
 
     /// Registers this replica as alive now and refreshes the live count (the heartbeat task does this
@@ -318,7 +310,7 @@ impl RedisLimiter {
         crate::seed::apply_prepaid(self.seeder.as_ref(), a, &mut scopes).await?;
         self.seed(a, &scopes).await?;
         let mut inv = self.admit.prepare_invoke();
-        for k in self.script_keys(a, &scopes) {
+        for k in script_keys(&self.prefix, a, &scopes) {
             inv.key(k);
         }
         inv.arg(a.at_ms).arg(&a.request_id).arg(i64_of(a.tokens)).arg(a.cost_micros.max(0)).arg(LEASE_TTL_MS);
@@ -382,7 +374,7 @@ impl Limiter for RedisLimiter {
         let scopes = crate::budgeted(self.seeder.as_ref(), a).await?;
         let mut get = redis::cmd("MGET");
         for (s, r) in &scopes {
-            let [.., spent, _, _] = self.keys(&slot_tag(a), &scope_name(s), r, a.at_ms);
+            let [.., spent, _, _] = scope_keys(&self.prefix, &slot_tag(a), &scope_name(s), r, a.at_ms);
             get.arg(spent);
         }
         let mut conn = self.conn.clone();
@@ -409,7 +401,7 @@ impl Limiter for RedisLimiter {
             return;
         }
         let mut inv = self.settle.prepare_invoke();
-        for k in self.script_keys(a, &scopes) {
+        for k in script_keys(&self.prefix, a, &scopes) {
             inv.key(k);
         }
         let ttl = scopes.iter().map(|(_, r)| spent_ttl_ms(r)).max().unwrap_or(0);

@@ -14,16 +14,14 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
-use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 
-/// Connection-level bounds of one listener.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+/// Connection-level bounds of one listener (the edge's come from `[edge]`, which validates them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnLimits {
     /// Longest a client may take to send a request's headers (HTTP/1; also an idle keep-alive
     /// connection's wait for its next request). Past it the connection is closed.
@@ -37,17 +35,6 @@ pub struct ConnLimits {
 impl Default for ConnLimits {
     fn default() -> Self {
         Self { header_read_timeout_ms: 10_000, max_connections: 10_000, http2_keepalive_secs: 30 }
-    }
-}
-
-impl ConnLimits {
-    pub fn check(&self, at: &str, errors: &mut Vec<String>) {
-        if self.header_read_timeout_ms == 0 {
-            errors.push(format!("{at}.header_read_timeout_ms must be at least 1"));
-        }
-        if self.max_connections == 0 {
-            errors.push(format!("{at}.max_connections must be at least 1"));
-        }
     }
 }
 
