@@ -16,6 +16,7 @@ mod prepaid;
 mod routing;
 mod rules;
 mod scenario;
+mod tls;
 
 use relay_test_support::MockOpenAi;
 

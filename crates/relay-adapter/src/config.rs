@@ -9,6 +9,10 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields, default)]
 pub struct AdapterConfig {
     pub providers: Vec<ProviderConfig>,
+    /// Extra CA certificates (PEM bundle) every provider's TLS trusts on top of the system roots, e.g. a
+    /// private CA in front of self-hosted models or a corporate egress proxy. Upstream certificates are
+    /// always verified; this only adds trust anchors.
+    pub ca_bundle: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -49,6 +53,9 @@ pub struct ProviderConfig {
     /// Longest silence allowed while waiting for upstream bytes (first byte included).
     #[serde(default = "default_read_timeout")]
     pub read_timeout_secs: u64,
+    /// Extra CA certificates (PEM) for this provider only; unset: `[adapter] ca_bundle`, if any.
+    #[serde(default)]
+    pub ca_bundle: Option<std::path::PathBuf>,
     /// Demo provider only: pause between streamed words.
     #[serde(default)]
     pub chunk_delay_ms: u64,
@@ -64,6 +71,9 @@ fn default_read_timeout() -> u64 {
 
 impl AdapterConfig {
     pub fn validate(&self, errors: &mut Vec<String>) {
+        if let Some(Err(e)) = self.ca_bundle.as_deref().map(relay_runtime::tls::load_certs) {
+            errors.push(format!("adapter.ca_bundle: {e}"));
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, p) in self.providers.iter().enumerate() {
             let at = format!("adapter.providers[{i}] ({})", p.name);
@@ -90,6 +100,9 @@ impl AdapterConfig {
                         errors.push(format!("{at}: the demo provider takes no base_url or api_key"));
                     }
                 }
+            }
+            if let Some(Err(e)) = p.ca_bundle.as_deref().map(relay_runtime::tls::load_certs) {
+                errors.push(format!("{at}: ca_bundle: {e}"));
             }
             for name in p.headers.keys() {
                 if http::HeaderName::from_bytes(name.as_bytes()).is_err() {

@@ -26,6 +26,9 @@ impl AdapterService {
     pub fn new(cfg: &AdapterConfig) -> anyhow::Result<Self> {
         let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
         for p in &cfg.providers {
+            let mut p = p.clone();
+            p.ca_bundle = p.ca_bundle.or_else(|| cfg.ca_bundle.clone());
+            let p = &p;
             let provider: Arc<dyn Provider> = match p.kind {
                 ProviderKind::Openai | ProviderKind::Azure => Arc::new(openai::provider(p)?),
                 ProviderKind::Anthropic => Arc::new(anthropic::provider(p)?),

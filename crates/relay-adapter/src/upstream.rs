@@ -36,7 +36,14 @@ impl Http {
         for (k, v) in &cfg.headers {
             auth.insert(http::HeaderName::from_bytes(k.as_bytes())?, http::HeaderValue::from_str(v)?);
         }
-        let client = reqwest::Client::builder()
+        let mut client = reqwest::Client::builder();
+        if let Some(bundle) = &cfg.ca_bundle {
+            let certs = relay_runtime::tls::load_certs(bundle)?;
+            let certs =
+                certs.iter().map(|c| reqwest::Certificate::from_der(c)).collect::<Result<Vec<_>, _>>()?;
+            client = client.tls_certs_merge(certs);
+        }
+        let client = client
             .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
             .read_timeout(Duration::from_secs(cfg.read_timeout_secs))
             .pool_idle_timeout(Duration::from_secs(90))

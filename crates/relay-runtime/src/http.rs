@@ -3,7 +3,8 @@
 //! number of open connections is bounded (accepting pauses at the bound instead of exhausting file
 //! descriptors); accepted sockets send small writes at once (`TCP_NODELAY`); the peer address reaches
 //! handlers as `ConnectInfo<SocketAddr>`; shutdown stops accepting, lets each connection finish the request
-//! it is on, and returns when every connection has closed.
+//! it is on, and returns when every connection has closed. With a [`ReloadingTls`] the listener speaks
+//! HTTPS (the handshake counts against the header timeout), offering HTTP/2 and HTTP/1.1 by ALPN.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -38,8 +40,17 @@ impl Default for ConnLimits {
     }
 }
 
-/// Serves `app` on `listener` until `stop` is cancelled, then waits for open connections to finish.
-pub async fn serve(listener: TcpListener, app: axum::Router, limits: ConnLimits, stop: CancellationToken) {
+use crate::tls::ReloadingTls;
+
+/// Serves `app` on `listener` (over TLS when `tls` is set) until `stop` is cancelled, then waits for open
+/// connections to finish.
+pub async fn serve(
+    listener: TcpListener,
+    app: axum::Router,
+    limits: ConnLimits,
+    tls: Option<Arc<ReloadingTls>>,
+    stop: CancellationToken,
+) {
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -74,6 +85,7 @@ pub async fn serve(listener: TcpListener, app: axum::Router, limits: ConnLimits,
         let service = TowerToHyperService::new(service);
         let (builder, stop) = (builder.clone(), stop.clone());
         let first_byte = Duration::from_millis(limits.header_read_timeout_ms.max(1));
+        let acceptor = tls.as_ref().map(|t| t.acceptor());
         connections.spawn(async move {
             let _slot = slot;
             // hyper's header timeout starts only once the protocol is detected, i.e. after the first
@@ -83,20 +95,41 @@ pub async fn serve(listener: TcpListener, app: axum::Router, limits: ConnLimits,
                 Ok(Ok(n)) if n > 0 => {}
                 _ => return,
             }
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => log_end(r),
-                () = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    log_end(conn.await);
-                }
+            match acceptor {
+                None => drive(&builder, tcp, service, &stop).await,
+                Some(acceptor) => match tokio::time::timeout(first_byte, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => drive(&builder, tls, service, &stop).await,
+                    Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!("TLS handshake timed out"),
+                },
             }
         });
     }
     drop(listener);
     connections.close();
     connections.wait().await;
+}
+
+/// Runs one connection to its end; at shutdown, lets it finish the request it is on.
+async fn drive<I, S>(builder: &Builder<TokioExecutor>, io: I, service: S, stop: &CancellationToken)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<http::Request<Incoming>, Response = axum::response::Response>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => log_end(r),
+        () = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            log_end(conn.await);
+        }
+    }
 }
 
 fn log_end(r: Result<(), Box<dyn std::error::Error + Send + Sync>>) {
@@ -120,7 +153,7 @@ mod tests {
             ),
         );
         let stop = CancellationToken::new();
-        let task = tokio::spawn(serve(listener, app, limits, stop.clone()));
+        let task = tokio::spawn(serve(listener, app, limits, None, stop.clone()));
         (addr, stop, task)
     }
 

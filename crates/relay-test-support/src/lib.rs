@@ -2,13 +2,15 @@
 //!
 //! [`MockOpenAi`] is a deterministic OpenAI-compatible upstream on `127.0.0.1:0` that records every request;
 //! [`env_service`] reads NATS/Redis/Postgres URLs from the environment (skip, or fail with
-//! `REQUIRE_SERVICES=1`); [`fresh_postgres`] gives each test its own migrated database.
+//! `REQUIRE_SERVICES=1`); [`fresh_postgres`] gives each test its own migrated database; [`tls`] issues
+//! throwaway certificates and puts HTTPS in front of a test server.
 //! Only ever a dev-dependency.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod books;
 pub mod fuzz;
 mod mock_openai;
+pub mod tls;
 
 pub use books::Books;
 pub use mock_openai::{MockOpenAi, Recorded, echo};

@@ -276,8 +276,16 @@ pub async fn run(
         });
         let app = relay_edge::router(edge.clone());
         let (stop, limits) = (shutdown.clone(), cfg.edge.connections());
+        let tls = match &cfg.server.tls {
+            Some(files) => {
+                let tls = relay_runtime::tls::ReloadingTls::load(files).context("server.tls")?;
+                tokio::spawn(tls.clone().watch(shutdown.clone()));
+                Some(tls)
+            }
+            None => None,
+        };
         servers.push(tokio::spawn(async move {
-            relay_runtime::http::serve(listener, app, limits, stop).await;
+            relay_runtime::http::serve(listener, app, limits, tls, stop).await;
             Ok(())
         }));
         edge_handle = Some(edge);
@@ -335,7 +343,7 @@ pub async fn run(
     let admin_task = {
         let stop = admin_stop.clone();
         tokio::spawn(async move {
-            relay_runtime::http::serve(admin, admin_app, Default::default(), stop).await;
+            relay_runtime::http::serve(admin, admin_app, Default::default(), None, stop).await;
         })
     };
 

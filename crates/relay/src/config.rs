@@ -43,6 +43,9 @@ pub struct ServerConfig {
     /// Serve and call gRPC without the token (only where the network itself authenticates peers, e.g.
     /// a mesh with mTLS).
     pub allow_unauthenticated_grpc: bool,
+    /// Serve `http_listen` over HTTPS with these PEM files (reloaded when they change). Unset: plain HTTP
+    /// (TLS ends at an ingress or a mesh).
+    pub tls: Option<relay_runtime::tls::TlsFiles>,
 }
 
 impl Default for ServerConfig {
@@ -55,6 +58,7 @@ impl Default for ServerConfig {
             shutdown_grace_secs: 30,
             service_token: None,
             allow_unauthenticated_grpc: false,
+            tls: None,
         }
     }
 }
@@ -210,6 +214,11 @@ impl Config {
         }
         if self.runs("edge") {
             self.edge.validate(&mut e);
+            if let Some(tls) = &self.server.tls
+                && let Err(err) = relay_runtime::tls::server_config(tls)
+            {
+                e.push(format!("server.tls: {err}"));
+            }
         }
         let remote = [&self.remote.auth, &self.remote.routing, &self.remote.adapter, &self.remote.billing];
         let uses_grpc = self.server.grpc_listen.is_some() || remote.iter().any(|r| r.is_some());
