@@ -138,7 +138,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_names_a_deployment_and_the_adapter_supplies_the_rest() {
-        let cfg = AdapterConfig { providers: vec![demo("demo-a"), demo("demo-b")] };
+        let cfg = AdapterConfig { providers: vec![demo("demo-a"), demo("demo-b")], ..Default::default() };
         let configured = Deployment {
             id: "m@demo-a".into(),
             provider: "demo-a".into(),
