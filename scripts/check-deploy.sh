@@ -11,6 +11,8 @@ OUT="$(mktemp -d /tmp/relay-deploy.XXXXXX)"
 trap 'rm -rf "$OUT"' EXIT
 
 check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
+# Dashboards and alert rules: PromQL parses, names only catalogued metrics.
+"$PY" scripts/check-observability.py
 
 SETS=(--set pepper=chart-check-pepper-0123 --set databaseUrl=postgres://relay@db:5432/relay --set adminToken=chart-check-admin-token --set serviceToken=chart-check-service-token)
 "$PY" .ci/helm_offline.py lint deploy/helm/relay --strict "${SETS[@]}"

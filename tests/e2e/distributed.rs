@@ -88,7 +88,7 @@ async fn billing_admin(billing: &RelayProc, edge: &RelayProc, db: &Db, requests:
     assert_eq!(rec["sell_micros"]["ledger"].as_i64(), Some(want));
 }
 
-fn common(nats: &str, db_url: &str, collector: &Collector, tag: &str) -> String {
+pub(crate) fn common(nats: &str, db_url: &str, collector: &Collector, tag: &str) -> String {
     format!(
         "[bus]\nnats_url = \"{nats}\"\n[bus.jetstream]\nstream = \"RELAY_USAGE_{tag}\"\nsubject = \"relay.usage.v1.{tag}\"\n\
          consumer = \"billing-{tag}\"\nretry_delay_ms = 200\n\
@@ -97,7 +97,7 @@ fn common(nats: &str, db_url: &str, collector: &Collector, tag: &str) -> String 
     )
 }
 
-fn backend(service: &str, shared: &str, extra: &str) -> String {
+pub(crate) fn backend(service: &str, shared: &str, extra: &str) -> String {
     format!(
         "[server]\nservice_token = \"relay-test-service-token\"\nservices = [\"{service}\"]\ngrpc_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{shared}{extra}"
     )

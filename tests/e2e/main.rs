@@ -12,6 +12,7 @@ mod embedded;
 mod harness;
 mod hostile;
 mod limits;
+mod observability;
 mod prepaid;
 mod routing;
 mod rules;

@@ -36,6 +36,9 @@ impl AdapterService {
                 ProviderKind::Demo => Arc::new(Demo::new(p)),
             };
             providers.insert(p.name.clone(), provider);
+            // Present from the start, so the credentials alert sees the series before the first refusal.
+            metrics::counter!("relay_upstream_auth_failures_total", "provider" => p.name.clone())
+                .increment(0);
         }
         Ok(Self { providers, deployments: None })
     }
@@ -73,18 +76,31 @@ impl Adapter for AdapterService {
         req.deployment = Some(dep.clone());
         let provider = self.provider(&dep.provider)?;
         metrics::counter!("relay_adapter_calls_total", "kind" => "chat").increment(1);
+        // OpenTelemetry GenAI semantic conventions (client span of one model call).
         let span = tracing::info_span!(
             "adapter.chat",
+            otel.name = %format!("chat {}", dep.upstream_model),
+            otel.kind = "client",
             request_id = %req.request_id,
-            gen_ai.system = %provider.system(),
+            gen_ai.operation.name = "chat",
+            gen_ai.provider.name = %provider.system(),
             gen_ai.request.model = %dep.upstream_model,
+            gen_ai.response.model = tracing::field::Empty,
+            gen_ai.response.finish_reasons = tracing::field::Empty,
+            gen_ai.usage.input_tokens = tracing::field::Empty,
+            gen_ai.usage.output_tokens = tracing::field::Empty,
+            error.type = tracing::field::Empty,
             relay.deployment = %dep.id,
-            stream = req.stream,
+            relay.stream = req.stream,
         );
-        let events = provider.chat(req).instrument(span.clone()).await?;
-        // Poll the upstream body inside the span too, so streaming work is attributed to this call.
+        let events = provider.chat(req).instrument(span.clone()).await.inspect_err(|e| {
+            span.record("error.type", e.code.as_str());
+        })?;
+        // Poll the upstream body inside the span too, so streaming work is attributed to this call; what
+        // the answer reports (model, finish, usage) is recorded on the span as it passes.
         Ok(Box::pin(events.map(move |ev| {
             let _g = span.enter();
+            gen_ai_attributes(&span, &ev);
             ev
         })))
     }
@@ -93,8 +109,16 @@ impl Adapter for AdapterService {
         let dep = self.resolve(req.deployment.take())?;
         req.deployment = Some(dep.clone());
         let provider = self.provider(&dep.provider)?;
-        let span =
-            tracing::info_span!("adapter.embed", request_id = %req.request_id, relay.deployment = %dep.id);
+        let span = tracing::info_span!(
+            "adapter.embed",
+            otel.name = %format!("embeddings {}", dep.upstream_model),
+            otel.kind = "client",
+            request_id = %req.request_id,
+            gen_ai.operation.name = "embeddings",
+            gen_ai.provider.name = %provider.system(),
+            gen_ai.request.model = %dep.upstream_model,
+            relay.deployment = %dep.id,
+        );
         provider.embed(req).instrument(span).await
     }
 
@@ -104,6 +128,27 @@ impl Adapter for AdapterService {
         let provider = self.provider(&dep.provider)?;
         let span = tracing::info_span!("adapter.count_tokens", request_id = %req.request_id, relay.deployment = %dep.id);
         provider.count_tokens(req).instrument(span).await
+    }
+}
+
+/// GenAI attributes carried by one event of an answer.
+fn gen_ai_attributes(span: &tracing::Span, ev: &relay_core::pb::adapter::v1::ChatEvent) {
+    use relay_core::pb::adapter::v1::chat_event::Event;
+    match &ev.event {
+        Some(Event::Start(s)) if !s.upstream_model.is_empty() => {
+            span.record("gen_ai.response.model", s.upstream_model.as_str());
+        }
+        Some(Event::Finish(f)) => {
+            span.record("gen_ai.response.finish_reasons", f.reason().as_str_name());
+        }
+        Some(Event::Usage(u)) => {
+            span.record("gen_ai.usage.input_tokens", u.input_tokens);
+            span.record("gen_ai.usage.output_tokens", u.output_tokens);
+        }
+        Some(Event::Error(e)) => {
+            span.record("error.type", ErrorCode::from_pb(e.code).as_str());
+        }
+        _ => {}
     }
 }
 

@@ -67,14 +67,14 @@ impl Http {
             headers.insert("x-request-id", v);
         }
         relay_telemetry::inject_current_into_headers(&mut headers);
-        let resp = self
-            .client
-            .post(url)
-            .headers(headers)
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| transport_error(&self.name, &e))?;
+        let began = std::time::Instant::now();
+        let sent = self.client.post(url).headers(headers).body(body).send().await;
+        let status = sent.as_ref().map_or(0, |r| r.status().as_u16());
+        metrics::counter!("relay_adapter_upstream_requests_total", "provider" => self.name.clone(), "status" => status.to_string())
+            .increment(1);
+        metrics::histogram!("relay_adapter_upstream_duration_seconds", "provider" => self.name.clone())
+            .record(began.elapsed().as_secs_f64());
+        let resp = sent.map_err(|e| transport_error(&self.name, &e))?;
         if resp.status().is_success() { Ok(resp) } else { Err(upstream_error(&self.name, resp).await) }
     }
 

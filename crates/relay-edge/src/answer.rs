@@ -172,6 +172,7 @@ async fn run(
             span: tracing::Span::current(),
             idle: t.idle.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
             deadline: t.total.map(|d| Box::pin(tokio::time::sleep_until(began + d))),
+            _live: crate::observe::LiveStream::new(),
         });
         resp.headers_mut().extend(served);
         return resp;
@@ -253,6 +254,7 @@ async fn whole_response(mut events: ChatEventStream, rec: &mut UsageRecord) -> R
         match ev.event {
             Some(Event::Chunk(c)) => {
                 rec.output_seen(c.output_tokens);
+                rec.answer_bytes(&c.data);
                 body.extend_from_slice(&c.data);
             }
             Some(Event::Usage(u)) => rec.usage(u),
@@ -293,6 +295,8 @@ struct ForwardStream {
     idle: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
     /// The group's total limit.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Counted in `relay_edge_streams_in_flight` while alive.
+    _live: crate::observe::LiveStream,
 }
 
 impl ForwardStream {
@@ -342,6 +346,7 @@ impl Stream for ForwardStream {
                 Some(Event::Chunk(c)) => {
                     rec.first_byte();
                     rec.output_seen(c.output_tokens);
+                    rec.answer_bytes(&c.data);
                     return Poll::Ready(Some(Ok(c.data)));
                 }
                 Some(Event::Usage(u)) => rec.usage(u),

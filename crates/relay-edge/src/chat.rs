@@ -254,7 +254,7 @@ async fn prepare(
     env.validate(inbound).map_err(plain)?;
     let limit = env.output_limit(inbound).map_err(plain)?;
     let stream = env.stream.unwrap_or(false);
-    rec.request(&model, stream, env.end_user(), bytes.len());
+    rec.request(&model, stream, env.end_user(), &bytes);
     ensure_allowed(principal, &model).map_err(plain)?;
     let route = route(edge, &model, stream).await.map_err(plain)?;
     let candidates = resident(principal, &model, &route.candidates).map_err(plain)?;

@@ -215,12 +215,15 @@ fn ended(
         metrics::gauge!("relay_edge_breaker_open", "deployment" => dep.id.clone())
             .set(f64::from(u8::from(open)));
         edge.announce(t.message(&dep.id));
+    } else if err.is_none() {
+        // Present (0) for every deployment that answered, so dashboards show closed breakers too.
+        metrics::gauge!("relay_edge_breaker_open", "deployment" => dep.id.clone()).set(0.0);
     }
     let label = err.map_or("answered", |e| e.code.as_str());
     metrics::counter!("relay_edge_upstream_attempts_total", "deployment" => dep.id.clone(), "result" => label)
         .increment(1);
     if err.is_none() {
-        metrics::histogram!("relay_edge_upstream_answer_seconds", "deployment" => dep.id.clone())
+        metrics::histogram!("relay_edge_upstream_answer_seconds", "provider" => dep.provider.clone(), "deployment" => dep.id.clone())
             .record(began.elapsed().as_secs_f64());
     }
     metrics::gauge!("relay_edge_retry_budget_left").set(edge.inner.selector.retry_budget_left());

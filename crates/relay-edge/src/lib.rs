@@ -13,6 +13,7 @@ mod chat;
 mod dispatch;
 mod error;
 mod failover;
+mod observe;
 pub mod principal;
 mod request;
 mod routes;
@@ -151,6 +152,9 @@ impl Edge {
 
     /// As [`Self::new`], sharing breaker changes with the other replicas through `announce`.
     pub fn with_announce(cfg: EdgeConfig, services: Services, announce: Option<Announce>) -> Self {
+        // Series alerts watch, present from the start.
+        metrics::counter!("relay_edge_usage_lost_total").increment(0);
+        metrics::gauge!("relay_edge_streams_in_flight").increment(0.0);
         let principals = principal::PrincipalCache::with_failure_limit(
             cfg.auth_cache_entries,
             cfg.auth_failures_per_minute,

@@ -23,6 +23,11 @@ pub struct RequestCtx {
     pub trace_context: HashMap<String, String>,
     /// The client's address ("" when unknown, e.g. in-process tests).
     pub client_ip: String,
+    /// The matched route pattern (a metric label and access-log field).
+    pub route: String,
+    /// Set once a usage record owns this request (it writes the access-log line); otherwise the
+    /// middleware writes a short one.
+    pub recorded: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The client's address: the peer, unless the peer is a trusted proxy; then `X-Forwarded-For` is read from
@@ -96,34 +101,36 @@ pub async fn middleware(
         relay.routing.attempts = tracing::field::Empty,
     );
     relay_telemetry::set_parent(&span, relay_telemetry::context_from_headers(req.headers()));
-    let trace_context = span.in_scope(relay_telemetry::current_context_map);
+    let mut trace_context = span.in_scope(relay_telemetry::current_context_map);
+    if trace_context.is_empty() {
+        // No tracer in this process: keep the caller's context, so logs and usage still correlate.
+        if let Some(tp) =
+            req.headers().get("traceparent").and_then(|v| v.to_str().ok()).filter(|t| t.len() <= 64)
+        {
+            trace_context.insert("traceparent".to_owned(), tp.to_owned());
+        }
+    }
     let started = Instant::now();
     let started_unix_ms = relay_core::ids::now_ms();
     let peer = req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
     let client_ip = client_ip(req.headers(), peer, &edge.inner.cfg.trusted_proxies);
     let inbound = inbound_of(req.uri().path());
-    let held = match edge.inner.bounds.admit(req.method(), req.headers()) {
-        Ok(h) => h,
-        Err(e) => {
-            return finish(
-                inbound.error(e),
-                &span,
-                &request_id,
-                client_request_id.as_deref(),
-                route,
-                started,
-            );
-        }
-    };
-    let until = tokio::time::Instant::now() + edge.inner.bounds.deadline;
-    req.extensions_mut().insert(RequestCtx {
+    let ctx = RequestCtx {
         request_id: request_id.clone(),
         client_request_id: client_request_id.clone(),
         started,
         started_unix_ms,
         trace_context,
         client_ip,
-    });
+        route: route.clone(),
+        recorded: Default::default(),
+    };
+    let held = match edge.inner.bounds.admit(req.method(), req.headers()) {
+        Ok(h) => h,
+        Err(e) => return finish(inbound.error(e), &span, &ctx),
+    };
+    let until = tokio::time::Instant::now() + edge.inner.bounds.deadline;
+    req.extensions_mut().insert(ctx.clone());
     let resp = match tokio::time::timeout_at(until, next.run(req).instrument(span.clone())).await {
         Ok(resp) => resp,
         Err(_) => inbound.error(relay_core::RelayError::new(
@@ -135,29 +142,32 @@ pub async fn middleware(
         )),
     };
     let resp = resp.map(|body| axum::body::Body::new(crate::bounds::Bounded::new(body, until, held)));
-    finish(resp, &span, &request_id, client_request_id.as_deref(), route, started)
+    finish(resp, &span, &ctx)
 }
 
-/// Response headers and metrics every answer gets.
-fn finish(
-    mut resp: Response,
-    span: &tracing::Span,
-    request_id: &str,
-    client_request_id: Option<&str>,
-    route: String,
-    started: Instant,
-) -> Response {
+/// Response headers, metrics and (for requests no usage record owns) the access-log line every answer
+/// gets.
+fn finish(mut resp: Response, span: &tracing::Span, ctx: &RequestCtx) -> Response {
     let status = resp.status().as_u16();
     span.record("http.response.status_code", status);
+    let request_id = ctx.request_id.as_str();
     if let Ok(v) = HeaderValue::from_str(request_id) {
         resp.headers_mut().insert("x-relay-request-id", v);
     }
-    if let Ok(v) = HeaderValue::from_str(client_request_id.unwrap_or(request_id)) {
+    if let Ok(v) = HeaderValue::from_str(ctx.client_request_id.as_deref().unwrap_or(request_id)) {
         resp.headers_mut().insert("x-request-id", v);
     }
+    let route = &ctx.route;
     metrics::counter!("relay_edge_requests_total", "route" => route.clone(), "status" => status.to_string())
         .increment(1);
-    metrics::histogram!("relay_edge_request_duration_seconds", "route" => route)
-        .record(started.elapsed().as_secs_f64());
+    metrics::histogram!("relay_edge_request_duration_seconds", "route" => route.clone())
+        .record(ctx.started.elapsed().as_secs_f64());
+    let code = resp.extensions().get::<relay_core::ErrorCode>().copied();
+    if let Some(code) = code {
+        crate::observe::errors(route, code);
+    }
+    if !ctx.recorded.load(std::sync::atomic::Ordering::Acquire) {
+        crate::observe::refused(ctx, route, status, code);
+    }
     resp
 }

@@ -148,7 +148,7 @@ async fn embed(
         return Err(RelayError::invalid_request("you must provide an input parameter").with_param("input"));
     }
     check_end_user(env.user.as_deref().unwrap_or(""), "user")?;
-    rec.request(&model, false, env.user.as_deref().unwrap_or(""), bytes.len());
+    rec.request(&model, false, env.user.as_deref().unwrap_or(""), &bytes);
     ensure_allowed(p, &model)?;
     let route = route(edge, &model, false).await?;
     let candidates = resident(p, &model, &route.candidates)?;

@@ -16,6 +16,7 @@ use relay_core::pb::routing::v1::{Deployment, Price};
 use relay_core::{ErrorCode, RelayError, USAGE_EVENT_SCHEMA_VERSION};
 
 use crate::Edge;
+use crate::observe::{Content, TokenClock};
 use crate::request::RequestCtx;
 
 /// Publication attempts before an event is reported lost.
@@ -46,6 +47,13 @@ pub struct UsageRecord {
     running: Vec<usize>,
     /// Upstream account leases (deployment RPM/TPM), settled with the request's real tokens.
     upstream_leases: Vec<(usize, Admission)>,
+    /// Route pattern and client address, for metrics and the access log.
+    route: String,
+    client_ip: String,
+    /// Time to first token and gaps between tokens (streams).
+    clock: TokenClock,
+    /// Prompt and answer, for keys that opted into content logging.
+    content: Option<Content>,
 }
 
 impl UsageRecord {
@@ -62,6 +70,7 @@ impl UsageRecord {
             trace_context: ctx.trace_context.clone(),
             ..Default::default()
         };
+        ctx.recorded.store(true, std::sync::atomic::Ordering::Release);
         Self {
             edge: edge.clone(),
             event,
@@ -77,14 +86,26 @@ impl UsageRecord {
             served: None,
             running: Vec::new(),
             upstream_leases: Vec::new(),
+            route: ctx.route.clone(),
+            client_ip: ctx.client_ip.clone(),
+            clock: TokenClock::default(),
+            content: None,
         }
     }
 
-    pub fn request(&mut self, model: &str, stream: bool, end_user: &str, body_bytes: usize) {
+    pub fn request(&mut self, model: &str, stream: bool, end_user: &str, body: &[u8]) {
         self.event.model = model.to_owned();
         self.event.stream = stream;
         self.event.end_user = end_user.to_owned();
-        self.body_bytes = u64::try_from(body_bytes).unwrap_or(u64::MAX);
+        self.body_bytes = u64::try_from(body.len()).unwrap_or(u64::MAX);
+        self.content = Content::for_key(&self.event.key_id, body);
+    }
+
+    /// Answer bytes sent to the client (kept only for keys that log content).
+    pub fn answer_bytes(&mut self, bytes: &[u8]) {
+        if let Some(c) = self.content.as_mut() {
+            c.answer(bytes);
+        }
     }
 
     /// The upstream accepted the request.
@@ -152,6 +173,9 @@ impl UsageRecord {
 
     /// Output tokens produced up to a chunk the edge received.
     pub fn output_seen(&mut self, output_tokens: u64) {
+        if output_tokens > self.output_seen && self.event.stream {
+            self.clock.tokens(self.started, &self.event, &self.route);
+        }
         self.output_seen = self.output_seen.max(output_tokens);
     }
 
@@ -269,6 +293,8 @@ impl UsageRecord {
         let adapter = self.edge.inner.services.adapter.clone();
         let (lease, price, served) = (self.lease.take(), self.price.take(), self.served);
         let upstream_leases = std::mem::take(&mut self.upstream_leases);
+        let (route, client_ip) = (std::mem::take(&mut self.route), std::mem::take(&mut self.client_ip));
+        let (clock, content) = (std::mem::take(&mut self.clock), self.content.take());
         self.edge.inner.background.spawn(async move {
             if let Some((countable, body_bytes, output)) = count {
                 let (input, source) = count_input(adapter.as_ref(), countable, body_bytes).await;
@@ -296,6 +322,7 @@ impl UsageRecord {
                 let tokens = if Some(*i) == served { usage.input_tokens + usage.output_tokens } else { 0 };
                 limiter.settle(lease, tokens, 0).await;
             }
+            crate::observe::finished(&event, &route, &client_ip, &clock, content);
             publish(sink.as_ref(), event).await
         });
     }

@@ -52,6 +52,8 @@ impl InProcessSource {
             if n == 0 {
                 return;
             }
+            // The consumer's lag: what is still queued behind this batch.
+            metrics::gauge!("relay_bus_consumer_pending_events").set(self.0.len() as f64);
             handle(&handler, std::mem::take(&mut buf)).await;
         }
         // Answer what was published before the stop.

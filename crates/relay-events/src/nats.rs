@@ -163,6 +163,8 @@ impl NatsSource {
                 },
             )
             .await?;
+        let lag = tokio::spawn(report_lag(consumer.clone()));
+        let _lag = AbortOnDrop(lag);
         let mut batches = consumer.messages().await?.ready_chunks(self.cfg.batch_size.max(1));
         let base = Duration::from_millis(self.cfg.retry_delay_ms);
         loop {
@@ -220,5 +222,28 @@ impl NatsSource {
                 }
             }
         }
+    }
+}
+
+/// How often the consumer's lag is read from the server.
+const LAG_EVERY: Duration = Duration::from_secs(5);
+
+/// Exports the durable consumer's lag (`relay_bus_consumer_pending_events`: events not yet delivered plus
+/// delivered and not yet acknowledged), as the server counts it, so every billing replica reports the same.
+async fn report_lag(consumer: jetstream::consumer::Consumer<pull::Config>) {
+    loop {
+        if let Ok(info) = consumer.get_info().await {
+            let pending = info.num_pending.saturating_add(u64::try_from(info.num_ack_pending).unwrap_or(0));
+            metrics::gauge!("relay_bus_consumer_pending_events").set(pending as f64);
+        }
+        tokio::time::sleep(LAG_EVERY).await;
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

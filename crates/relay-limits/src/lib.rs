@@ -134,6 +134,13 @@ fn window_reset(at_ms: i64) -> u32 {
     u32::try_from(60 - at_ms.rem_euclid(60_000) / 1000).unwrap_or(60).max(1)
 }
 
+/// Exports every refusal counter at zero, so rates and alerts see the series before the first refusal.
+pub fn register_metrics() {
+    for limit in ["requests", "tokens", "concurrency", "budget"] {
+        metrics::counter!("relay_limits_refused_total", "limit" => limit).increment(0);
+    }
+}
+
 pub(crate) fn denial(scope: &Scope, why: Refusal, at_ms: i64, headers: RateHeaders) -> Denial {
     let name = scope_name(scope);
     let (code, msg, retry) = match why {

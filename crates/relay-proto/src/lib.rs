@@ -7,6 +7,7 @@
 
 pub mod clients;
 pub mod credentials;
+pub mod metered;
 pub mod servers;
 pub mod status;
 pub mod trace;

@@ -2,16 +2,18 @@
 //!
 //! Owns the tracing subscriber, the OpenTelemetry tracer provider (OTLP/gRPC export when an endpoint is
 //! configured), W3C trace-context propagation helpers for HTTP headers and string maps, and the process-wide
-//! Prometheus recorder. It does not know about services, requests or gRPC types (relay-proto wraps these
+//! Prometheus recorder with its [`catalogue`] of metrics, and the [`access_log`] writer. It does not know about services, requests or gRPC types (relay-proto wraps these
 //! helpers for tonic metadata).
 
+pub mod access_log;
+pub mod catalogue;
 pub mod redact;
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::{Context, global};
@@ -35,6 +37,8 @@ pub struct TelemetryConfig {
     pub log_filter: String,
     /// How long spans wait in the batch before export.
     pub export_delay_ms: u64,
+    /// One JSON line per request.
+    pub access_log: access_log::AccessLogConfig,
 }
 
 impl Default for TelemetryConfig {
@@ -44,6 +48,7 @@ impl Default for TelemetryConfig {
             log_format: LogFormat::Text,
             log_filter: "info".into(),
             export_delay_ms: 1000,
+            access_log: access_log::AccessLogConfig::default(),
         }
     }
 }
@@ -64,6 +69,7 @@ pub struct Telemetry {
 impl Telemetry {
     /// Flushes and stops the exporter. Blocking: call it from `spawn_blocking` or after the runtime ends.
     pub fn shutdown(&self) {
+        access_log::flush(Duration::from_secs(2));
         if let Some(p) = &self.provider {
             let _ = p.force_flush();
             let _ = p.shutdown();
@@ -80,6 +86,7 @@ fn masked_stderr() -> redact::Scrubbing<std::io::Stderr> {
 
 pub fn init(cfg: &TelemetryConfig, service_name: &str) -> anyhow::Result<Telemetry> {
     global::set_text_map_propagator(TraceContextPropagator::new());
+    access_log::install(&cfg.access_log)?;
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cfg.log_filter.clone());
     let fmt = match cfg.log_format {
         LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(masked_stderr).boxed(),
@@ -175,14 +182,28 @@ pub fn set_parent(span: &tracing::Span, cx: Context) {
 
 // === metrics ===
 
-/// The process-wide Prometheus recorder, installed on first use.
+/// The process-wide Prometheus recorder, installed on first use: every metric of the [`catalogue`]
+/// described, histograms with their buckets.
 pub fn prometheus() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new().build_recorder();
+        let mut builder = PrometheusBuilder::new();
+        for m in catalogue::METRICS.iter().filter(|m| m.kind == catalogue::Kind::Histogram) {
+            builder = builder
+                .set_buckets_for_metric(Matcher::Full(m.name.to_owned()), m.buckets)
+                .unwrap_or_else(|_| unreachable!("catalogue buckets are never empty"));
+        }
+        let recorder = builder.build_recorder();
         let handle = recorder.handle();
         // Fails only if another recorder was installed first; metrics then go there instead.
         let _ = metrics::set_global_recorder(recorder);
+        for m in catalogue::METRICS {
+            match m.kind {
+                catalogue::Kind::Counter => metrics::describe_counter!(m.name, m.help),
+                catalogue::Kind::Gauge => metrics::describe_gauge!(m.name, m.help),
+                catalogue::Kind::Histogram => metrics::describe_histogram!(m.name, m.help),
+            }
+        }
         handle
     })
 }

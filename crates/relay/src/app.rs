@@ -263,6 +263,7 @@ pub async fn run(
             tokio::spawn(async move { bus.publish(msg).await });
         });
         let edge = relay_edge::Edge::with_announce(cfg.edge.clone(), services, Some(announce));
+        relay_limits::register_metrics();
         if let Some(api) = relay_edge::admin::router(edge.clone(), cfg.auth.admin_token.clone()) {
             edge_admin = Some(api);
         }
@@ -296,6 +297,7 @@ pub async fn run(
         let require = relay_proto::credentials::RequireToken::new(cfg.server.service_token.as_ref());
         let mut builder = tonic::transport::Server::builder()
             .trace_fn(relay_proto::trace::server_span)
+            .layer(relay_proto::metered::MetricsLayer)
             .layer(tonic::service::InterceptorLayer::new(require));
         let billing: Option<Arc<dyn Billing>> = local.billing.as_ref().map(|b| Arc::new(b.clone()) as _);
         let routes = builder

@@ -1,0 +1,255 @@
+//! What a finished request tells operators: model-level metrics (requests, latency, time to first
+//! token, gaps between tokens, tokens and cost by model group, provider and deployment) and its one
+//! access-log line. Labels never carry a key, user or address (see `relay_telemetry::catalogue`); the log
+//! line carries ids Relay made, and every string a client chose is masked before it is written.
+
+use std::time::Instant;
+
+use metrics::Label;
+use relay_core::ErrorCode;
+use relay_core::pb::events::v1::{Outcome, UsageEvent};
+use relay_telemetry::access_log;
+use relay_telemetry::redact::secrets;
+use serde_json::{Map, Value, json};
+
+/// The prompt and answer of a key that opted into content logging, cut at the configured size.
+pub(crate) struct Content {
+    max: usize,
+    prompt: String,
+    answer: Vec<u8>,
+}
+
+impl Content {
+    /// Only for keys listed in `telemetry.access_log.content_keys`.
+    pub(crate) fn for_key(key_id: &str, body: &[u8]) -> Option<Self> {
+        let max = access_log::content_allowance(key_id)?;
+        let prompt = String::from_utf8_lossy(&body[..body.len().min(max)]).into_owned();
+        Some(Self { max, prompt, answer: Vec::new() })
+    }
+
+    pub(crate) fn answer(&mut self, bytes: &[u8]) {
+        let room = self.max.saturating_sub(self.answer.len());
+        self.answer.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+}
+
+/// When a stream's output tokens arrive: the first one (time to first token) and the gaps after it.
+#[derive(Default)]
+pub(crate) struct TokenClock {
+    last: Option<Instant>,
+    /// Milliseconds from the request's arrival to its first output token.
+    pub(crate) ttft_ms: Option<u64>,
+    gaps: Option<metrics::Histogram>,
+}
+
+impl TokenClock {
+    /// New output tokens arrived on a stream of `ev` (served by its current deployment).
+    pub(crate) fn tokens(&mut self, started: Instant, ev: &UsageEvent, route: &str) {
+        let now = Instant::now();
+        match self.last {
+            None => {
+                let ttft = now.duration_since(started);
+                self.ttft_ms = Some(u64::try_from(ttft.as_millis()).unwrap_or(u64::MAX).max(1));
+                let mut labels = model_labels(ev);
+                labels.push(Label::new("route", route.to_owned()));
+                metrics::histogram!("relay_llm_time_to_first_token_seconds", labels)
+                    .record(ttft.as_secs_f64());
+                // Resolved once per stream: each later gap is a lock-free record.
+                self.gaps = Some(metrics::histogram!("relay_llm_inter_token_seconds", model_labels(ev)));
+            }
+            Some(last) => {
+                if let Some(h) = &self.gaps {
+                    h.record(now.duration_since(last).as_secs_f64());
+                }
+            }
+        }
+        self.last = Some(now);
+    }
+}
+
+/// The model group (only once routing resolved it: a name a client made up is never a label), provider
+/// and deployment.
+fn model_labels(ev: &UsageEvent) -> Vec<Label> {
+    let routed = !ev.deployment_id.is_empty();
+    let or_none = |s: &str| if s.is_empty() { "none".to_owned() } else { s.to_owned() };
+    vec![
+        Label::new("model", if routed { ev.model.clone() } else { "unrouted".to_owned() }),
+        Label::new("provider", or_none(&ev.provider)),
+        Label::new("deployment", or_none(&ev.deployment_id)),
+    ]
+}
+
+fn outcome_label(ev: &UsageEvent) -> &'static str {
+    match ev.outcome() {
+        Outcome::Success => "success",
+        Outcome::Cancelled => "cancelled",
+        Outcome::Error | Outcome::Unspecified => "error",
+    }
+}
+
+/// Metrics and the access-log line of a finished request, once its usage and cost are final.
+pub(crate) fn finished(
+    ev: &UsageEvent,
+    route: &str,
+    client_ip: &str,
+    clock: &TokenClock,
+    content: Option<Content>,
+) {
+    let labels = model_labels(ev);
+    let with = |extra: [(&'static str, String); 2]| {
+        let mut l = labels.clone();
+        l.extend(extra.into_iter().map(|(k, v)| Label::new(k, v)));
+        l
+    };
+    metrics::counter!(
+        "relay_llm_requests_total",
+        with([("route", route.to_owned()), ("status", ev.http_status.to_string())])
+    )
+    .increment(1);
+    metrics::histogram!(
+        "relay_llm_request_duration_seconds",
+        with([("route", route.to_owned()), ("outcome", outcome_label(ev).to_owned())])
+    )
+    .record(ev.duration_ms as f64 / 1000.0);
+    let usage = ev.usage.unwrap_or_default();
+    for (kind, n) in [
+        ("input", usage.input_tokens),
+        ("output", usage.output_tokens),
+        ("cached_input", usage.cached_input_tokens),
+        ("cache_write", usage.cache_write_tokens),
+        ("reasoning", usage.reasoning_tokens),
+    ] {
+        if n > 0 {
+            let mut l = labels.clone();
+            l.push(Label::new("kind", kind));
+            metrics::counter!("relay_llm_tokens_total", l).increment(n);
+        }
+    }
+    let cost = ev.cost.clone().unwrap_or_default();
+    if let Ok(micros) = u64::try_from(cost.micros)
+        && micros > 0
+    {
+        let mut l = labels.clone();
+        l.push(Label::new("currency", cost.currency.clone()));
+        metrics::counter!("relay_llm_cost_micros_total", l).increment(micros);
+    }
+    // Errors answered before the stream began were counted with their response; these ended a stream.
+    if ev.outcome() == Outcome::Error && ev.http_status == 200 {
+        errors(route, ErrorCode::from_pb(ev.error_code));
+    }
+    if access_log::enabled() {
+        access_log::write(line(ev, route, client_ip, clock, content).to_string());
+    }
+}
+
+/// Counts an error answer.
+pub(crate) fn errors(route: &str, code: ErrorCode) {
+    metrics::counter!("relay_edge_errors_total", "route" => route.to_owned(), "code" => code.as_str())
+        .increment(1);
+}
+
+fn masked(text: &str) -> Value {
+    Value::String(secrets(text).into_owned())
+}
+
+/// The trace id of a W3C `traceparent` (`00-<trace>-<span>-<flags>`).
+pub(crate) fn trace_id(ctx: &std::collections::HashMap<String, String>) -> &str {
+    ctx.get("traceparent").and_then(|t| t.split('-').nth(1)).unwrap_or("")
+}
+
+fn timestamp(unix_ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(unix_ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn line(
+    ev: &UsageEvent,
+    route: &str,
+    client_ip: &str,
+    clock: &TokenClock,
+    content: Option<Content>,
+) -> Value {
+    let usage = ev.usage.unwrap_or_default();
+    let cost = ev.cost.clone().unwrap_or_default();
+    let error = (ev.error_code != 0).then(|| ErrorCode::from_pb(ev.error_code).as_str());
+    let mut line = json!({
+        "timestamp": timestamp(ev.started_at_unix_ms.saturating_add(i64::try_from(ev.duration_ms).unwrap_or(0))),
+        "type": "request",
+        "request_id": ev.request_id,
+        "client_request_id": masked(&ev.client_request_id),
+        "trace_id": trace_id(&ev.trace_context),
+        "key_id": ev.key_id,
+        "team_id": ev.team_id,
+        "org_id": ev.org_id,
+        "client_ip": client_ip,
+        "route": route,
+        "model": masked(&ev.model),
+        "deployment": ev.deployment_id,
+        "provider": ev.provider,
+        "upstream_model": ev.upstream_model,
+        "stream": ev.stream,
+        "status": ev.http_status,
+        "outcome": outcome_label(ev),
+        "error_code": error,
+        "attempts": ev.attempts,
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "cached_input_tokens": usage.cached_input_tokens,
+        "reasoning_tokens": usage.reasoning_tokens,
+        "cost_micros": cost.micros,
+        "currency": cost.currency,
+        "duration_ms": ev.duration_ms,
+        "ttfb_ms": ev.time_to_first_byte_ms,
+        "ttft_ms": clock.ttft_ms,
+        "end_user": masked(&ev.end_user),
+        "routing_rule": ev.routing_rule,
+    });
+    if let (Some(c), Some(obj)) = (content, line.as_object_mut()) {
+        obj.insert("prompt".into(), masked(&c.prompt));
+        obj.insert("answer".into(), masked(&String::from_utf8_lossy(&c.answer)));
+    }
+    line
+}
+
+/// The line of a request that ended before it had a usage record (refused key, bad route, overload).
+pub(crate) fn refused(ctx: &crate::request::RequestCtx, route: &str, status: u16, code: Option<ErrorCode>) {
+    if !access_log::enabled() {
+        return;
+    }
+    let mut line = Map::new();
+    let elapsed = u64::try_from(ctx.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    for (k, v) in [
+        ("timestamp", Value::from(timestamp(relay_core::ids::now_ms()))),
+        ("type", "request".into()),
+        ("request_id", ctx.request_id.clone().into()),
+        ("client_request_id", masked(ctx.client_request_id.as_deref().unwrap_or(""))),
+        ("trace_id", trace_id(&ctx.trace_context).into()),
+        ("client_ip", ctx.client_ip.clone().into()),
+        ("route", route.into()),
+        ("status", status.into()),
+        ("outcome", if status < 400 { "success" } else { "error" }.into()),
+        ("error_code", code.map(ErrorCode::as_str).into()),
+        ("duration_ms", elapsed.into()),
+    ] {
+        line.insert(k.to_owned(), v);
+    }
+    access_log::write(Value::Object(line).to_string());
+}
+
+/// Counts a streamed answer in `relay_edge_streams_in_flight` while it is alive.
+pub(crate) struct LiveStream(metrics::Gauge);
+
+impl LiveStream {
+    pub(crate) fn new() -> Self {
+        let g = metrics::gauge!("relay_edge_streams_in_flight");
+        g.increment(1.0);
+        Self(g)
+    }
+}
+
+impl Drop for LiveStream {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
