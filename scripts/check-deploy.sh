@@ -20,11 +20,41 @@ SETS=(--set pepper=chart-check-pepper-0123 --set databaseUrl=postgres://relay@db
 "$PY" .ci/helm_offline.py lint deploy/helm/relay --strict -f deploy/helm/relay/ci/production-values.yaml
 "$PY" .ci/helm_offline.py template deploy/helm/relay -f deploy/helm/relay/ci/production-values.yaml \
   --name relay --namespace relay > "$OUT/production.yaml"
-# The two newest Kubernetes minors kubernetes-validate knows.
+# Embedded single pod (one Deployment running all five services on SQLite), with the monitoring objects.
+"$PY" .ci/helm_offline.py lint deploy/helm/relay --strict -f deploy/helm/relay/ci/embedded-values.yaml
+"$PY" .ci/helm_offline.py template deploy/helm/relay -f deploy/helm/relay/ci/embedded-values.yaml \
+  --name relay --namespace relay > "$OUT/embedded.yaml"
+# The two newest Kubernetes minors kubernetes-validate knows (CRD kinds, ServiceMonitor and
+# PrometheusRule, have no built-in schema: they are checked below against the files they carry).
 for k in 1.36.0 1.37.0; do
-  kubernetes-validate -k "$k" --strict "$OUT/rendered.yaml" >/dev/null
-  kubernetes-validate -k "$k" --strict "$OUT/production.yaml" >/dev/null
+  for f in rendered production embedded; do
+    kubernetes-validate -k "$k" --strict "$OUT/$f.yaml" >/dev/null
+  done
 done
+"$PY" - "$OUT/embedded.yaml" "$OUT/embedded.toml" <<'PYEOF'
+import json, sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+kinds = sorted((d["kind"], d["metadata"]["name"]) for d in docs)
+for kind in ["Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy"]:
+    assert (kind, "relay-relay-all") in kinds, f"embedded: {kind} missing: {kinds}"
+assert sum(k == "Deployment" for k, _ in kinds) == 1, kinds
+assert not any(k in ("Job", "HorizontalPodAutoscaler") for k, _ in kinds), kinds
+assert not any("helm.sh/hook" in (d["metadata"].get("annotations") or {}) for d in docs), "embedded needs no hooks"
+dep = next(d for d in docs if d["kind"] == "Deployment")
+assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate", dep["spec"]
+c = dep["spec"]["template"]["spec"]["containers"][0]
+assert c["args"] == ["serve", "--config", "/etc/relay/relay.toml"], c["args"]
+assert {"name": "data", "mountPath": "/var/lib/relay"} in c["volumeMounts"], c["volumeMounts"]
+rule = next(d for d in docs if d["kind"] == "PrometheusRule")
+assert rule["spec"] == yaml.safe_load(open("deploy/prometheus/relay-alerts.yaml")), "PrometheusRule differs from the rules file"
+mon = next(d for d in docs if d["kind"] == "ServiceMonitor")
+assert mon["spec"]["endpoints"][0]["port"] == "admin", mon
+dash = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard"))
+assert json.loads(dash["data"]["relay-overview.json"]) == json.load(open("deploy/grafana/relay-overview.json"))
+toml = next(d for d in docs if d["kind"] == "ConfigMap" and "relay.toml" in d["data"])["data"]["relay.toml"]
+assert "sqlite://" in toml and "nats_url" not in toml and "[remote]" not in toml, toml
+open(sys.argv[2], "w").write(toml)
+PYEOF
 # A bad value must fail the schema.
 if "$PY" .ci/helm_offline.py template deploy/helm/relay "${SETS[@]}" --set services.edge.replicas=-1 >/dev/null 2>&1; then
   echo "check-deploy: the chart accepted services.edge.replicas=-1" >&2; exit 1
@@ -89,4 +119,5 @@ for s in edge auth routing adapter billing; do
     RELAY__SERVER__SERVICE_TOKEN=chart-check-service-token \
     ./target/debug/relay check --config "$OUT/relay.toml" --services "$s" >/dev/null
 done
+RELAY__AUTH__PEPPER=chart-check-pepper-0123 ./target/debug/relay check --config "$OUT/embedded.toml" >/dev/null
 echo "check-deploy: compose, helm chart and rendered config are valid"

@@ -13,6 +13,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if .Values.existingSecret -}}{{ .Values.existingSecret }}{{- else -}}{{ include "relay.fullname" . }}{{- end -}}
 {{- end -}}
 
+{{- /* The Deployments to render, by name: the five services, or the one embedded pod. */}}
+{{- define "relay.services" -}}
+{{- if eq .Values.mode "embedded" -}}
+{{ dict "all" .Values.embedded | toYaml }}
+{{- else -}}
+{{ .Values.services | toYaml }}
+{{- end -}}
+{{- end -}}
+
 {{- define "relay.env" -}}
 envFrom:
   - secretRef:
