@@ -14,7 +14,8 @@ check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 # Dashboards and alert rules: PromQL parses, names only catalogued metrics.
 "$PY" scripts/check-observability.py
 
-SETS=(--set pepper=chart-check-pepper-0123 --set databaseUrl=postgres://relay@db:5432/relay --set adminToken=chart-check-admin-token --set serviceToken=chart-check-service-token)
+# Three installs: minimal, production HA, embedded single pod (ci/*-values.yaml).
+SETS=(-f deploy/helm/relay/ci/minimal-values.yaml)
 "$PY" .ci/helm_offline.py lint deploy/helm/relay --strict "${SETS[@]}"
 "$PY" .ci/helm_offline.py template deploy/helm/relay "${SETS[@]}" --name relay --namespace relay > "$OUT/rendered.yaml"
 "$PY" .ci/helm_offline.py lint deploy/helm/relay --strict -f deploy/helm/relay/ci/production-values.yaml

@@ -10,7 +10,9 @@ use relay_core::ErrorCode;
 use relay_core::pb::events::v1::{Outcome, UsageEvent};
 use relay_telemetry::access_log;
 use relay_telemetry::redact::secrets;
-use serde_json::{Map, Value, json};
+use std::borrow::Cow;
+
+use serde::Serialize;
 
 /// The prompt and answer of a key that opted into content logging, cut at the configured size.
 pub(crate) struct Content {
@@ -138,7 +140,7 @@ pub(crate) fn finished(
         errors(route, ErrorCode::from_pb(ev.error_code));
     }
     if access_log::enabled() {
-        access_log::write(line(ev, route, client_ip, clock, content).to_string());
+        request_line(ev, route, client_ip, clock, content);
     }
 }
 
@@ -148,8 +150,9 @@ pub(crate) fn errors(route: &str, code: ErrorCode) {
         .increment(1);
 }
 
-fn masked(text: &str) -> Value {
-    Value::String(secrets(text).into_owned())
+/// A client-chosen string with secrets and personal data masked.
+fn masked(text: &str) -> std::borrow::Cow<'_, str> {
+    secrets(text)
 }
 
 /// The trace id of a W3C `traceparent` (`00-<trace>-<span>-<flags>`).
@@ -163,53 +166,114 @@ fn timestamp(unix_ms: i64) -> String {
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-fn line(
-    ev: &UsageEvent,
-    route: &str,
-    client_ip: &str,
-    clock: &TokenClock,
-    content: Option<Content>,
-) -> Value {
-    let usage = ev.usage.unwrap_or_default();
-    let cost = ev.cost.clone().unwrap_or_default();
-    let error = (ev.error_code != 0).then(|| ErrorCode::from_pb(ev.error_code).as_str());
-    let mut line = json!({
-        "timestamp": timestamp(ev.started_at_unix_ms.saturating_add(i64::try_from(ev.duration_ms).unwrap_or(0))),
-        "type": "request",
-        "request_id": ev.request_id,
-        "client_request_id": masked(&ev.client_request_id),
-        "trace_id": trace_id(&ev.trace_context),
-        "key_id": ev.key_id,
-        "team_id": ev.team_id,
-        "org_id": ev.org_id,
-        "client_ip": client_ip,
-        "route": route,
-        "model": masked(&ev.model),
-        "deployment": ev.deployment_id,
-        "provider": ev.provider,
-        "upstream_model": ev.upstream_model,
-        "stream": ev.stream,
-        "status": ev.http_status,
-        "outcome": outcome_label(ev),
-        "error_code": error,
-        "attempts": ev.attempts,
-        "input_tokens": usage.input_tokens,
-        "output_tokens": usage.output_tokens,
-        "cached_input_tokens": usage.cached_input_tokens,
-        "reasoning_tokens": usage.reasoning_tokens,
-        "cost_micros": cost.micros,
-        "currency": cost.currency,
-        "duration_ms": ev.duration_ms,
-        "ttfb_ms": ev.time_to_first_byte_ms,
-        "ttft_ms": clock.ttft_ms,
-        "end_user": masked(&ev.end_user),
-        "routing_rule": ev.routing_rule,
-    });
-    if let (Some(c), Some(obj)) = (content, line.as_object_mut()) {
-        obj.insert("prompt".into(), masked(&c.prompt));
-        obj.insert("answer".into(), masked(&String::from_utf8_lossy(&c.answer)));
+/// One access-log line. Ids are Relay's own; every field a client chose is masked; absent fields are
+/// left out (a refused request has no key, model or tokens).
+#[derive(Serialize, Default)]
+struct Line<'a> {
+    timestamp: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    request_id: &'a str,
+    client_request_id: Cow<'a, str>,
+    trace_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    team_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    org_id: Option<&'a str>,
+    client_ip: &'a str,
+    route: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deployment: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    provider: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream_model: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream: Option<bool>,
+    status: u32,
+    outcome: &'static str,
+    error_code: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attempts: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    input_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cached_input_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cost_micros: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    currency: Option<&'a str>,
+    duration_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ttfb_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ttft_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    end_user: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    routing_rule: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    answer: Option<String>,
+}
+
+fn nonempty(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn write(line: &Line<'_>) {
+    if let Ok(text) = serde_json::to_string(line) {
+        access_log::write(text);
     }
-    line
+}
+
+fn request_line(ev: &UsageEvent, route: &str, client_ip: &str, clock: &TokenClock, content: Option<Content>) {
+    let usage = ev.usage.unwrap_or_default();
+    let cost = ev.cost.as_ref();
+    let ended = ev.started_at_unix_ms.saturating_add(i64::try_from(ev.duration_ms).unwrap_or(0));
+    write(&Line {
+        timestamp: timestamp(ended),
+        kind: "request",
+        request_id: &ev.request_id,
+        client_request_id: masked(&ev.client_request_id),
+        trace_id: trace_id(&ev.trace_context),
+        key_id: Some(&ev.key_id),
+        team_id: Some(&ev.team_id),
+        org_id: Some(&ev.org_id),
+        client_ip,
+        route,
+        model: Some(masked(&ev.model)),
+        deployment: nonempty(&ev.deployment_id),
+        provider: nonempty(&ev.provider),
+        upstream_model: nonempty(&ev.upstream_model),
+        stream: Some(ev.stream),
+        status: ev.http_status,
+        outcome: outcome_label(ev),
+        error_code: (ev.error_code != 0).then(|| ErrorCode::from_pb(ev.error_code).as_str()),
+        attempts: Some(ev.attempts),
+        input_tokens: Some(usage.input_tokens),
+        output_tokens: Some(usage.output_tokens),
+        cached_input_tokens: Some(usage.cached_input_tokens),
+        reasoning_tokens: Some(usage.reasoning_tokens),
+        cost_micros: cost.map(|c| c.micros),
+        currency: cost.map(|c| c.currency.as_str()),
+        duration_ms: ev.duration_ms,
+        ttfb_ms: (ev.time_to_first_byte_ms > 0).then_some(ev.time_to_first_byte_ms),
+        ttft_ms: clock.ttft_ms,
+        end_user: nonempty(&ev.end_user).map(masked),
+        routing_rule: nonempty(&ev.routing_rule),
+        prompt: content.as_ref().map(|c| masked(&c.prompt).into_owned()),
+        answer: content.as_ref().map(|c| masked(&String::from_utf8_lossy(&c.answer)).into_owned()),
+    });
 }
 
 /// The line of a request that ended before it had a usage record (refused key, bad route, overload).
@@ -217,24 +281,20 @@ pub(crate) fn refused(ctx: &crate::request::RequestCtx, route: &str, status: u16
     if !access_log::enabled() {
         return;
     }
-    let mut line = Map::new();
-    let elapsed = u64::try_from(ctx.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    for (k, v) in [
-        ("timestamp", Value::from(timestamp(relay_core::ids::now_ms()))),
-        ("type", "request".into()),
-        ("request_id", ctx.request_id.clone().into()),
-        ("client_request_id", masked(ctx.client_request_id.as_deref().unwrap_or(""))),
-        ("trace_id", trace_id(&ctx.trace_context).into()),
-        ("client_ip", ctx.client_ip.clone().into()),
-        ("route", route.into()),
-        ("status", status.into()),
-        ("outcome", if status < 400 { "success" } else { "error" }.into()),
-        ("error_code", code.map(ErrorCode::as_str).into()),
-        ("duration_ms", elapsed.into()),
-    ] {
-        line.insert(k.to_owned(), v);
-    }
-    access_log::write(Value::Object(line).to_string());
+    write(&Line {
+        timestamp: timestamp(relay_core::ids::now_ms()),
+        kind: "request",
+        request_id: &ctx.request_id,
+        client_request_id: masked(ctx.client_request_id.as_deref().unwrap_or("")),
+        trace_id: trace_id(&ctx.trace_context),
+        client_ip: &ctx.client_ip,
+        route,
+        status: u32::from(status),
+        outcome: if status < 400 { "success" } else { "error" },
+        error_code: code.map(ErrorCode::as_str),
+        duration_ms: u64::try_from(ctx.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        ..Default::default()
+    });
 }
 
 /// Counts a streamed answer in `relay_edge_streams_in_flight` while it is alive.
