@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
-    let files: Vec<PathBuf> = ["common", "auth", "routing", "adapter", "billing", "events"]
+    let files: Vec<PathBuf> = ["common", "auth", "routing", "adapter", "billing", "events", "state"]
         .iter()
         .map(|pkg| root.join(format!("relay/{pkg}/v1/{pkg}.proto")))
         .map(|p| if p.exists() { p } else { p.with_file_name("usage.proto") })

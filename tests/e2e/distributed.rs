@@ -154,10 +154,11 @@ async fn five_processes_over_grpc_nats_and_postgres() {
     let adapter = RelayProc::start(&dir, "adapter", &backend("adapter", &shared, &upstreams)).await;
     let edge_cfg = format!(
         "[server]\nservice_token = \"relay-test-service-token\"\nservices = [\"edge\"]\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-         [remote]\nauth = \"{}\"\nrouting = \"{}\"\nadapter = \"{}\"\n{shared}",
+         [remote]\nauth = \"{}\"\nrouting = \"{}\"\nadapter = \"{}\"\nbilling = \"{}\"\n{shared}",
         auth.grpc(),
         routing.grpc(),
-        adapter.grpc()
+        adapter.grpc(),
+        billing.grpc()
     );
     let edge = RelayProc::start(&dir, "edge", &edge_cfg).await;
     let billing_client = client::billing_client(&billing.grpc());
@@ -181,6 +182,9 @@ async fn five_processes_over_grpc_nats_and_postgres() {
         assert!(tokio::time::Instant::now() < deadline, "trace of {first} spans {got:?}, want {want:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // Responses state kept by the billing process, over gRPC.
+    sent.extend(crate::responses_state::chain(&edge.http(), &mock, scenario::MODEL).await);
 
     // Billing crashes; requests keep being served; after a restart, nothing is lost.
     for id in &sent {

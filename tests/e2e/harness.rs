@@ -46,6 +46,8 @@ impl RelayProc {
             .args(["serve", "--config"])
             .arg(&config)
             .env("RUST_LOG", "info,h2=warn,hyper=warn,tower=warn")
+            // Billing processes store Responses state, sealed under this key.
+            .env("RELAY__STATE__ENCRYPTION_KEY", "e2e-state-encryption-key-0123")
             // One outbox per process, the same across restarts of the same config (crash replay).
             .env("RELAY__BUS__OUTBOX_DIR", config.with_extension("outbox"))
             .stdout(Stdio::piped())

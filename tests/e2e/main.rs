@@ -14,6 +14,7 @@ mod hostile;
 mod limits;
 mod observability;
 mod prepaid;
+mod responses_state;
 mod routing;
 mod rules;
 mod scenario;

@@ -8,6 +8,7 @@ use futures_util::Stream;
 
 use crate::RelayError;
 use crate::pb::routing::v1 as routing;
+use crate::pb::state::v1 as state;
 use crate::pb::{adapter::v1 as adapter, auth::v1 as auth, billing::v1 as billing, events::v1 as events};
 
 pub type Result<T> = std::result::Result<T, RelayError>;
@@ -42,6 +43,16 @@ pub trait Billing: Send + Sync + 'static {
     -> Result<billing::UsageSummaryResponse>;
     /// What a scope was charged over a window, as booked (budget counters are rebuilt from it).
     async fn spent(&self, req: billing::SpentRequest) -> Result<billing::SpentResponse>;
+}
+
+/// What the Responses API keeps between calls: stored responses and their items, each owned by an org.
+/// Every call names the caller's org; another org's object is `NotFound`, like one that never existed.
+#[async_trait::async_trait]
+pub trait ResponseStore: Send + Sync + 'static {
+    async fn put_response(&self, req: state::PutResponseRequest) -> Result<()>;
+    async fn get_response(&self, req: state::GetResponseRequest) -> Result<state::StoredResponse>;
+    async fn delete_response(&self, req: state::GetResponseRequest) -> Result<()>;
+    async fn get_items(&self, req: state::GetItemsRequest) -> Result<state::GetItemsResponse>;
 }
 
 /// Where usage events go: NATS JetStream in production, an in-process channel when embedded.
@@ -99,4 +110,6 @@ pub struct Services {
     pub adapter: Arc<dyn Adapter>,
     pub usage: Arc<dyn UsageSink>,
     pub limiter: Arc<dyn Limiter>,
+    /// Stored Responses state (`store`, `previous_response_id`, `item_reference`); `None`: stateless.
+    pub state: Option<Arc<dyn ResponseStore>>,
 }

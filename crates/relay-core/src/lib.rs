@@ -45,6 +45,11 @@ pub mod pb {
             include!(concat!(env!("OUT_DIR"), "/relay.events.v1.rs"));
         }
     }
+    pub mod state {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/relay.state.v1.rs"));
+        }
+    }
 }
 
 /// Version of the [`pb::events::v1::UsageEvent`] schema this build writes.

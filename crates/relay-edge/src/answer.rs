@@ -58,6 +58,8 @@ pub struct ChatCall {
     pub inbound: Inbound,
     pub timeouts: Timeouts,
     pub order: crate::dispatch::Order,
+    /// A stored Responses turn: what to keep once the answer is complete.
+    pub state: Option<crate::state::Pending>,
 }
 
 /// The model group's timeouts (`None` = no limit).
@@ -108,13 +110,14 @@ pub async fn respond(edge: Edge, call: ChatCall, rec: UsageRecord) -> Response {
 
 async fn run(
     edge: Edge,
-    call: ChatCall,
+    mut call: ChatCall,
     mut rec: UsageRecord,
     left: CancellationToken,
     tx: &tokio::sync::oneshot::Sender<Response>,
 ) -> Response {
     let inbound = call.inbound;
     let policy = call.policy;
+    let state = call.state.take();
     let began = tokio::time::Instant::now();
     let stopping = edge.inner.stopping.clone();
     rec.countable(CountTokensRequest {
@@ -173,13 +176,14 @@ async fn run(
             idle: t.idle.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
             deadline: t.total.map(|d| Box::pin(tokio::time::sleep_until(began + d))),
             _live: crate::observe::LiveStream::new(),
+            state: state.map(|p| (p, crate::state::Capture::default())),
         });
         resp.headers_mut().extend(served);
         return resp;
     }
     let total = call.timeouts.total;
     let whole = tokio::select! {
-        r = whole_response(events, &mut rec) => Some(r),
+        r = whole_response(events, &mut rec, state.map(|p| (p, &edge))) => Some(r),
         () = gone(&left, policy, &stopping) => None,
         () = async { match total { Some(t) => tokio::time::sleep_until(began + t).await, None => std::future::pending().await } } => {
             Some(Err(timed_out("total time")))
@@ -247,7 +251,11 @@ async fn open(edge: &Edge, req: ChatRequest, to_first_event: bool) -> Result<Cha
     }
 }
 
-async fn whole_response(mut events: ChatEventStream, rec: &mut UsageRecord) -> Result<Response, RelayError> {
+async fn whole_response(
+    mut events: ChatEventStream,
+    rec: &mut UsageRecord,
+    state: Option<(crate::state::Pending, &Edge)>,
+) -> Result<Response, RelayError> {
     let mut body = Vec::new();
     let mut failed = None;
     while let Some(ev) = events.next().await {
@@ -267,6 +275,10 @@ async fn whole_response(mut events: ChatEventStream, rec: &mut UsageRecord) -> R
         return Err(e);
     }
     rec.first_byte();
+    let body = match state {
+        Some((pending, edge)) => pending.whole(edge, body),
+        None => body,
+    };
     let mut resp = (StatusCode::OK, body).into_response();
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Ok(resp)
@@ -297,6 +309,8 @@ struct ForwardStream {
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Counted in `relay_edge_streams_in_flight` while alive.
     _live: crate::observe::LiveStream,
+    /// A stored Responses turn, and the watch for its final response object.
+    state: Option<(crate::state::Pending, crate::state::Capture)>,
 }
 
 impl ForwardStream {
@@ -347,6 +361,9 @@ impl Stream for ForwardStream {
                     rec.first_byte();
                     rec.output_seen(c.output_tokens);
                     rec.answer_bytes(&c.data);
+                    if let Some((_, capture)) = this.state.as_mut() {
+                        capture.feed(&c.data);
+                    }
                     return Poll::Ready(Some(Ok(c.data)));
                 }
                 Some(Event::Usage(u)) => rec.usage(u),
@@ -362,6 +379,11 @@ impl Stream for ForwardStream {
                 None => {
                     if let Some(rec) = this.rec.take() {
                         rec.succeed();
+                    }
+                    if let Some((pending, capture)) = this.state.take()
+                        && let Some(response) = capture.last
+                    {
+                        pending.streamed(&this.edge, response);
                     }
                     this.events = None;
                     return Poll::Ready(None);

@@ -251,6 +251,11 @@ async fn prepare(
     let plain = |e: RelayError| (e, Vec::new());
     let (bytes, env): (Bytes, Envelope) = read_json(edge, body).await.map_err(plain)?;
     let model = required_model(env.model.clone()).map_err(plain)?;
+    // Responses state: earlier turns and referenced items expanded into the body sent on.
+    let (bytes, state) = match inbound {
+        Inbound::Responses => crate::state::expand(edge, principal, bytes).await.map_err(plain)?,
+        _ => (bytes, None),
+    };
     env.validate(inbound).map_err(plain)?;
     let limit = env.output_limit(inbound).map_err(plain)?;
     let stream = env.stream.unwrap_or(false);
@@ -284,7 +289,7 @@ async fn prepare(
         hedge_after: None,
     }
     .hedging(&route);
-    Ok((ChatCall { request, candidates, policy, inbound, timeouts, order }, rate))
+    Ok((ChatCall { request, candidates, policy, inbound, timeouts, order, state }, rate))
 }
 
 /// `POST /v1/messages/count_tokens`: input tokens for an Anthropic-shaped request on the routed model

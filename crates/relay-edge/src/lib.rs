@@ -17,6 +17,7 @@ mod observe;
 pub mod principal;
 mod request;
 mod routes;
+mod state;
 mod usage;
 
 use std::sync::Arc;

@@ -29,6 +29,11 @@ pub fn router(edge: Edge) -> Router {
         .route("/v1/messages", post(chat::messages))
         .route("/v1/messages/count_tokens", post(chat::count_tokens))
         .route("/v1/responses", post(chat::responses))
+        .route(
+            "/v1/responses/{id}",
+            axum::routing::get(crate::state::get_response).delete(crate::state::delete_response),
+        )
+        .route("/v1/responses/{id}/input_items", axum::routing::get(crate::state::list_input_items))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*id}", get(get_model))

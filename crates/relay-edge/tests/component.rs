@@ -211,6 +211,7 @@ fn harness(max_body: usize) -> Harness {
         adapter: adapter.clone(),
         usage: sink.clone(),
         limiter: Arc::new(relay_limits::MemoryLimiter::new()),
+        state: None,
     };
     let cfg = EdgeConfig {
         max_body_bytes: max_body,

@@ -230,3 +230,40 @@ impl Billing for GrpcBilling {
         Ok(r.into_inner())
     }
 }
+
+// === impl GrpcState ===
+
+#[derive(Clone)]
+pub struct GrpcState(generated::state::state_service_client::StateServiceClient<TracedChannel>);
+
+impl GrpcState {
+    pub fn new(ch: TracedChannel) -> Self {
+        Self(generated::state::state_service_client::StateServiceClient::new(ch))
+    }
+}
+
+#[async_trait::async_trait]
+impl relay_core::contracts::ResponseStore for GrpcState {
+    async fn put_response(&self, req: relay_core::pb::state::v1::PutResponseRequest) -> Result<()> {
+        self.0.clone().put_response(req).await.map_err(|s| from_status(&s, "state"))?;
+        Ok(())
+    }
+    async fn get_response(
+        &self,
+        req: relay_core::pb::state::v1::GetResponseRequest,
+    ) -> Result<relay_core::pb::state::v1::StoredResponse> {
+        let r = self.0.clone().get_response(req).await.map_err(|s| from_status(&s, "state"))?;
+        Ok(r.into_inner())
+    }
+    async fn delete_response(&self, req: relay_core::pb::state::v1::GetResponseRequest) -> Result<()> {
+        self.0.clone().delete_response(req).await.map_err(|s| from_status(&s, "state"))?;
+        Ok(())
+    }
+    async fn get_items(
+        &self,
+        req: relay_core::pb::state::v1::GetItemsRequest,
+    ) -> Result<relay_core::pb::state::v1::GetItemsResponse> {
+        let r = self.0.clone().get_items(req).await.map_err(|s| from_status(&s, "state"))?;
+        Ok(r.into_inner())
+    }
+}

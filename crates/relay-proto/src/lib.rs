@@ -27,4 +27,7 @@ pub mod generated {
     pub mod billing {
         include!(concat!(env!("OUT_DIR"), "/relay.billing.v1.rs"));
     }
+    pub mod state {
+        include!(concat!(env!("OUT_DIR"), "/relay.state.v1.rs"));
+    }
 }

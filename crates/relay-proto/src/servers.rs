@@ -4,9 +4,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures_util::{Stream, StreamExt};
-use relay_core::contracts::{Adapter, Authenticator, Billing, Router};
+use relay_core::contracts::{Adapter, Authenticator, Billing, ResponseStore, Router};
 use relay_core::pb::{adapter::v1 as adapter, auth::v1 as auth, billing::v1 as billing};
-use relay_core::pb::{events::v1 as events, routing::v1 as routing};
+use relay_core::pb::{events::v1 as events, routing::v1 as routing, state::v1 as state};
 use tonic::{Request, Response, Status};
 
 use crate::generated;
@@ -117,4 +117,39 @@ pub fn billing(
     svc: Arc<dyn Billing>,
 ) -> generated::billing::billing_service_server::BillingServiceServer<BillingServer> {
     generated::billing::billing_service_server::BillingServiceServer::new(BillingServer(svc))
+}
+
+// === impl StateServer ===
+
+pub struct StateServer(pub Arc<dyn ResponseStore>);
+
+#[tonic::async_trait]
+impl generated::state::state_service_server::StateService for StateServer {
+    async fn put_response(
+        &self,
+        req: Request<state::PutResponseRequest>,
+    ) -> GrpcResult<state::PutResponseResponse> {
+        reply(self.0.put_response(req.into_inner()).await.map(|()| state::PutResponseResponse {}))
+    }
+    async fn get_response(
+        &self,
+        req: Request<state::GetResponseRequest>,
+    ) -> GrpcResult<state::StoredResponse> {
+        reply(self.0.get_response(req.into_inner()).await)
+    }
+    async fn delete_response(
+        &self,
+        req: Request<state::GetResponseRequest>,
+    ) -> GrpcResult<state::DeleteResponseResponse> {
+        reply(self.0.delete_response(req.into_inner()).await.map(|()| state::DeleteResponseResponse {}))
+    }
+    async fn get_items(&self, req: Request<state::GetItemsRequest>) -> GrpcResult<state::GetItemsResponse> {
+        reply(self.0.get_items(req.into_inner()).await)
+    }
+}
+
+pub fn state(
+    svc: Arc<dyn ResponseStore>,
+) -> generated::state::state_service_server::StateServiceServer<StateServer> {
+    generated::state::state_service_server::StateServiceServer::new(StateServer(svc))
 }

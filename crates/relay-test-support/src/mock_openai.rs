@@ -196,7 +196,41 @@ async fn chat(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> 
     if let Some(status) = knob(&knobs, "status") {
         return error(status as u16, &format!("mock forced status {status}"));
     }
-    let reply = echo(last_user.as_deref().unwrap_or(""));
+    // Tools: `[[mock call=1]]` in the last user message makes the answer a call of the first tool (its
+    // arguments carry the message); after a tool result, the answer quotes it.
+    let tool_result = messages.last().filter(|m| m["role"] == "tool").map(|m| content_text(&m["content"]));
+    let first_tool = req["tools"][0]["function"]["name"].as_str().map(str::to_owned);
+    if let (Some(name), Some(_), None) = (&first_tool, knob(&knobs, "call"), &tool_result) {
+        let args = json!({"q": strip_directives(last_user.as_deref().unwrap_or("")).0}).to_string();
+        let call =
+            json!({"id": "call_mock_1", "type": "function", "function": {"name": name, "arguments": args}});
+        let usage = json!({"prompt_tokens": 1000, "completion_tokens": 7, "total_tokens": 1007});
+        let model = req["model"].as_str().unwrap_or("mock").to_owned();
+        if req["stream"] != json!(true) {
+            return axum::Json(json!({"id": "chatcmpl-mock", "object": "chat.completion", "created": 1, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": null, "tool_calls": [call]}, "finish_reason": "tool_calls"}],
+                "usage": usage}))
+            .into_response();
+        }
+        let mut indexed = call.clone();
+        indexed["index"] = json!(0);
+        let frames = [
+            json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1, "model": model,
+                   "choices": [{"index": 0, "delta": {"role": "assistant", "tool_calls": [indexed]}, "finish_reason": null}]}),
+            json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1, "model": model,
+                   "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}], "usage": usage}),
+        ];
+        let mut body: String = frames.iter().map(|f| format!("data: {f}\n\n")).collect();
+        body.push_str("data: [DONE]\n\n");
+        return Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(Body::from(body))
+            .unwrap();
+    }
+    let reply = match &tool_result {
+        Some(result) => format!("TOOL SAID: {result}"),
+        None => echo(last_user.as_deref().unwrap_or("")),
+    };
     let parts: Vec<&str> = reply.split(' ').collect();
     let tokens: Vec<String> = parts
         .iter()

@@ -32,6 +32,8 @@ struct Local {
     routing: Option<Arc<relay_routing::RoutingService>>,
     adapter: Option<Arc<dyn Adapter>>,
     billing: Option<relay_billing::BillingService>,
+    /// Stored Responses state, served by the billing process.
+    state: Option<relay_state::ResponsesStore>,
     db: Option<relay_db::Db>,
 }
 
@@ -74,7 +76,15 @@ async fn build_local(cfg: &Config) -> anyhow::Result<Local> {
         ),
         None => None,
     };
-    Ok(Local { auth, keys, router, routing, adapter, billing, db })
+    let state = db.clone().filter(|_| cfg.runs("billing") && cfg.state.enabled).map(|db| {
+        let secret = cfg.state.encryption_key.as_ref().unwrap_or(&cfg.auth.pepper);
+        relay_state::ResponsesStore::new(
+            db,
+            relay_state::Sealer::from_secret(secret.expose()),
+            cfg.state.retention_days,
+        )
+    });
+    Ok(Local { auth, keys, router, routing, adapter, billing, state, db })
 }
 
 /// `ledger`: billing, where budget counters are rebuilt from (none: counters start at zero).
@@ -153,6 +163,27 @@ fn ledger(local: &Local, cfg: &Config) -> anyhow::Result<Option<Arc<dyn Billing>
     }
     match &cfg.remote.billing {
         Some(addr) => Ok(Some(Arc::new(relay_proto::clients::GrpcBilling::new(channel(
+            addr,
+            cfg.server.service_token.as_ref(),
+        )?)))),
+        None => Ok(None),
+    }
+}
+
+/// The Responses state store for the edge: in this process, or billing's at `remote.billing` (none:
+/// the Responses API is stateless and says so when asked for state).
+fn response_store(
+    local: &Local,
+    cfg: &Config,
+) -> anyhow::Result<Option<Arc<dyn relay_core::contracts::ResponseStore>>> {
+    if !cfg.state.enabled {
+        return Ok(None);
+    }
+    if let Some(s) = &local.state {
+        return Ok(Some(Arc::new(s.clone())));
+    }
+    match &cfg.remote.billing {
+        Some(addr) => Ok(Some(Arc::new(relay_proto::clients::GrpcState::new(channel(
             addr,
             cfg.server.service_token.as_ref(),
         )?)))),
@@ -255,6 +286,7 @@ pub async fn run(
                 .map(|o| Arc::new(o) as Arc<dyn UsageSink>)
                 .context("edge without a usage sink")?,
             limiter: limiter(&cfg.limits, ledger(&local, &cfg)?).await?,
+            state: response_store(&local, &cfg)?,
         };
         // Breaker changes ride the invalidation bus, so every edge replica isolates a failing deployment.
         let bus = invalidations.clone();
@@ -308,7 +340,8 @@ pub async fn run(
                     .max_decoding_message_size(256 << 20)
                     .max_encoding_message_size(256 << 20)
             }))
-            .add_optional_service(billing.map(relay_proto::servers::billing));
+            .add_optional_service(billing.map(relay_proto::servers::billing))
+            .add_optional_service(local.state.clone().map(|s| relay_proto::servers::state(Arc::new(s))));
         let stop = shutdown.clone();
         servers.push(tokio::spawn(async move {
             // Small frames (stream chunks, unary answers) go out at once: without TCP_NODELAY, Nagle's
@@ -342,6 +375,8 @@ pub async fn run(
     }
     // Runtime routing changes reach this routing replica within `routing.refresh_ms`.
     let routing_task = local.routing.clone().map(|r| tokio::spawn(r.follow(admin_stop.clone())));
+    // Expired Responses state goes hourly.
+    let purge_task = local.state.clone().map(|s| tokio::spawn(s.purge_forever(admin_stop.clone())));
     let admin_task = {
         let stop = admin_stop.clone();
         tokio::spawn(async move {
@@ -404,6 +439,9 @@ pub async fn run(
     admin_stop.cancel();
     let _ = admin_task.await;
     if let Some(t) = routing_task {
+        let _ = t.await;
+    }
+    if let Some(t) = purge_task {
         let _ = t.await;
     }
     match failed {

@@ -22,6 +22,7 @@ pub struct Config {
     pub adapter: relay_adapter::AdapterConfig,
     pub limits: relay_limits::LimitsConfig,
     pub billing: relay_billing::BillingConfig,
+    pub state: relay_state::StateConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -154,6 +155,7 @@ impl Config {
             adapter: src.section("adapter", &mut errors),
             limits: src.section("limits", &mut errors),
             billing: src.section("billing", &mut errors),
+            state: src.section("state", &mut errors),
         };
         src.finish(&mut errors);
         // Meaning is checked even when a section failed to parse, so one run lists every problem.
@@ -248,6 +250,12 @@ impl Config {
         }
         if self.runs("billing") {
             self.billing.validate(&mut e);
+            if self.state.enabled {
+                self.state.validate(&mut e);
+                if self.state.encryption_key.is_none() && self.auth.pepper.expose().len() < 16 {
+                    e.push("state.encryption_key: required to store Responses state (or set auth.pepper, or state.enabled = false)".into());
+                }
+            }
         }
         if self.runs("edge") && (self.bus.outbox_dir.is_empty() || self.bus.outbox_max_in_flight == 0) {
             e.push("bus.outbox_dir and bus.outbox_max_in_flight must be set".into());

@@ -1,4 +1,5 @@
-//! The OpenAI Responses API as a client protocol (stateless turns): request parsing and answer encoding.
+//! The OpenAI Responses API as a client protocol: request parsing and answer encoding. Turns arrive whole
+//! (the edge expands `previous_response_id` and `item_reference` from stored state before the call).
 
 use bytes::Bytes;
 use relay_core::RelayError;
@@ -14,7 +15,7 @@ pub fn parse(o: &Map<String, Value>) -> Result<Request, RelayError> {
     if o.get("previous_response_id").is_some_and(|v| !v.is_null()) {
         return Err(bad(
             "previous_response_id",
-            "previous_response_id is not supported: Relay keeps no conversation state; send the whole conversation in `input`",
+            "previous_response_id reached the adapter unexpanded: the edge expands stored turns before the call; send the whole conversation in `input`",
         ));
     }
     let mut r = Request { model: opt_str(o.get("model")).unwrap_or_default(), ..Default::default() };

@@ -1,0 +1,204 @@
+//! The stateful Responses API on a converted upstream (Responses in, chat completions out): a Vercel AI
+//! SDK-shaped two-step tool loop with `item_reference`, a `previous_response_id` chain (whole and
+//! streamed), reading back, listing input items, deleting, and tenant isolation between orgs.
+
+use relay_test_support::MockOpenAi;
+use serde_json::{Value, json};
+
+use crate::client;
+use crate::harness::{KEY, PEPPER, RelayProc, auth_section, temp_dir};
+
+/// A key of another org.
+const OTHER_KEY: &str = "sk-e2e-other-org-key";
+
+pub fn other_org_key() -> String {
+    let hash = relay_auth::hash_key(&relay_core::Secret::new(PEPPER), OTHER_KEY);
+    format!("[[auth.keys]]\nid = \"other\"\nteam = \"team-other\"\norg = \"org-other\"\nhash = \"{hash}\"\n")
+}
+
+async fn post(base: &str, key: &str, body: Value) -> (u16, Value) {
+    let (status, body, _) = post_id(base, key, body).await;
+    (status, body)
+}
+
+/// Status, body and Relay's request id.
+async fn post_id(base: &str, key: &str, body: Value) -> (u16, Value, String) {
+    let r = client::http()
+        .post(format!("{base}/v1/responses"))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let id = r.headers()["x-relay-request-id"].to_str().unwrap().to_owned();
+    (status, r.json().await.unwrap_or(Value::Null), id)
+}
+
+async fn get(base: &str, key: &str, path: &str) -> (u16, Value) {
+    let r = client::http().get(format!("{base}{path}")).bearer_auth(key).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn delete(base: &str, key: &str, path: &str) -> (u16, Value) {
+    let r = client::http().delete(format!("{base}{path}")).bearer_auth(key).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Polls until the response is readable (it is stored just after the answer).
+async fn stored(base: &str, key: &str, id: &str) -> Value {
+    for _ in 0..100 {
+        let (status, body) = get(base, key, &format!("/v1/responses/{id}")).await;
+        if status == 200 {
+            return body;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("response {id} never stored");
+}
+
+fn text_of(response: &Value) -> String {
+    response["output"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|i| i["type"] == "message")
+        .flat_map(|i| i["content"].as_array().cloned().unwrap_or_default())
+        .filter_map(|c| c["text"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// A `previous_response_id` chain: the second turn reaches the upstream with the first turn in it.
+/// Returns the two requests' ids.
+pub async fn chain(base: &str, mock: &MockOpenAi, model: &str) -> Vec<String> {
+    let tag = uuid::Uuid::now_v7().simple().to_string();
+    let (status, first, id1) =
+        post_id(base, KEY, json!({"model": model, "input": format!("my name is Ada {tag}")})).await;
+    assert_eq!(status, 200, "{first}");
+    stored(base, KEY, first["id"].as_str().unwrap()).await;
+    let ask = format!("what is my name {tag}");
+    let (status, second, id2) =
+        post_id(base, KEY, json!({"model": model, "previous_response_id": first["id"], "input": ask})).await;
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(second["previous_response_id"], first["id"], "{second}");
+    let sent = mock.requests_containing(&ask);
+    let messages = sent.last().unwrap().body["messages"].as_array().unwrap().clone();
+    let roles: Vec<&str> = messages.iter().map(|m| m["role"].as_str().unwrap()).collect();
+    assert_eq!(roles, ["user", "assistant", "user"], "{messages:?}");
+    assert_eq!(messages[1]["content"], relay_test_support::echo(&format!("my name is Ada {tag}")));
+    let back = stored(base, KEY, second["id"].as_str().unwrap()).await;
+    assert_eq!((back["id"].clone(), back["store"].clone()), (second["id"].clone(), json!(true)));
+    assert_eq!(text_of(&back), text_of(&second));
+    vec![id1, id2]
+}
+
+#[tokio::test]
+async fn responses_keep_state_per_org_on_a_converted_upstream() {
+    let mock = MockOpenAi::start().await;
+    let dir = temp_dir("responses-state");
+    let db = dir.join("relay.db");
+    let config = format!(
+        "[server]\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[database]\nurl = \"sqlite://{}\"\n\
+         [state]\nencryption_key = \"e2e-state-encryption-key\"\n{}{}{}",
+        db.display(),
+        auth_section(),
+        other_org_key(),
+        crate::upstream_sections(&mock)
+    );
+    let relay = RelayProc::start(&dir, "relay", &config).await;
+    let base = relay.http();
+    chain(&base, &mock, "mock").await;
+
+    // A Vercel AI SDK-shaped tool loop: step 1 calls the tool; step 2 sends the call back as an
+    // `item_reference` (the SDK's default with `store`) followed by the tool's output.
+    let tools = json!([{"type": "function", "name": "weather", "description": "Weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]);
+    let user = json!({"role": "user", "content": [{"type": "input_text", "text": "weather in Paris [[mock call=1]]"}]});
+    let (status, step1) =
+        post(&base, KEY, json!({"model": "mock", "input": [user.clone()], "tools": tools})).await;
+    assert_eq!(status, 200, "{step1}");
+    let call =
+        step1["output"].as_array().unwrap().iter().find(|i| i["type"] == "function_call").unwrap().clone();
+    assert_eq!((call["name"].as_str(), call["call_id"].as_str()), (Some("weather"), Some("call_mock_1")));
+    stored(&base, KEY, step1["id"].as_str().unwrap()).await;
+    let step2_input = json!([user, {"type": "item_reference", "id": call["id"]},
+        {"type": "function_call_output", "call_id": "call_mock_1", "output": "sunny and 21C"}]);
+    let (status, step2) =
+        post(&base, KEY, json!({"model": "mock", "input": step2_input, "tools": tools})).await;
+    assert_eq!(status, 200, "{step2}");
+    assert_eq!(text_of(&step2), "TOOL SAID: sunny and 21C", "{step2}");
+    let sent = mock.requests_containing("sunny and 21C");
+    let messages = sent.last().unwrap().body["messages"].as_array().unwrap().clone();
+    assert_eq!(
+        messages[1]["tool_calls"][0]["id"], "call_mock_1",
+        "the referenced call reached the upstream: {messages:?}"
+    );
+
+    // previous_response_id on a stream; the streamed response is stored too.
+    let (_, first) = post(&base, KEY, json!({"model": "mock", "input": "remember kiwi"})).await;
+    stored(&base, KEY, first["id"].as_str().unwrap()).await;
+    let r = client::http()
+        .post(format!("{base}/v1/responses"))
+        .bearer_auth(KEY)
+        .json(&json!({"model": "mock", "previous_response_id": first["id"], "input": "and mango", "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let sse = r.text().await.unwrap();
+    let completed: Value = sse
+        .split("\n\n")
+        .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find(|v| v["type"] == "response.completed")
+        .unwrap_or_else(|| panic!("no response.completed: {sse}"));
+    let streamed_id = completed["response"]["id"].as_str().unwrap().to_owned();
+    let back = stored(&base, KEY, &streamed_id).await;
+    assert_eq!(back["previous_response_id"], first["id"]);
+    assert_eq!(
+        mock.requests_containing("and mango").last().unwrap().body["messages"].as_array().unwrap().len(),
+        3
+    );
+    // Input items: the whole turn, newest first, each with an id.
+    let (status, items) = get(&base, KEY, &format!("/v1/responses/{streamed_id}/input_items")).await;
+    assert_eq!(status, 200, "{items}");
+    let data = items["data"].as_array().unwrap();
+    assert_eq!(data.len(), 3, "{items}");
+    assert_eq!(data[0]["content"], "and mango");
+    assert!(data.iter().all(|i| i["id"].as_str().is_some_and(|s| !s.is_empty())), "{items}");
+
+    // Another org sees nothing: not by id, not as a predecessor, not as a referenced item.
+    let own = streamed_id.clone();
+    assert_eq!(get(&base, OTHER_KEY, &format!("/v1/responses/{own}")).await.0, 404);
+    assert_eq!(get(&base, OTHER_KEY, &format!("/v1/responses/{own}/input_items")).await.0, 404);
+    assert_eq!(delete(&base, OTHER_KEY, &format!("/v1/responses/{own}")).await.0, 404);
+    let (status, e) =
+        post(&base, OTHER_KEY, json!({"model": "mock", "previous_response_id": own, "input": "x"})).await;
+    assert_eq!((status, e["error"]["param"].as_str()), (400, Some("previous_response_id")), "{e}");
+    let (status, e) = post(
+        &base,
+        OTHER_KEY,
+        json!({"model": "mock", "input": [{"type": "item_reference", "id": call["id"]}]}),
+    )
+    .await;
+    assert_eq!((status, e["error"]["param"].as_str()), (400, Some("input")), "{e}");
+    // The owner still reads it, then deletes it.
+    assert_eq!(get(&base, KEY, &format!("/v1/responses/{own}")).await.0, 200);
+    let (status, gone) = delete(&base, KEY, &format!("/v1/responses/{own}")).await;
+    assert_eq!((status, gone["deleted"].clone()), (200, json!(true)), "{gone}");
+    assert_eq!(get(&base, KEY, &format!("/v1/responses/{own}")).await.0, 404);
+
+    // store: false keeps nothing.
+    let (_, unstored) =
+        post(&base, KEY, json!({"model": "mock", "input": "forget me", "store": false})).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(get(&base, KEY, &format!("/v1/responses/{}", unstored["id"].as_str().unwrap())).await.0, 404);
+    relay.stop().await;
+
+    // At rest the content is sealed: no prompt text in the database file.
+    for file in [db.clone(), db.with_extension("db-wal")] {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        assert!(!bytes.windows(13).any(|w| w == b"remember kiwi"), "{} holds plaintext", file.display());
+    }
+}
