@@ -83,15 +83,40 @@ pub async fn chain(base: &str, mock: &MockOpenAi, model: &str) -> Vec<String> {
         post_id(base, KEY, json!({"model": model, "previous_response_id": first["id"], "input": ask})).await;
     assert_eq!(status, 200, "{second}");
     assert_eq!(second["previous_response_id"], first["id"], "{second}");
+    // Whatever the upstream's protocol (chat `messages`, Anthropic `messages`, Gemini `contents`), it got
+    // the first turn, the answer to it, and the new question.
     let sent = mock.requests_containing(&ask);
-    let messages = sent.last().unwrap().body["messages"].as_array().unwrap().clone();
-    let roles: Vec<&str> = messages.iter().map(|m| m["role"].as_str().unwrap()).collect();
-    assert_eq!(roles, ["user", "assistant", "user"], "{messages:?}");
-    assert_eq!(messages[1]["content"], relay_test_support::echo(&format!("my name is Ada {tag}")));
+    let body = &sent.last().unwrap().body;
+    let turns = body["messages"].as_array().or(body["contents"].as_array()).unwrap().clone();
+    let roles: Vec<&str> = turns.iter().map(|m| m["role"].as_str().unwrap()).collect();
+    assert!(roles == ["user", "assistant", "user"] || roles == ["user", "model", "user"], "{turns:?}");
+    assert!(body.to_string().contains(&relay_test_support::echo(&format!("my name is Ada {tag}"))), "{body}");
     let back = stored(base, KEY, second["id"].as_str().unwrap()).await;
     assert_eq!((back["id"].clone(), back["store"].clone()), (second["id"].clone(), json!(true)));
     assert_eq!(text_of(&back), text_of(&second));
     vec![id1, id2]
+}
+
+/// The same chain on Anthropic and Gemini upstreams: the state is Relay's, so any upstream works.
+#[tokio::test]
+async fn previous_response_id_chains_on_anthropic_and_gemini_upstreams() {
+    let mock = MockOpenAi::start().await;
+    let dir = temp_dir("responses-upstreams");
+    let root = mock.base_url.trim_end_matches("/v1");
+    let config = format!(
+        "[server]\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[database]\nurl = \"sqlite://{}\"\n{}\
+         [[adapter.providers]]\nname = \"claude\"\nkind = \"anthropic\"\nbase_url = \"{root}\"\napi_key = \"k\"\n\
+         [[adapter.providers]]\nname = \"gemini\"\nkind = \"gemini\"\nbase_url = \"{root}/v1beta\"\napi_key = \"k\"\n\
+         [[routing.models]]\nname = \"on-anthropic\"\ndeployments = [{{ provider = \"claude\", model = \"claude-mock\" }}]\n\
+         [[routing.models]]\nname = \"on-gemini\"\ndeployments = [{{ provider = \"gemini\", model = \"gemini-mock\" }}]\n",
+        dir.join("relay.db").display(),
+        auth_section(),
+    );
+    let relay = RelayProc::start(&dir, "relay", &config).await;
+    for model in ["on-anthropic", "on-gemini"] {
+        chain(&relay.http(), &mock, model).await;
+    }
+    relay.stop().await;
 }
 
 #[tokio::test]

@@ -4,6 +4,9 @@
 //! `prompt = 1000 + words of all input`, `completion = reply tokens`. Streams one chunk per token, the usage
 //! chunk when `stream_options.include_usage` is set, then `[DONE]`. Knobs travel in the message text:
 //! `[[mock status=503]]`, `[[mock chunk_delay_ms=50]]`, `[[mock delay_ms=500]]` (whole answers), `[[mock die_after=2]]` (close after N events).
+//! `[[mock call=1]]` with tools: the answer calls the first tool; after a tool result it quotes it.
+//! It also speaks Anthropic Messages (`/v1/messages`) and Gemini (`/v1beta/models/{m}:generateContent`),
+//! whole answers only, with the same echo and usage.
 //! Faults of the whole upstream (every request, changeable while a test runs): [`MockOpenAi::fail_with`],
 //! [`MockOpenAi::delay`], and [`MockOpenAi::slow_tail`] (one request in N answers late).
 
@@ -62,6 +65,8 @@ impl MockOpenAi {
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
             .route("/v1/embeddings", post(embeddings))
+            .route("/v1/messages", post(anthropic_messages))
+            .route("/v1beta/models/{model_action}", post(gemini_generate))
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -297,5 +302,52 @@ async fn embeddings(State(shared): State<Shared>, headers: HeaderMap, body: Byte
     let words: usize = inputs.iter().map(|t| t.split_whitespace().count()).sum();
     axum::Json(json!({"object": "list", "data": data, "model": req["model"],
                       "usage": {"prompt_tokens": words, "total_tokens": words}}))
+    .into_response()
+}
+
+/// The text of the last user turn and the words of every turn, from Anthropic `messages` or Gemini
+/// `contents`.
+fn last_user_and_words(turns: &[Value], role_key: &str, user: &str, text_of: fn(&Value) -> String) -> (String, usize) {
+    let last = turns.iter().rev().find(|t| t[role_key] == user).map(text_of).unwrap_or_default();
+    let words = turns.iter().map(|t| text_of(t).split_whitespace().count()).sum();
+    (last, words)
+}
+
+/// Anthropic Messages, whole answers only: echoes the last user turn like the chat endpoint.
+async fn anthropic_messages(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let Ok(req) = serde_json::from_slice::<Value>(&body) else { return error(400, "invalid json") };
+    record(&shared, "/v1/messages", &headers, &req);
+    shared.requests.fetch_add(1, Ordering::SeqCst);
+    let turns = req["messages"].as_array().cloned().unwrap_or_default();
+    let (last, words) = last_user_and_words(&turns, "role", "user", |t| content_text(&t["content"]));
+    let reply = echo(&last);
+    let (prompt, completion) = (1000 + words as u64, reply.split(' ').count() as u64);
+    axum::Json(json!({"id": "msg_mock", "type": "message", "role": "assistant", "model": req["model"],
+        "content": [{"type": "text", "text": reply}], "stop_reason": "end_turn", "stop_sequence": null,
+        "usage": {"input_tokens": prompt, "output_tokens": completion}}))
+    .into_response()
+}
+
+/// Gemini `models/{model}:generateContent`, whole answers only.
+async fn gemini_generate(
+    State(shared): State<Shared>,
+    axum::extract::Path(model_action): axum::extract::Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Ok(req) = serde_json::from_slice::<Value>(&body) else { return error(400, "invalid json") };
+    record(&shared, &format!("/v1beta/models/{model_action}"), &headers, &req);
+    shared.requests.fetch_add(1, Ordering::SeqCst);
+    let turns = req["contents"].as_array().cloned().unwrap_or_default();
+    let parts_text = |t: &Value| {
+        t["parts"].as_array().into_iter().flatten().filter_map(|p| p["text"].as_str()).collect::<Vec<_>>().join(" ")
+    };
+    let (last, words) = last_user_and_words(&turns, "role", "user", parts_text);
+    let reply = echo(&last);
+    let (prompt, completion) = (1000 + words as u64, reply.split(' ').count() as u64);
+    let model = model_action.split(':').next().unwrap_or_default().to_owned();
+    axum::Json(json!({"candidates": [{"content": {"role": "model", "parts": [{"text": reply}]}, "finishReason": "STOP", "index": 0}],
+        "usageMetadata": {"promptTokenCount": prompt, "candidatesTokenCount": completion, "totalTokenCount": prompt + completion},
+        "modelVersion": model}))
     .into_response()
 }
