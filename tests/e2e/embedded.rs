@@ -26,6 +26,22 @@ async fn embedded_single_process_serves_and_records_every_request_once() {
     let c = client::http();
     let a = client::chat(&c, &relay.http(), client::user("demo", "hi there")).await;
     assert_eq!(a.body["choices"][0]["message"]["content"], "You said: hi there");
+    // SDK-native prefixes reach the same endpoints (with the protocol's own error shape).
+    let a = client::chat(&c, &format!("{}/openai", relay.http()), client::user("demo", "prefixed")).await;
+    assert_eq!(a.body["choices"][0]["message"]["content"], "You said: prefixed");
+    let r = c
+        .post(format!("{}/anthropic/v1/messages", relay.http()))
+        .header("x-api-key", crate::harness::KEY)
+        .header("anthropic-version", "2023-06-01")
+        .json(&serde_json::json!({"model": "demo", "max_tokens": 16, "messages": [{"role": "user", "content": "hey"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["content"][0]["text"], "You said: hey");
+    let r = c.post(format!("{}/anthropic/v1/messages", relay.http())).json(&serde_json::json!({})).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["type"], "error", "Anthropic error shape");
 
     // Health and metrics on the admin listener.
     let admin = format!("http://{}", relay.bound["admin"].as_str().unwrap());
@@ -54,7 +70,7 @@ async fn embedded_single_process_serves_and_records_every_request_once() {
         assert_eq!(n, 1, "request {id}");
     }
     let total: i64 = sqlx::query("SELECT COUNT(*) FROM usage_records").fetch_one(pool).await.unwrap().get(0);
-    assert_eq!(total as usize, sent.len() + 1, "one row per authenticated request (scenario + demo)");
+    assert_eq!(total as usize, sent.len() + 3, "one row per authenticated request (scenario + 3 demo)");
 }
 
 #[tokio::test]

@@ -72,6 +72,7 @@ pub(crate) fn client_ip(
 
 /// The error shape of a path, for answers the middleware gives itself.
 fn inbound_of(path: &str) -> crate::error::Inbound {
+    let path = path.strip_prefix("/anthropic").or_else(|| path.strip_prefix("/openai")).unwrap_or(path);
     if path.starts_with("/v1/messages") {
         crate::error::Inbound::Anthropic
     } else {

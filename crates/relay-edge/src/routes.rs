@@ -24,6 +24,19 @@ use crate::request::{self, RequestCtx};
 use crate::usage::UsageRecord;
 
 pub fn router(edge: Edge) -> Router {
+    // SDK-native prefixes: clients configured with a base URL of `<relay>/openai/v1` or
+    // `<relay>/anthropic/v1` (as some gateways publish them) reach the same endpoints.
+    let api = api();
+    Router::new()
+        .merge(api.clone())
+        .nest("/openai", api.clone())
+        .nest("/anthropic", api)
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(edge.clone(), request::middleware))
+        .with_state(edge)
+}
+
+fn api() -> Router<Edge> {
     Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/messages", post(chat::messages))
@@ -37,9 +50,6 @@ pub fn router(edge: Edge) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*id}", get(get_model))
-        .fallback(not_found)
-        .layer(axum::middleware::from_fn_with_state(edge.clone(), request::middleware))
-        .with_state(edge)
 }
 
 async fn not_found() -> Response {
