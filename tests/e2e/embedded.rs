@@ -39,7 +39,12 @@ async fn embedded_single_process_serves_and_records_every_request_once() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<serde_json::Value>().await.unwrap()["content"][0]["text"], "You said: hey");
-    let r = c.post(format!("{}/anthropic/v1/messages", relay.http())).json(&serde_json::json!({})).send().await.unwrap();
+    let r = c
+        .post(format!("{}/anthropic/v1/messages", relay.http()))
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     assert_eq!(r.json::<serde_json::Value>().await.unwrap()["type"], "error", "Anthropic error shape");
 

@@ -10,10 +10,16 @@ use crate::harness::{KEY, PEPPER, RelayProc, auth_section, temp_dir};
 
 /// A key of another org.
 const OTHER_KEY: &str = "sk-e2e-other-org-key";
+/// A zero-retention key of the first org.
+const ZR_KEY: &str = "sk-e2e-zero-retention-key";
 
 pub fn other_org_key() -> String {
     let hash = relay_auth::hash_key(&relay_core::Secret::new(PEPPER), OTHER_KEY);
-    format!("[[auth.keys]]\nid = \"other\"\nteam = \"team-other\"\norg = \"org-other\"\nhash = \"{hash}\"\n")
+    let zr = relay_auth::hash_key(&relay_core::Secret::new(PEPPER), ZR_KEY);
+    format!(
+        "[[auth.keys]]\nid = \"other\"\nteam = \"team-other\"\norg = \"org-other\"\nhash = \"{hash}\"\n\
+         [[auth.keys]]\nid = \"zr\"\nteam = \"team-e2e\"\norg = \"org-e2e\"\nhash = \"{zr}\"\nzero_retention = true\n"
+    )
 }
 
 async fn post(base: &str, key: &str, body: Value) -> (u16, Value) {
@@ -213,6 +219,20 @@ async fn responses_keep_state_per_org_on_a_converted_upstream() {
     let (status, gone) = delete(&base, KEY, &format!("/v1/responses/{own}")).await;
     assert_eq!((status, gone["deleted"].clone()), (200, json!(true)), "{gone}");
     assert_eq!(get(&base, KEY, &format!("/v1/responses/{own}")).await.0, 404);
+
+    // A zero-retention key: its turns are never stored, and asking for state is a clear 400.
+    let (status, turn) = post(&base, ZR_KEY, json!({"model": "mock", "input": "nothing kept"})).await;
+    assert_eq!(status, 200, "{turn}");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(get(&base, ZR_KEY, &format!("/v1/responses/{}", turn["id"].as_str().unwrap())).await.0, 404);
+    for (body, param) in [
+        (json!({"model": "mock", "input": "x", "store": true}), "store"),
+        (json!({"model": "mock", "input": "x", "previous_response_id": first["id"]}), "previous_response_id"),
+    ] {
+        let (status, e) = post(&base, ZR_KEY, body).await;
+        assert_eq!((status, e["error"]["param"].as_str()), (400, Some(param)), "{e}");
+        assert!(e["error"]["message"].as_str().unwrap().contains("zero-retention"), "{e}");
+    }
 
     // store: false keeps nothing.
     let (_, unstored) =

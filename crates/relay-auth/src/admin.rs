@@ -240,6 +240,7 @@ fn openapi() -> serde_json::Value {
     let mut key = json!({"type": "object", "required": ["team_id"], "properties": {"team_id": {"type": "string"}, "name": {"type": "string"},
         "allowed_models": {"type": "array", "items": {"type": "string"}}, "ip_allowlist": {"type": "array", "items": {"type": "string"}}, "allowed_regions": {"type": "array", "items": {"type": "string"}},
         "routing_strategy": {"type": "string", "enum": ["", "weighted", "priority", "cost", "latency", "balanced", "headroom"]},
+        "zero_retention": {"type": "boolean", "description": "Store none of this key's content (Responses state, logged prompts and answers)."},
         "expires_at_ms": {"type": "integer"}, "metadata": {"type": "object"}}});
     for target in [&mut scope, &mut key] {
         if let (Some(props), Some(extra)) = (target["properties"].as_object_mut(), policy.as_object()) {

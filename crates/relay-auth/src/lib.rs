@@ -66,6 +66,9 @@ pub struct KeyConfig {
     /// headroom); unset = the model group's.
     #[serde(default)]
     pub strategy: Option<String>,
+    /// Store none of this key's content (Responses state, logged prompts and answers).
+    #[serde(default)]
+    pub zero_retention: bool,
     #[serde(default = "yes")]
     pub enabled: bool,
     /// Unix seconds; absent = never.
@@ -140,6 +143,7 @@ impl AuthService {
                 allowed_models: k.allowed_models.clone(),
                 allowed_regions: k.allowed_regions.clone(),
                 routing_strategy: k.strategy.clone().unwrap_or_default(),
+                zero_retention: k.zero_retention,
                 expires_at: k.expires_at.unwrap_or(0),
                 ..Default::default()
             };
@@ -232,6 +236,7 @@ impl AuthService {
             ip_allowlist: k.key.ip_allowlist.clone(),
             allowed_regions: k.key.allowed_regions.clone(),
             routing_strategy: k.key.routing_strategy.clone(),
+            zero_retention: k.key.zero_retention,
         };
         let ttl = if k.key.expires_at_ms == 0 {
             self.cache_ttl_secs
@@ -307,6 +312,7 @@ mod tests {
             allowed_models: vec![],
             allowed_regions: vec![],
             strategy: None,
+            zero_retention: false,
             enabled: true,
             expires_at: None,
         }

@@ -84,6 +84,25 @@ pub(crate) async fn expand(
         Some(_) => return Err(bad("previous_response_id", "`previous_response_id` must be a response id")),
     };
     let mut items = items_in(&body)?;
+    if principal.zero_retention {
+        // Nothing of this key is kept: asking for stored state is an error, not a silent stateless turn.
+        let asked = if previous.is_some() {
+            Some("previous_response_id")
+        } else if items.iter().any(|i| i.get("type").and_then(Value::as_str) == Some("item_reference")) {
+            Some("input")
+        } else if body.get("store") == Some(&Value::Bool(true)) {
+            Some("store")
+        } else {
+            None
+        };
+        if let Some(param) = asked {
+            return Err(bad(
+                param,
+                "this key is zero-retention: Relay stores nothing for it, so there is no stored state to use or create; send the whole conversation in `input` with `store: false`",
+            ));
+        }
+        return Ok((bytes, None));
+    }
     let references: Vec<String> = items
         .iter()
         .filter(|i| i.get("type").and_then(Value::as_str) == Some("item_reference"))

@@ -54,6 +54,8 @@ pub struct UsageRecord {
     clock: TokenClock,
     /// Prompt and answer, for keys that opted into content logging.
     content: Option<Content>,
+    /// The key stores no content anywhere (its prompts are never logged, whatever the log config says).
+    zero_retention: bool,
 }
 
 impl UsageRecord {
@@ -90,6 +92,7 @@ impl UsageRecord {
             client_ip: ctx.client_ip.clone(),
             clock: TokenClock::default(),
             content: None,
+            zero_retention: principal.zero_retention,
         }
     }
 
@@ -98,7 +101,9 @@ impl UsageRecord {
         self.event.stream = stream;
         self.event.end_user = end_user.to_owned();
         self.body_bytes = u64::try_from(body.len()).unwrap_or(u64::MAX);
-        self.content = Content::for_key(&self.event.key_id, body);
+        if !self.zero_retention {
+            self.content = Content::for_key(&self.event.key_id, body);
+        }
     }
 
     /// Answer bytes sent to the client (kept only for keys that log content).

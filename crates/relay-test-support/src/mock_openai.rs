@@ -307,7 +307,12 @@ async fn embeddings(State(shared): State<Shared>, headers: HeaderMap, body: Byte
 
 /// The text of the last user turn and the words of every turn, from Anthropic `messages` or Gemini
 /// `contents`.
-fn last_user_and_words(turns: &[Value], role_key: &str, user: &str, text_of: fn(&Value) -> String) -> (String, usize) {
+fn last_user_and_words(
+    turns: &[Value],
+    role_key: &str,
+    user: &str,
+    text_of: fn(&Value) -> String,
+) -> (String, usize) {
     let last = turns.iter().rev().find(|t| t[role_key] == user).map(text_of).unwrap_or_default();
     let words = turns.iter().map(|t| text_of(t).split_whitespace().count()).sum();
     (last, words)
@@ -340,7 +345,13 @@ async fn gemini_generate(
     shared.requests.fetch_add(1, Ordering::SeqCst);
     let turns = req["contents"].as_array().cloned().unwrap_or_default();
     let parts_text = |t: &Value| {
-        t["parts"].as_array().into_iter().flatten().filter_map(|p| p["text"].as_str()).collect::<Vec<_>>().join(" ")
+        t["parts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["text"].as_str())
+            .collect::<Vec<_>>()
+            .join(" ")
     };
     let (last, words) = last_user_and_words(&turns, "role", "user", parts_text);
     let reply = echo(&last);

@@ -11,7 +11,7 @@ use crate::config::Config;
 pub const USAGE: &str = "  \
   orgs  create --name N [--id I] [limits]    orgs  list | show ID | disable ID | enable ID
   teams create --org O --name N [--id I] [limits]    teams list --org O | show ID | disable ID | enable ID
-  keys  create --team T [--name N] [--models a,b] [--ips 10.0.0.0/8,...] [--regions eu,...] [--strategy S] [--expires-at-ms MS] [limits]
+  keys  create --team T [--name N] [--models a,b] [--ips 10.0.0.0/8,...] [--regions eu,...] [--strategy S] [--zero-retention true] [--expires-at-ms MS] [limits]
   keys  list [--team T] [--org O] | show ID | revoke ID | disable ID | enable ID
   limits: --rpm N --tpm N --max-concurrent N --budget-micros N --budget-period daily|monthly|total|prepaid
   (--admin-url URL, or $RELAY_ADMIN_URL; token from $RELAY_ADMIN_TOKEN or auth.admin_token)";
@@ -77,9 +77,19 @@ fn accepted(kind: &str, verb: &str) -> Option<(Vec<&'static str>, usize)> {
         ("keys", "list") => (vec!["team", "org"], 0),
         ("orgs", "create") => (with_limits(vec!["name", "id"]), 0),
         ("teams", "create") => (with_limits(vec!["org", "name", "id"]), 0),
-        ("keys", "create") => {
-            (with_limits(vec!["team", "name", "models", "ips", "regions", "strategy", "expires-at-ms"]), 0)
-        }
+        ("keys", "create") => (
+            with_limits(vec![
+                "team",
+                "name",
+                "models",
+                "ips",
+                "regions",
+                "strategy",
+                "zero-retention",
+                "expires-at-ms",
+            ]),
+            0,
+        ),
         _ => return None,
     })
 }
@@ -145,6 +155,10 @@ fn request(kind: &str, args: &[String]) -> Result<Request, String> {
             body.insert("allowed_regions".into(), list(named.get("regions")));
             if let Some(s) = named.get("strategy") {
                 body.insert("routing_strategy".into(), json!(s));
+            }
+            if let Some(z) = named.get("zero-retention") {
+                let z = z.parse::<bool>().map_err(|_| "--zero-retention must be true or false")?;
+                body.insert("zero_retention".into(), json!(z));
             }
             if let Some(e) = named.get("expires-at-ms") {
                 body.insert(
