@@ -91,8 +91,10 @@ pub enum Unit {
 /// How answers reach the client.
 pub enum Output {
     /// Same protocol as the upstream: forward bytes. `drop_usage_only`: withhold events that carry only
-    /// usage (the OpenAI usage chunk the relay asked for but the client did not).
-    Native { drop_usage_only: bool },
+    /// usage (the OpenAI usage chunk the relay asked for but the client did not). `fill_input`: Anthropic
+    /// streams, whose `message_delta.usage` gets the input tokens of `message_start` when the upstream
+    /// left them out (clients that read usage only there see the whole of it).
+    Native { drop_usage_only: bool, fill_input: bool },
     /// Re-encode in `protocol`.
     Converted { protocol: Protocol, ctx: AnswerCtx },
 }
@@ -100,6 +102,7 @@ pub enum Output {
 struct Drive {
     encoder: Option<Box<dyn StreamEncoder>>,
     drop_usage_only: bool,
+    fill_input: bool,
     usage: TokenUsage,
     saw_usage: bool,
     over: bool,
@@ -114,13 +117,14 @@ pub fn stream_answer(
     output: Output,
     counting: Counting,
 ) -> impl Stream<Item = ChatEvent> + Send {
-    let (encoder, drop_usage_only) = match output {
-        Output::Native { drop_usage_only } => (None, drop_usage_only),
-        Output::Converted { protocol, ctx } => (Some(inbound::stream_encoder(protocol, ctx)), false),
+    let (encoder, drop_usage_only, fill_input) = match output {
+        Output::Native { drop_usage_only, fill_input } => (None, drop_usage_only, fill_input),
+        Output::Converted { protocol, ctx } => (Some(inbound::stream_encoder(protocol, ctx)), false, false),
     };
     let state = Drive {
         encoder,
         drop_usage_only,
+        fill_input,
         usage: TokenUsage::default(),
         saw_usage: false,
         over: false,
@@ -157,6 +161,10 @@ pub fn stream_answer(
                             // Usage plus the id/model every chunk repeats, and nothing else.
                             let usage_only = deltas.iter().any(|d| matches!(d, Delta::Usage(_)))
                                 && deltas.iter().all(|d| matches!(d, Delta::Usage(_) | Delta::Meta { .. }));
+                            let raw = match st.fill_input {
+                                true => with_input_tokens(raw, &st.usage),
+                                false => raw,
+                            };
                             if !(raw.is_empty() || usage_only && st.drop_usage_only) {
                                 out.push(chunk_counted(raw, n));
                             }
@@ -195,6 +203,33 @@ pub fn stream_answer(
             std::future::ready(Some(stream::iter(out)))
         })
         .flatten()
+}
+
+/// An Anthropic `message_delta` event with the input tokens known from `message_start` added to its
+/// usage where the upstream left them out; any other event unchanged.
+fn with_input_tokens(raw: Bytes, known: &TokenUsage) -> Bytes {
+    if known.input_tokens == 0 || !raw.windows(15).any(|w| w == b"\"message_delta\"") {
+        return raw;
+    }
+    let text = String::from_utf8_lossy(&raw);
+    let Some(data) = text.lines().find_map(|l| l.strip_prefix("data:")).map(str::trim) else { return raw };
+    let Ok(mut event) = serde_json::from_str::<serde_json::Value>(data) else { return raw };
+    let Some(usage) = event.get_mut("usage").and_then(|u| u.as_object_mut()) else { return raw };
+    if usage.get("input_tokens").is_some_and(|v| !v.is_null()) {
+        return raw;
+    }
+    // Relay's input count includes cache reads and writes; Anthropic's `input_tokens` does not.
+    let uncached = known.input_tokens.saturating_sub(known.cached_input_tokens + known.cache_write_tokens);
+    usage.insert("input_tokens".into(), uncached.into());
+    for (field, n) in [
+        ("cache_read_input_tokens", known.cached_input_tokens),
+        ("cache_creation_input_tokens", known.cache_write_tokens),
+    ] {
+        if n > 0 && usage.get(field).is_none_or(serde_json::Value::is_null) {
+            usage.insert(field.into(), n.into());
+        }
+    }
+    Bytes::from(format!("event: message_delta\ndata: {event}\n\n"))
 }
 
 /// A whole (non-streamed) answer: its bytes as the client gets them, with finish and usage side events.
@@ -268,20 +303,62 @@ mod tests {
             },
             Unit::End { complete: true },
         ];
-        let evs = run(units, Output::Native { drop_usage_only: true }).await;
+        let evs = run(units, Output::Native { drop_usage_only: true, fill_input: false }).await;
         assert!(matches!(&evs[0], Event::Chunk(c) if &c.data[..] == b"a"));
         assert!(matches!(&evs[1], Event::Usage(u) if u.input_tokens == 4));
         assert_eq!(evs.len(), 2);
     }
 
     #[tokio::test]
+    async fn anthropic_message_delta_gets_the_input_tokens_of_message_start() {
+        let start = Bytes::from_static(b"event: message_start\ndata: {\"type\":\"message_start\"}\n\n");
+        let delta = "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":7}}\n\n";
+        let units = vec![
+            Unit::Event {
+                raw: start.clone(),
+                deltas: vec![Delta::Usage(TokenUsage {
+                    input_tokens: 42,
+                    cached_input_tokens: 40,
+                    ..Default::default()
+                })],
+            },
+            Unit::Event {
+                raw: Bytes::from(delta),
+                deltas: vec![Delta::Usage(TokenUsage { output_tokens: 7, ..Default::default() })],
+            },
+            Unit::End { complete: true },
+        ];
+        let evs = run(units, Output::Native { drop_usage_only: false, fill_input: true }).await;
+        let chunks: Vec<String> = evs
+            .iter()
+            .filter_map(|e| match e {
+                Event::Chunk(c) => Some(String::from_utf8_lossy(&c.data).into_owned()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(chunks[0], String::from_utf8_lossy(&start), "other events pass untouched");
+        let data: serde_json::Value =
+            serde_json::from_str(chunks[1].lines().find_map(|l| l.strip_prefix("data: ")).unwrap()).unwrap();
+        assert_eq!(data["usage"]["input_tokens"], 2, "Anthropic's input_tokens leave out cache reads");
+        assert_eq!(data["usage"]["cache_read_input_tokens"], 40);
+        assert_eq!(data["usage"]["output_tokens"], 7);
+        assert!(chunks[1].starts_with("event: message_delta\n"));
+    }
+
+    #[tokio::test]
     async fn early_end_and_failures_become_errors() {
-        let evs = run(vec![Unit::End { complete: false }], Output::Native { drop_usage_only: false }).await;
+        let evs = run(
+            vec![Unit::End { complete: false }],
+            Output::Native { drop_usage_only: false, fill_input: false },
+        )
+        .await;
         assert!(matches!(&evs[1], Event::Error(_)));
         let e = RelayError::from_upstream_status(529, "overloaded");
-        let evs =
-            run(vec![Unit::Fail(e), Unit::End { complete: true }], Output::Native { drop_usage_only: false })
-                .await;
+        let evs = run(
+            vec![Unit::Fail(e), Unit::End { complete: true }],
+            Output::Native { drop_usage_only: false, fill_input: false },
+        )
+        .await;
         assert_eq!(evs.len(), 2, "usage, then the error, then nothing");
         assert!(matches!(&evs[1], Event::Error(_)));
     }
@@ -306,7 +383,7 @@ mod tests {
             text(" and more"),
             Unit::End { complete: false },
         ];
-        let evs = run(units, Output::Native { drop_usage_only: false }).await;
+        let evs = run(units, Output::Native { drop_usage_only: false, fill_input: false }).await;
         let counts: Vec<u64> = evs
             .iter()
             .filter_map(|e| if let Event::Chunk(c) = e { Some(c.output_tokens) } else { None })
@@ -322,7 +399,7 @@ mod tests {
         // No usage at all from a complete answer: input counted from the request, output from the text.
         let evs = run(
             vec![text("hello world"), Unit::End { complete: true }],
-            Output::Native { drop_usage_only: false },
+            Output::Native { drop_usage_only: false, fill_input: false },
         )
         .await;
         let Some(Event::Usage(u)) = evs.last() else { panic!("{evs:?}") };

@@ -102,7 +102,10 @@ impl<D: Dialect> Provider for HttpProvider<D> {
             .await?;
         let counting = counting_for(&req, &model);
         let output = if native {
-            Output::Native { drop_usage_only: protocol == Protocol::OpenaiChat && !req.client_wants_usage }
+            Output::Native {
+                drop_usage_only: protocol == Protocol::OpenaiChat && !req.client_wants_usage,
+                fill_input: protocol == Protocol::AnthropicMessages,
+            }
         } else {
             Output::Converted { protocol, ctx: answer_ctx(&req) }
         };
