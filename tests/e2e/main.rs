@@ -14,6 +14,7 @@ mod hostile;
 mod limits;
 mod observability;
 mod prepaid;
+mod response_cache;
 mod responses_state;
 mod routing;
 mod rules;

@@ -66,6 +66,8 @@ pub fn book(e: &UsageEvent, prices: &PriceBook, markups: &[Markup], default_bps:
                 _ => (String::new(), "USD".to_owned(), 0),
             },
         };
+    // A cache hit called no upstream: no provider cost, nothing charged.
+    let cost = if e.cache_hit { 0 } else { cost };
     let sell = sell_price(cost, markup_bps(markups, default_bps, &e.team_id, &e.org_id));
     let provider = if e.provider.is_empty() { "none" } else { e.provider.as_str() };
     let mut entries = Vec::new();

@@ -55,6 +55,14 @@ pub trait ResponseStore: Send + Sync + 'static {
     async fn get_items(&self, req: state::GetItemsRequest) -> Result<state::GetItemsResponse>;
 }
 
+/// The response cache's store: client-ready answers by key (the caller puts the org in every key).
+/// A store that fails answers `None`: a miss, never an error.
+#[async_trait::async_trait]
+pub trait AnswerCache: Send + Sync + 'static {
+    async fn get(&self, key: &str) -> Option<bytes::Bytes>;
+    async fn put(&self, key: &str, value: bytes::Bytes, ttl: std::time::Duration);
+}
+
 /// Where usage events go: NATS JetStream in production, an in-process channel when embedded.
 #[async_trait::async_trait]
 pub trait UsageSink: Send + Sync + 'static {
@@ -112,4 +120,6 @@ pub struct Services {
     pub limiter: Arc<dyn Limiter>,
     /// Stored Responses state (`store`, `previous_response_id`, `item_reference`); `None`: stateless.
     pub state: Option<Arc<dyn ResponseStore>>,
+    /// The response cache's store (Redis shared by every edge, or this process's memory).
+    pub cache: Option<Arc<dyn AnswerCache>>,
 }

@@ -60,6 +60,10 @@ pub struct ChatCall {
     pub order: crate::dispatch::Order,
     /// A stored Responses turn: what to keep once the answer is complete.
     pub state: Option<crate::state::Pending>,
+    /// The response cache's plan for this request (its model group caches answers).
+    pub cache: Option<crate::replay::Plan>,
+    /// The model group's cache TTL (0: it does not cache; no `x-relay-cache` header).
+    pub cache_ttl_secs: u32,
 }
 
 /// The model group's timeouts (`None` = no limit).
@@ -118,6 +122,12 @@ async fn run(
     let inbound = call.inbound;
     let policy = call.policy;
     let state = call.state.take();
+    let cache = call.cache.take();
+    if let Some(plan) = &cache
+        && let Some((meta, bytes)) = plan.get().await
+    {
+        return cached(rec, call.request.stream, &meta, bytes);
+    }
     let began = tokio::time::Instant::now();
     let stopping = edge.inner.stopping.clone();
     rec.countable(CountTokensRequest {
@@ -177,25 +187,36 @@ async fn run(
             deadline: t.total.map(|d| Box::pin(tokio::time::sleep_until(began + d))),
             _live: crate::observe::LiveStream::new(),
             state: state.map(|p| (p, crate::state::Capture::default())),
+            cache: cache.map(|p| (p, Vec::new())),
         });
         resp.headers_mut().extend(served);
+        mark_cache(&mut resp, call.cache_ttl_secs > 0, false);
         return resp;
     }
     let total = call.timeouts.total;
     let whole = tokio::select! {
-        r = whole_response(events, &mut rec, state.map(|p| (p, &edge))) => Some(r),
+        r = whole_response(events, &mut rec) => Some(r),
         () = gone(&left, policy, &stopping) => None,
         () = async { match total { Some(t) => tokio::time::sleep_until(began + t).await, None => std::future::pending().await } } => {
             Some(Err(timed_out("total time")))
         }
     };
     match whole {
-        Some(Ok(resp)) if tx.is_closed() => {
+        Some(Ok(body)) if tx.is_closed() => {
             rec.cancelled();
-            resp
+            json_response(body)
         }
-        Some(Ok(mut resp)) => {
+        Some(Ok(body)) => {
+            let body = match state {
+                Some(pending) => pending.whole(&edge, body),
+                None => body,
+            };
+            if let Some(plan) = cache {
+                plan.put(&edge, &rec.served_meta(), &body);
+            }
+            let mut resp = json_response(body);
             served_headers(resp.headers_mut(), &rec);
+            mark_cache(&mut resp, call.cache_ttl_secs > 0, false);
             rec.succeed();
             resp
         }
@@ -251,11 +272,7 @@ async fn open(edge: &Edge, req: ChatRequest, to_first_event: bool) -> Result<Cha
     }
 }
 
-async fn whole_response(
-    mut events: ChatEventStream,
-    rec: &mut UsageRecord,
-    state: Option<(crate::state::Pending, &Edge)>,
-) -> Result<Response, RelayError> {
+async fn whole_response(mut events: ChatEventStream, rec: &mut UsageRecord) -> Result<Vec<u8>, RelayError> {
     let mut body = Vec::new();
     let mut failed = None;
     while let Some(ev) = events.next().await {
@@ -275,13 +292,40 @@ async fn whole_response(
         return Err(e);
     }
     rec.first_byte();
-    let body = match state {
-        Some((pending, edge)) => pending.whole(edge, body),
-        None => body,
-    };
-    let mut resp = (StatusCode::OK, body).into_response();
+    Ok(body)
+}
+
+fn json_response(body: impl Into<Body>) -> Response {
+    let mut resp = (StatusCode::OK, body.into()).into_response();
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    Ok(resp)
+    resp
+}
+
+/// `x-relay-cache` on answers of a model group that caches: `hit` or `miss`.
+fn mark_cache(resp: &mut Response, caching: bool, hit: bool) {
+    if caching {
+        resp.headers_mut()
+            .insert("x-relay-cache", HeaderValue::from_static(if hit { "hit" } else { "miss" }));
+    }
+}
+
+/// An answer from the response cache: the same bytes the first request got, whole or as a stream; no
+/// upstream is called and the usage event is a cache hit.
+fn cached(mut rec: UsageRecord, stream: bool, meta: &crate::replay::Meta, bytes: Bytes) -> Response {
+    rec.cache_hit(meta);
+    rec.first_byte();
+    let mut resp = if stream {
+        let mut resp = (StatusCode::OK, Body::from(bytes)).into_response();
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        resp
+    } else {
+        json_response(bytes)
+    };
+    mark_cache(&mut resp, true, true);
+    rec.succeed();
+    resp
 }
 
 fn stream_response(forward: ForwardStream) -> Response {
@@ -311,6 +355,8 @@ struct ForwardStream {
     _live: crate::observe::LiveStream,
     /// A stored Responses turn, and the watch for its final response object.
     state: Option<(crate::state::Pending, crate::state::Capture)>,
+    /// The response cache's plan, and the bytes sent so far (dropped past the largest entry).
+    cache: Option<(crate::replay::Plan, Vec<u8>)>,
 }
 
 impl ForwardStream {
@@ -364,6 +410,12 @@ impl Stream for ForwardStream {
                     if let Some((_, capture)) = this.state.as_mut() {
                         capture.feed(&c.data);
                     }
+                    if let Some((_, sent)) = this.cache.as_mut() {
+                        sent.extend_from_slice(&c.data);
+                        if sent.len() > crate::replay::MAX_ENTRY {
+                            this.cache = None;
+                        }
+                    }
                     return Poll::Ready(Some(Ok(c.data)));
                 }
                 Some(Event::Usage(u)) => rec.usage(u),
@@ -378,6 +430,9 @@ impl Stream for ForwardStream {
                 }
                 None => {
                     if let Some(rec) = this.rec.take() {
+                        if let Some((plan, sent)) = this.cache.take() {
+                            plan.put(&this.edge, &rec.served_meta(), &sent);
+                        }
                         rec.succeed();
                     }
                     if let Some((pending, capture)) = this.state.take()

@@ -289,7 +289,19 @@ async fn prepare(
         hedge_after: None,
     }
     .hedging(&route);
-    Ok((ChatCall { request, candidates, policy, inbound, timeouts, order, state }, rate))
+    let ttl = route.response_cache_ttl_secs;
+    let cache = crate::replay::plan(
+        edge.inner.services.cache.as_ref(),
+        principal,
+        inbound,
+        &request.body,
+        stream,
+        ttl,
+    );
+    Ok((
+        ChatCall { request, candidates, policy, inbound, timeouts, order, state, cache, cache_ttl_secs: ttl },
+        rate,
+    ))
 }
 
 /// `POST /v1/messages/count_tokens`: input tokens for an Anthropic-shaped request on the routed model

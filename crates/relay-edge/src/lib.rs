@@ -15,6 +15,8 @@ mod error;
 mod failover;
 mod observe;
 pub mod principal;
+pub use replay::MemoryAnswerCache;
+mod replay;
 mod request;
 mod routes;
 mod state;
@@ -63,6 +65,9 @@ pub struct EdgeConfig {
     /// A failed authentication is answered after this pause (a timer, no CPU): a client flooding with
     /// bad keys is slowed to a trickle per connection, while real callers never meet it.
     pub auth_failure_delay_ms: u64,
+    /// Memory the response cache may hold when there is no Redis (embedded mode); with Redis the cache
+    /// is shared there.
+    pub response_cache_memory_bytes: usize,
 }
 
 impl Default for EdgeConfig {
@@ -80,6 +85,7 @@ impl Default for EdgeConfig {
             max_buffered_body_bytes: 1 << 30,
             auth_failures_per_minute: 30,
             auth_failure_delay_ms: 150,
+            response_cache_memory_bytes: 64 << 20,
         }
     }
 }

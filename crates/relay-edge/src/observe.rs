@@ -113,7 +113,7 @@ pub(crate) fn finished(
         with([("route", route.to_owned()), ("outcome", outcome_label(ev).to_owned())])
     )
     .record(ev.duration_ms as f64 / 1000.0);
-    let usage = ev.usage.unwrap_or_default();
+    let usage = if ev.cache_hit { Default::default() } else { ev.usage.unwrap_or_default() };
     for (kind, n) in [
         ("input", usage.input_tokens),
         ("output", usage.output_tokens),
@@ -220,6 +220,9 @@ struct Line<'a> {
     end_user: Option<Cow<'a, str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     routing_rule: Option<&'a str>,
+    /// Answered from the response cache.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    cache_hit: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     prompt: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -271,6 +274,7 @@ fn request_line(ev: &UsageEvent, route: &str, client_ip: &str, clock: &TokenCloc
         ttft_ms: clock.ttft_ms,
         end_user: nonempty(&ev.end_user).map(masked),
         routing_rule: nonempty(&ev.routing_rule),
+        cache_hit: ev.cache_hit,
         prompt: content.as_ref().map(|c| masked(&c.prompt).into_owned()),
         answer: content.as_ref().map(|c| masked(&String::from_utf8_lossy(&c.answer)).into_owned()),
     });

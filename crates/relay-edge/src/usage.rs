@@ -254,6 +254,30 @@ impl UsageRecord {
         self.event.usage = Some(u);
     }
 
+    /// Answered from the response cache: what the cached answer used, no upstream, no price.
+    pub fn cache_hit(&mut self, m: &crate::replay::Meta) {
+        self.event.cache_hit = true;
+        self.event.usage = Some(m.usage());
+        self.event.deployment_id = m.deployment.clone();
+        self.event.provider = m.provider.clone();
+        self.event.upstream_model = m.upstream_model.clone();
+        self.price = None;
+    }
+
+    /// What served the request, for the response cache.
+    pub fn served_meta(&self) -> crate::replay::Meta {
+        let u = self.event.usage.unwrap_or_default();
+        crate::replay::Meta {
+            deployment: self.event.deployment_id.clone(),
+            provider: self.event.provider.clone(),
+            upstream_model: self.event.upstream_model.clone(),
+            input_tokens: u.input_tokens,
+            output_tokens: u.output_tokens,
+            cached_input_tokens: u.cached_input_tokens,
+            reasoning_tokens: u.reasoning_tokens,
+        }
+    }
+
     pub fn succeed(mut self) {
         self.finish(Outcome::Success, None, 200);
     }
@@ -320,7 +344,9 @@ impl UsageRecord {
             let currency = price.as_ref().map_or_else(|| "USD".to_owned(), |p| p.currency.clone());
             event.cost = Some(Money { micros: cost, currency });
             if let Some(lease) = lease {
-                limiter.settle(&lease, usage.input_tokens + usage.output_tokens, cost).await;
+                // A cache hit used no upstream tokens.
+                let tokens = if event.cache_hit { 0 } else { usage.input_tokens + usage.output_tokens };
+                limiter.settle(&lease, tokens, cost).await;
             }
             for (i, lease) in &upstream_leases {
                 // The serving attempt's lease holds the answer's tokens; the others' only their input.

@@ -212,6 +212,7 @@ fn harness(max_body: usize) -> Harness {
         usage: sink.clone(),
         limiter: Arc::new(relay_limits::MemoryLimiter::new()),
         state: None,
+        cache: None,
     };
     let cfg = EdgeConfig {
         max_body_bytes: max_body,

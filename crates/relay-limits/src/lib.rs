@@ -8,8 +8,11 @@
 //! money never exceeds the budget, so total spend ≤ budget (+ the difference between one request's real
 //! and reserved cost when an upstream overruns its reservation).
 //! Budget spend counters are a cache of billing's ledger, rebuilt from it ([`seed`]).
+//! The response cache's shared store ([`answer_cache`]) lives here too: it rides the limiter's Redis
+//! connection, so an edge has one Redis client.
 //! What does not belong here: who the caller is (auth), prices (routing), recording usage (billing).
 
+pub mod answer_cache;
 mod memory;
 mod redis_limiter;
 pub mod seed;

@@ -110,6 +110,15 @@ pub struct RedisLimiter {
 }
 
 impl RedisLimiter {
+    /// The response cache's store, on this limiter's connection and prefix.
+    pub fn answer_cache(&self) -> crate::answer_cache::RedisAnswerCache {
+        crate::answer_cache::RedisAnswerCache {
+            conn: self.conn.clone(),
+            prefix: self.prefix.clone(),
+            timeout: self.timeout,
+        }
+    }
+
     pub async fn connect(url: &str, prefix: &str, on_error: OnRedisError) -> anyhow::Result<Self> {
         Self::connect_with_timeout(url, prefix, on_error, std::time::Duration::from_millis(250)).await
     }

@@ -251,3 +251,21 @@ async fn settling_twice_gives_nothing_back_twice() {
     let e = a.admit(&adm(3, &s, 1, 0, NOW)).await.unwrap_err();
     assert_eq!(e.error.code, ErrorCode::RateLimited, "20 + 80 tokens used: the minute is full");
 }
+
+#[tokio::test]
+async fn the_answer_cache_is_shared_by_replicas_and_expires() {
+    use relay_core::contracts::AnswerCache as _;
+    let Some((a, b)) = replicas().await else { return };
+    let (a, b) = (a.answer_cache(), b.answer_cache());
+    assert!(a.get("org-1:k").await.is_none());
+    a.put("org-1:k", bytes::Bytes::from_static(b"{\"x\":1}\nanswer"), std::time::Duration::from_secs(1))
+        .await;
+    assert_eq!(
+        b.get("org-1:k").await.as_deref(),
+        Some(&b"{\"x\":1}\nanswer"[..]),
+        "another replica reads it"
+    );
+    assert!(b.get("org-2:k").await.is_none());
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert!(a.get("org-1:k").await.is_none(), "expired");
+}

@@ -60,6 +60,11 @@ pub struct ModelConfig {
     /// their beginning stick to one healthy deployment, so provider prompt caches keep hitting.
     #[serde(default)]
     pub prompt_affinity: bool,
+    /// Response cache (opt-in): an identical request of the same org within this many seconds is answered
+    /// from the cache, stream or not, without calling an upstream (a hit costs no provider tokens).
+    /// Never for zero-retention keys. Unset or 0: never cached.
+    #[serde(default)]
+    pub response_cache_ttl_secs: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -35,6 +35,7 @@ struct Model {
     hedge_after_ms: u32,
     rules: Vec<relay_core::pb::routing::v1::Rule>,
     prompt_affinity: bool,
+    response_cache_ttl_secs: u32,
 }
 
 pub struct RoutingService {
@@ -126,6 +127,7 @@ impl RoutingService {
                     hedge_after_ms: m.hedge_after_ms.unwrap_or(0),
                     rules: m.rules.iter().enumerate().map(|(i, r)| r.to_pb(i)).collect(),
                     prompt_affinity: m.prompt_affinity,
+                    response_cache_ttl_secs: m.response_cache_ttl_secs,
                 },
             );
         }
@@ -228,6 +230,7 @@ impl Router for RoutingService {
             hedge_after_ms: changed.and_then(|c| c.hedge_after_ms).unwrap_or(model.hedge_after_ms),
             rules: model.rules.clone(),
             prompt_affinity: model.prompt_affinity,
+            response_cache_ttl_secs: model.response_cache_ttl_secs,
         })
     }
 
@@ -270,6 +273,7 @@ mod tests {
                     hedge_after_ms: None,
                     rules: vec![],
                     prompt_affinity: false,
+                    response_cache_ttl_secs: 0,
                 },
                 ModelConfig {
                     name: "a".into(),
@@ -283,6 +287,7 @@ mod tests {
                     hedge_after_ms: None,
                     rules: vec![],
                     prompt_affinity: false,
+                    response_cache_ttl_secs: 0,
                 },
             ],
         }

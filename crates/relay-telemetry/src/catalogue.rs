@@ -105,6 +105,14 @@ pub const METRICS: &[Metric] = &[
         "Streams ended by their model group's idle or total timeout.",
     ),
     counter("relay_edge_drain_cut_total", "Drained answers (client gone) cut at the drain bound."),
+    counter(
+        "relay_edge_response_cache_total",
+        "Response cache lookups of caching model groups, by result (hit, miss).",
+    ),
+    counter(
+        "relay_edge_responses_not_stored_total",
+        "Responses API answers that could not be stored (the answer was delivered).",
+    ),
     // --- edge keys ---
     counter(
         "relay_edge_auth_cache_total",

@@ -87,11 +87,13 @@ async fn build_local(cfg: &Config) -> anyhow::Result<Local> {
     Ok(Local { auth, keys, router, routing, adapter, billing, state, db })
 }
 
-/// `ledger`: billing, where budget counters are rebuilt from (none: counters start at zero).
+/// `ledger`: billing, where budget counters are rebuilt from (none: counters start at zero). With the
+/// limiter, the response cache's store: Redis when the limits are there, else this process's memory.
 async fn limiter(
     cfg: &relay_limits::LimitsConfig,
     ledger: Option<Arc<dyn Billing>>,
-) -> anyhow::Result<Arc<dyn Limiter>> {
+    cache_memory: usize,
+) -> anyhow::Result<(Arc<dyn Limiter>, Arc<dyn relay_core::contracts::AnswerCache>)> {
     Ok(match &cfg.redis_url {
         Some(url) => {
             let l = relay_limits::RedisLimiter::connect_with_timeout(
@@ -102,17 +104,20 @@ async fn limiter(
             )
             .await
             .context("connecting to Redis")?;
-            Arc::new(match ledger {
+            let cache = Arc::new(l.answer_cache());
+            let l = match ledger {
                 Some(b) => l.with_ledger(b),
                 None => l,
-            })
+            };
+            (Arc::new(l), cache)
         }
         None => {
             let l = relay_limits::MemoryLimiter::new();
-            Arc::new(match ledger {
+            let l = match ledger {
                 Some(b) => l.with_ledger(b),
                 None => l,
-            })
+            };
+            (Arc::new(l), Arc::new(relay_edge::MemoryAnswerCache::new(cache_memory)))
         }
     })
 }
@@ -271,6 +276,8 @@ pub async fn run(
     let mut edge_handle = None;
     let mut edge_admin = None;
     if let Some(listener) = http {
+        let limiter_and_cache =
+            limiter(&cfg.limits, ledger(&local, &cfg)?, cfg.edge.response_cache_memory_bytes).await?;
         let services = Services {
             auth: remote(local.auth.clone(), &cfg.remote.auth, |a| {
                 Ok(Arc::new(GrpcAuth::new(channel(a, cfg.server.service_token.as_ref())?)) as _)
@@ -285,8 +292,9 @@ pub async fn run(
                 .clone()
                 .map(|o| Arc::new(o) as Arc<dyn UsageSink>)
                 .context("edge without a usage sink")?,
-            limiter: limiter(&cfg.limits, ledger(&local, &cfg)?).await?,
+            limiter: limiter_and_cache.0,
             state: response_store(&local, &cfg)?,
+            cache: Some(limiter_and_cache.1),
         };
         // Breaker changes ride the invalidation bus, so every edge replica isolates a failing deployment.
         let bus = invalidations.clone();
