@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The agentic CLIs people point at relays, through Relay, on every upstream: Claude Code (`claude -p`,
-# Anthropic Messages in) and Codex CLI (`codex exec`, OpenAI Responses in), each against the OpenAI,
+# Anthropic Messages in), Codex CLI (`codex exec`, OpenAI Responses in) and the Vercel AI SDK
+# (`generateText` on the Responses API with its default `store`, so step 2 sends an `item_reference`),
+# each against the OpenAI,
 # Anthropic and Gemini routes of the conformance mock. The mock answers the first turn with a call to the
 # first tool offered; a turn counts when the CLI ran the tool, sent its result back through Relay and printed
 # the mock's `TOOL_RESULT:` answer. CLIs are installed from npm into .cache/clis.
@@ -8,11 +10,14 @@ set -euo pipefail
 source "$(dirname "$0")/relay-for-mock.sh"
 SUITE="${SUITE:-$ROOT/../shared/conformance}"
 CLIS="$ROOT/.cache/clis"
-if [ ! -x "$CLIS/node_modules/.bin/claude" ] || [ ! -x "$CLIS/node_modules/.bin/codex" ]; then
+if [ ! -x "$CLIS/node_modules/.bin/claude" ] || [ ! -x "$CLIS/node_modules/.bin/codex" ] || [ ! -d "$CLIS/node_modules/@ai-sdk/openai" ]; then
   mkdir -p "$CLIS"
-  (cd "$CLIS" && npm init -y >/dev/null && npm install --no-audit --no-fund @anthropic-ai/claude-code@2.1.197 @openai/codex@0.169.0 >/dev/null)
+  (cd "$CLIS" && { [ -f package.json ] || npm init -y >/dev/null; } && npm install --no-audit --no-fund @anthropic-ai/claude-code@2.1.197 @openai/codex@0.169.0 \
+    ai@7.0.173 @ai-sdk/openai@4.0.118 zod@4.6.7 >/dev/null)
   (cd "$CLIS/node_modules/@anthropic-ai/claude-code" && node install.cjs >/dev/null)
 fi
+# ESM resolves packages next to the script: run it from the install.
+cp "$ROOT/scripts/vercel-ai.mjs" "$CLIS/vercel-ai.mjs"
 (cd "$SUITE" && [ -x .venv/bin/python ] || { python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt; })
 "$SUITE/.venv/bin/python" "$SUITE/mock_upstream.py" --host 127.0.0.1 --port "$MOCK_PORT" >/dev/null 2>&1 &
 MOCK_PID=$!
@@ -34,13 +39,17 @@ export DISABLE_TELEMETRY=1 DISABLE_AUTOUPDATER=1 CLAUDE_CODE_DISABLE_NONESSENTIA
 cd "$WORK"
 failed=0
 for route in openai anthropic gemini; do
-  for cli in claude codex; do
-    if [ $cli = claude ]; then
-      out=$(timeout 180 "$CLIS/node_modules/.bin/claude" -p "hello via relay" --model "relay-$route" 2>&1 || true)
-    else
-      out=$(timeout 180 "$CLIS/node_modules/.bin/codex" exec --skip-git-repo-check -m "relay-$route" "hello via relay" </dev/null 2>&1 || true)
-    fi
-    if grep -q "TOOL_RESULT:" <<<"$out"; then
+  for cli in claude codex vercel-ai; do
+    case $cli in
+      claude) out=$(timeout 180 "$CLIS/node_modules/.bin/claude" -p "hello via relay" --model "relay-$route" 2>&1 || true) ;;
+      codex) out=$(timeout 180 "$CLIS/node_modules/.bin/codex" exec --skip-git-repo-check -m "relay-$route" "hello via relay" </dev/null 2>&1 || true) ;;
+      vercel-ai) out=$(timeout 180 node "$CLIS/vercel-ai.mjs" "$RELAY_URL" "$RELAY_KEY" "relay-$route" 2>&1 || true) ;;
+    esac
+    ok=0
+    grep -q "TOOL_RESULT:" <<<"$out" && ok=1
+    # The SDK's headline case: the stored tool call came back as a reference, and Relay resolved it.
+    if [ $cli = vercel-ai ] && ! grep -q "item_reference sent: true" <<<"$out"; then ok=0; fi
+    if [ $ok = 1 ]; then
       echo "real-clients: $cli via relay-$route: tool-calling turn completed"
     else
       echo "real-clients: $cli via relay-$route: FAILED"; tail -20 <<<"$out"; failed=1

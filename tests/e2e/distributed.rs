@@ -132,26 +132,33 @@ async fn no_hop_stalls(base: &str) -> Vec<String> {
     ids
 }
 
-#[tokio::test]
-async fn five_processes_over_grpc_nats_and_postgres() {
-    let (Some(nats), Some(pg)) =
-        (relay_test_support::env_service("NATS_URL"), relay_test_support::env_service("DATABASE_URL"))
-    else {
-        return;
-    };
-    let mock = relay_test_support::MockOpenAi::start().await;
-    let collector = Collector::start().await;
-    let db_url = relay_test_support::fresh_postgres_url(&pg).await;
-    let tag = uuid::Uuid::now_v7().simple().to_string();
-    let shared = common(&nats, &db_url, &collector, &tag);
-    let upstreams = upstream_sections(&mock);
-    let dir = temp_dir("distributed");
+/// The five services as five processes on NATS JetStream and a fresh Postgres database, exporting traces
+/// to `collector`; routing and the adapter get `upstreams`, billing `billing_extra`.
+pub(crate) struct Stack {
+    pub edge: RelayProc,
+    pub auth: RelayProc,
+    pub routing: RelayProc,
+    pub adapter: RelayProc,
+    pub billing: RelayProc,
+    pub db_url: String,
+    pub dir: std::path::PathBuf,
+}
 
-    let billing_extra = format!("[auth]\nadmin_token = \"{ADMIN_TOKEN}\"\n");
-    let billing = RelayProc::start(&dir, "billing", &backend("billing", &shared, &billing_extra)).await;
+pub(crate) async fn five_processes(
+    name: &str,
+    (nats, pg): (&str, &str),
+    collector: &Collector,
+    upstreams: &str,
+    billing_extra: &str,
+) -> Stack {
+    let db_url = relay_test_support::fresh_postgres_url(pg).await;
+    let tag = uuid::Uuid::now_v7().simple().to_string();
+    let shared = common(nats, &db_url, collector, &tag);
+    let dir = temp_dir(name);
+    let billing = RelayProc::start(&dir, "billing", &backend("billing", &shared, billing_extra)).await;
     let auth = RelayProc::start(&dir, "auth", &backend("auth", &shared, &auth_section())).await;
-    let routing = RelayProc::start(&dir, "routing", &backend("routing", &shared, &upstreams)).await;
-    let adapter = RelayProc::start(&dir, "adapter", &backend("adapter", &shared, &upstreams)).await;
+    let routing = RelayProc::start(&dir, "routing", &backend("routing", &shared, upstreams)).await;
+    let adapter = RelayProc::start(&dir, "adapter", &backend("adapter", &shared, upstreams)).await;
     let edge_cfg = format!(
         "[server]\nservice_token = \"relay-test-service-token\"\nservices = [\"edge\"]\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
          [remote]\nauth = \"{}\"\nrouting = \"{}\"\nadapter = \"{}\"\nbilling = \"{}\"\n{shared}",
@@ -161,6 +168,22 @@ async fn five_processes_over_grpc_nats_and_postgres() {
         billing.grpc()
     );
     let edge = RelayProc::start(&dir, "edge", &edge_cfg).await;
+    Stack { edge, auth, routing, adapter, billing, db_url, dir }
+}
+
+#[tokio::test]
+async fn five_processes_over_grpc_nats_and_postgres() {
+    let (Some(nats), Some(pg)) =
+        (relay_test_support::env_service("NATS_URL"), relay_test_support::env_service("DATABASE_URL"))
+    else {
+        return;
+    };
+    let mock = relay_test_support::MockOpenAi::start().await;
+    let collector = Collector::start().await;
+    let billing_extra = format!("[auth]\nadmin_token = \"{ADMIN_TOKEN}\"\n");
+    let Stack { edge, auth, routing, adapter, billing, db_url, dir } =
+        five_processes("distributed", (&nats, &pg), &collector, &upstream_sections(&mock), &billing_extra)
+            .await;
     let billing_client = client::billing_client(&billing.grpc());
     services_refuse_callers_without_the_token(&adapter, &billing).await;
 

@@ -9,7 +9,6 @@ use serde_json::Value;
 
 use crate::client::{self, mock_usage, user};
 use crate::collector::Collector;
-use crate::distributed::{backend, common};
 use crate::harness::{KEY, PEPPER, RelayProc, auth_section, temp_dir};
 
 /// One sample of a Prometheus text exposition.
@@ -99,23 +98,9 @@ async fn every_service_exports_histograms_labels_tokens_and_cost() {
     };
     let mock = relay_test_support::MockOpenAi::start().await;
     let collector = Collector::start().await;
-    let db_url = relay_test_support::fresh_postgres_url(&pg).await;
-    let tag = uuid::Uuid::now_v7().simple().to_string();
-    let shared = common(&nats, &db_url, &collector, &tag);
     let upstreams = format!("{}{PRICED}", crate::upstream_sections(&mock));
-    let dir = temp_dir("observability");
-    let billing = RelayProc::start(&dir, "billing", &backend("billing", &shared, "")).await;
-    let auth = RelayProc::start(&dir, "auth", &backend("auth", &shared, &auth_section())).await;
-    let routing = RelayProc::start(&dir, "routing", &backend("routing", &shared, &upstreams)).await;
-    let adapter = RelayProc::start(&dir, "adapter", &backend("adapter", &shared, &upstreams)).await;
-    let edge_cfg = format!(
-        "[server]\nservice_token = \"relay-test-service-token\"\nservices = [\"edge\"]\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-         [remote]\nauth = \"{}\"\nrouting = \"{}\"\nadapter = \"{}\"\n{shared}",
-        auth.grpc(),
-        routing.grpc(),
-        adapter.grpc()
-    );
-    let edge = RelayProc::start(&dir, "edge", &edge_cfg).await;
+    let crate::distributed::Stack { edge, auth, routing, adapter, billing, .. } =
+        crate::distributed::five_processes("observability", (&nats, &pg), &collector, &upstreams, "").await;
     let billing_client = client::billing_client(&billing.grpc());
 
     // Whole answers and streams on the priced group; what the mock reported is what must be counted.
