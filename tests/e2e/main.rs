@@ -9,6 +9,7 @@ mod client;
 mod collector;
 mod distributed;
 mod embedded;
+mod endpoints;
 mod harness;
 mod hostile;
 mod limits;

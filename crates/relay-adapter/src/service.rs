@@ -6,7 +6,8 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use relay_core::contracts::{Adapter, ChatEventStream, Result};
 use relay_core::pb::adapter::v1::{
-    ChatRequest, CountTokensRequest, CountTokensResponse, EmbedRequest, EmbedResponse,
+    ChatRequest, CountTokensRequest, CountTokensResponse, EmbedRequest, EmbedResponse, ForwardRequest,
+    ForwardResponse,
 };
 use relay_core::pb::routing::v1::Deployment;
 use relay_core::{ErrorCode, RelayError};
@@ -120,6 +121,23 @@ impl Adapter for AdapterService {
             relay.deployment = %dep.id,
         );
         provider.embed(req).instrument(span).await
+    }
+
+    async fn forward(&self, mut req: ForwardRequest) -> Result<ForwardResponse> {
+        let dep = self.resolve(req.deployment.take())?;
+        req.deployment = Some(dep.clone());
+        let provider = self.provider(&dep.provider)?;
+        metrics::counter!("relay_adapter_calls_total", "kind" => "forward").increment(1);
+        let span = tracing::info_span!(
+            "adapter.forward",
+            otel.name = %format!("{} {}", req.operation, dep.upstream_model),
+            otel.kind = "client",
+            request_id = %req.request_id,
+            gen_ai.provider.name = %provider.system(),
+            gen_ai.request.model = %dep.upstream_model,
+            relay.deployment = %dep.id,
+        );
+        provider.forward(req).instrument(span).await
     }
 
     async fn count_tokens(&self, mut req: CountTokensRequest) -> Result<CountTokensResponse> {

@@ -120,6 +120,7 @@ fn protocol_label(p: i32) -> &'static str {
         Protocol::OpenaiEmbeddings => "openai_embeddings",
         Protocol::AnthropicMessages => "anthropic_messages",
         Protocol::OpenaiResponses => "openai_responses",
+        Protocol::OpenaiForwarded => "openai_forwarded",
         Protocol::Unspecified => "unspecified",
     }
 }

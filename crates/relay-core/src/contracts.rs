@@ -34,6 +34,11 @@ pub trait Adapter: Send + Sync + 'static {
     async fn chat(&self, req: adapter::ChatRequest) -> Result<ChatEventStream>;
     async fn embed(&self, req: adapter::EmbedRequest) -> Result<adapter::EmbedResponse>;
     async fn count_tokens(&self, req: adapter::CountTokensRequest) -> Result<adapter::CountTokensResponse>;
+    /// Another OpenAI-shaped endpoint, forwarded as it is (only the model rewritten).
+    async fn forward(&self, req: adapter::ForwardRequest) -> Result<adapter::ForwardResponse> {
+        let _ = req;
+        Err(RelayError::new(crate::ErrorCode::NotFound, "this adapter forwards no other endpoints"))
+    }
 }
 
 #[async_trait::async_trait]

@@ -13,6 +13,7 @@ mod chat;
 mod dispatch;
 mod error;
 mod failover;
+mod forward;
 mod observe;
 pub mod principal;
 pub use replay::MemoryAnswerCache;

@@ -48,6 +48,11 @@ fn api() -> Router<Edge> {
         )
         .route("/v1/responses/{id}/input_items", axum::routing::get(crate::state::list_input_items))
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/completions", post(crate::forward::completions))
+        .route("/v1/moderations", post(crate::forward::moderations))
+        .route("/v1/images/generations", post(crate::forward::images))
+        .route("/v1/audio/speech", post(crate::forward::speech))
+        .route("/v1/rerank", post(crate::forward::rerank))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*id}", get(get_model))
 }

@@ -199,6 +199,10 @@ impl Adapter for GrpcAdapter {
         let r = self.0.clone().count_tokens(req).await.map_err(|s| from_status(&s, "adapter"))?;
         Ok(r.into_inner())
     }
+    async fn forward(&self, req: adapter::ForwardRequest) -> Result<adapter::ForwardResponse> {
+        let r = self.0.clone().forward(req).await.map_err(|s| from_status(&s, "adapter"))?;
+        Ok(r.into_inner())
+    }
 }
 
 // === impl GrpcBilling ===

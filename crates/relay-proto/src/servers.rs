@@ -76,6 +76,9 @@ impl generated::adapter::adapter_service_server::AdapterService for AdapterServe
         // When the client cancels, tonic drops this stream, which drops the upstream call.
         Ok(Response::new(Box::pin(events.map(Ok)) as EventStream))
     }
+    async fn forward(&self, req: Request<adapter::ForwardRequest>) -> GrpcResult<adapter::ForwardResponse> {
+        reply(self.0.forward(req.into_inner()).await)
+    }
     async fn embed(&self, req: Request<adapter::EmbedRequest>) -> GrpcResult<adapter::EmbedResponse> {
         reply(self.0.embed(req.into_inner()).await)
     }

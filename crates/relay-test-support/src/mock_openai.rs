@@ -65,6 +65,9 @@ impl MockOpenAi {
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
             .route("/v1/embeddings", post(embeddings))
+            .route("/v1/completions", post(completions))
+            .route("/v1/moderations", post(moderations))
+            .route("/v1/audio/speech", post(speech))
             .route("/v1/messages", post(anthropic_messages))
             .route("/v1beta/models/{model_action}", post(gemini_generate))
             .with_state(shared.clone());
@@ -361,4 +364,38 @@ async fn gemini_generate(
         "usageMetadata": {"promptTokenCount": prompt, "candidatesTokenCount": completion, "totalTokenCount": prompt + completion},
         "modelVersion": model}))
     .into_response()
+}
+
+/// Legacy completions: echoes the prompt, with usage like the chat endpoint.
+async fn completions(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let Ok(req) = serde_json::from_slice::<Value>(&body) else { return error(400, "invalid json") };
+    record(&shared, "/v1/completions", &headers, &req);
+    let prompt = req["prompt"].as_str().unwrap_or_default().to_owned();
+    let reply = echo(&prompt);
+    let (p, c) = (1000 + prompt.split_whitespace().count() as u64, reply.split(' ').count() as u64);
+    axum::Json(json!({"id": "cmpl-mock", "object": "text_completion", "created": 1, "model": req["model"],
+        "choices": [{"text": reply, "index": 0, "logprobs": null, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}}))
+    .into_response()
+}
+
+/// Moderations: flags input containing "attack" (no usage, as OpenAI's).
+async fn moderations(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let Ok(req) = serde_json::from_slice::<Value>(&body) else { return error(400, "invalid json") };
+    record(&shared, "/v1/moderations", &headers, &req);
+    let flagged = req["input"].to_string().contains("attack");
+    axum::Json(json!({"id": "modr-mock", "model": req["model"],
+        "results": [{"flagged": flagged, "categories": {"violence": flagged}, "category_scores": {"violence": if flagged { 0.9 } else { 0.01 }}}]}))
+    .into_response()
+}
+
+/// Speech: a few bytes of "audio" (the input's length in them), as `audio/mpeg`.
+async fn speech(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let Ok(req) = serde_json::from_slice::<Value>(&body) else { return error(400, "invalid json") };
+    record(&shared, "/v1/audio/speech", &headers, &req);
+    let n = req["input"].as_str().map_or(0, str::len);
+    Response::builder()
+        .header("content-type", "audio/mpeg")
+        .body(Body::from(format!("ID3-mock-audio-{n}")))
+        .unwrap()
 }

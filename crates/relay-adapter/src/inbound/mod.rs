@@ -55,7 +55,7 @@ fn parse_value(protocol: Protocol, v: &Value) -> Result<Request, RelayError> {
         Protocol::OpenaiChat => openai_chat::parse(obj),
         Protocol::AnthropicMessages => anthropic::parse(obj),
         Protocol::OpenaiResponses => responses::parse(obj),
-        Protocol::OpenaiEmbeddings | Protocol::Unspecified => {
+        Protocol::OpenaiEmbeddings | Protocol::OpenaiForwarded | Protocol::Unspecified => {
             Err(RelayError::internal("this protocol has no chat request form"))
         }
     }

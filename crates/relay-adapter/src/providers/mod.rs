@@ -12,7 +12,7 @@ use http::HeaderMap;
 use relay_core::contracts::{ChatEventStream, Result};
 use relay_core::pb::adapter::v1::{
     self as pb, ChatEvent, ChatRequest, CountTokensRequest, CountTokensResponse, EmbedRequest, EmbedResponse,
-    chat_event::Event,
+    ForwardRequest, ForwardResponse, chat_event::Event,
 };
 use relay_core::pb::common::v1::{Protocol, TokenUsage};
 use relay_core::{ErrorCode, RelayError};
@@ -30,6 +30,29 @@ pub trait Provider: Send + Sync + 'static {
     async fn chat(&self, req: ChatRequest) -> Result<ChatEventStream>;
     async fn embed(&self, req: EmbedRequest) -> Result<EmbedResponse>;
     async fn count_tokens(&self, req: CountTokensRequest) -> Result<CountTokensResponse>;
+    /// Another OpenAI-shaped endpoint (`operation`, e.g. "completions"), where this upstream has it.
+    async fn forward(&self, req: ForwardRequest) -> Result<ForwardResponse> {
+        Err(not_forwarded(self.system(), &req.operation))
+    }
+}
+
+/// The clear 400 for an endpoint an upstream does not have.
+pub fn not_forwarded(system: &str, operation: &str) -> RelayError {
+    RelayError::invalid_request(format!(
+        "/v1/{operation} is not supported by this model's upstream ({system}); it is served for OpenAI-compatible upstreams only"
+    ))
+    .with_param("model")
+}
+
+/// Usage in the answer of a forwarded endpoint: OpenAI's `prompt_tokens`/`completion_tokens`, the
+/// `input_tokens`/`output_tokens` of newer endpoints, or rerankers' `total_tokens`.
+fn forwarded_usage(body: &[u8]) -> Option<TokenUsage> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let u = v.get("usage")?;
+    let n = |k: &str| u.get(k).and_then(Value::as_u64);
+    let input = n("prompt_tokens").or_else(|| n("input_tokens")).or_else(|| n("total_tokens"))?;
+    let output = n("completion_tokens").or_else(|| n("output_tokens")).unwrap_or(0);
+    Some(TokenUsage { input_tokens: input, output_tokens: output, ..Default::default() })
 }
 
 /// What differs between HTTP providers.
@@ -39,6 +62,10 @@ pub trait Dialect: Send + Sync + 'static {
     /// The client protocol this upstream speaks natively (forwarded byte for byte).
     fn native(&self) -> Protocol;
     fn chat_url(&self, model: &str, stream: bool) -> String;
+    /// Where another OpenAI-shaped endpoint lives on this upstream (`None`: it has none).
+    fn forward_url(&self, _model: &str, _operation: &str) -> Option<String> {
+        None
+    }
     /// Per-call headers (e.g. `anthropic-version`, passed-through beta flags).
     fn headers(&self, _passthrough: &std::collections::HashMap<String, String>) -> HeaderMap {
         HeaderMap::new()
@@ -131,6 +158,26 @@ impl<D: Dialect> Provider for HttpProvider<D> {
     async fn count_tokens(&self, req: CountTokensRequest) -> Result<CountTokensResponse> {
         let ir = inbound::parse_count_request(req.protocol(), &req.body)?;
         self.dialect.count_tokens(&self.http, &ir, &req).await
+    }
+
+    async fn forward(&self, req: ForwardRequest) -> Result<ForwardResponse> {
+        let model = upstream_model(req.deployment.as_ref());
+        let url = self
+            .dialect
+            .forward_url(&model, &req.operation)
+            .ok_or_else(|| not_forwarded(self.dialect.system(), &req.operation))?;
+        let body = body_for_upstream(&req.body, &model)?.into_bytes();
+        let headers = self.dialect.headers(&Default::default());
+        let resp = self.http.post(&url, &req.request_id, headers, body).await?;
+        let content_type = resp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/json")
+            .to_owned();
+        let body = self.http.body(resp).await?;
+        let usage = content_type.starts_with("application/json").then(|| forwarded_usage(&body)).flatten();
+        Ok(ForwardResponse { body, content_type, usage })
     }
 }
 

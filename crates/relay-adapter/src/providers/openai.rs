@@ -58,6 +58,10 @@ impl Dialect for OpenAi {
         Protocol::OpenaiChat
     }
 
+    fn forward_url(&self, model: &str, operation: &str) -> Option<String> {
+        Some(self.url(model, operation))
+    }
+
     fn chat_url(&self, model: &str, _stream: bool) -> String {
         self.url(model, "chat/completions")
     }

@@ -1,0 +1,99 @@
+//! The endpoints besides chat (legacy completions, moderations, speech): forwarded to an OpenAI-compatible
+//! upstream with only the model rewritten, billed from the answer's usage; a clear 400 on an upstream
+//! without them, and for what cannot be served (streaming, a missing field).
+
+use relay_core::pb::common::v1::Protocol;
+use serde_json::{Value, json};
+
+use crate::client;
+use crate::harness::{KEY, RelayProc, auth_section, temp_dir};
+
+async fn post(base: &str, path: &str, body: Value) -> (u16, String, bytes::Bytes, String) {
+    let r = client::http().post(format!("{base}{path}")).bearer_auth(KEY).json(&body).send().await.unwrap();
+    let status = r.status().as_u16();
+    let kind = r.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+    let id =
+        r.headers().get("x-relay-request-id").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+    (status, kind, r.bytes().await.unwrap(), id)
+}
+
+fn json_of(b: &[u8]) -> Value {
+    serde_json::from_slice(b).unwrap()
+}
+
+#[tokio::test]
+async fn completions_moderations_and_speech_are_forwarded_and_billed() {
+    let mock = relay_test_support::MockOpenAi::start().await;
+    let dir = temp_dir("endpoints");
+    let config = format!(
+        "[server]\nservice_token = \"relay-test-service-token\"\nhttp_listen = \"127.0.0.1:0\"\ngrpc_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [database]\nurl = \"sqlite://{}\"\n{}{}",
+        dir.join("relay.db").display(),
+        auth_section(),
+        crate::upstream_sections(&mock)
+    );
+    let relay = RelayProc::start(&dir, "relay", &config).await;
+    let base = relay.http();
+    let billing = client::billing_client(&relay.grpc());
+
+    let (status, _, body, id) = post(
+        &base,
+        "/v1/completions",
+        json!({"model": "mock", "prompt": "legacy hello there", "max_tokens": 20}),
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let answer = json_of(&body);
+    assert_eq!(answer["choices"][0]["text"], relay_test_support::echo("legacy hello there"));
+    let sent = mock.requests_containing("legacy hello there");
+    assert_eq!(
+        (sent[0].path.as_str(), sent[0].body["model"].as_str()),
+        ("/v1/completions", Some("gpt-mock-upstream"))
+    );
+    let ev = client::recorded_usage(&billing, &id).await;
+    let u = ev.usage.unwrap();
+    assert_eq!(
+        (u.input_tokens, u.output_tokens),
+        (
+            answer["usage"]["prompt_tokens"].as_u64().unwrap(),
+            answer["usage"]["completion_tokens"].as_u64().unwrap()
+        )
+    );
+    assert_eq!((ev.protocol(), ev.model.as_str()), (Protocol::OpenaiForwarded, "mock"));
+
+    let (status, _, body, _) =
+        post(&base, "/v1/moderations", json!({"model": "mock", "input": "plan an attack"})).await;
+    assert_eq!(status, 200);
+    assert_eq!(json_of(&body)["results"][0]["flagged"], true);
+
+    let (status, kind, body, _) =
+        post(&base, "/v1/audio/speech", json!({"model": "mock", "input": "hello", "voice": "alloy"})).await;
+    assert_eq!(
+        (status, kind.as_str(), &body[..]),
+        (200, "audio/mpeg", &b"ID3-mock-audio-5"[..]),
+        "binary answers pass as they are"
+    );
+
+    // What cannot be served is a 400 naming the parameter; nothing reaches the upstream.
+    let before = mock.requests_containing("never sent").len();
+    for (path, body, param) in [
+        ("/v1/completions", json!({"model": "mock", "prompt": "never sent", "stream": true}), "stream"),
+        ("/v1/completions", json!({"model": "mock"}), "prompt"),
+        ("/v1/moderations", json!({"input": "never sent"}), "model"),
+        ("/v1/completions", json!({"model": "demo", "prompt": "never sent"}), "model"),
+    ] {
+        let (status, _, b, _) = post(&base, path, body).await;
+        assert_eq!(
+            (status, json_of(&b)["error"]["param"].as_str()),
+            (400, Some(param)),
+            "{}",
+            String::from_utf8_lossy(&b)
+        );
+    }
+    let (_, _, b, _) = post(&base, "/v1/completions", json!({"model": "demo", "prompt": "x"})).await;
+    assert!(
+        json_of(&b)["error"]["message"].as_str().unwrap().contains("not supported by this model's upstream")
+    );
+    assert_eq!(mock.requests_containing("never sent").len(), before);
+    relay.stop().await;
+}
