@@ -206,6 +206,33 @@ async fn five_processes_over_grpc_nats_and_postgres() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    // The adapter's model call carries the OpenTelemetry GenAI attributes, usage included.
+    let trace = collector.trace_of(first).unwrap();
+    let call = collector
+        .spans()
+        .into_iter()
+        .find(|s| {
+            s.trace_id == trace
+                && s.service == "relay-adapter"
+                && s.attrs.contains_key("gen_ai.operation.name")
+        })
+        .expect("no GenAI span from the adapter");
+    for (k, v) in [
+        ("gen_ai.operation.name", "chat"),
+        ("gen_ai.provider.name", "openai"),
+        ("gen_ai.request.model", "gpt-mock-upstream"),
+    ] {
+        assert_eq!(call.attrs.get(k).map(String::as_str), Some(v), "{k} on {:?}", call.attrs);
+    }
+    for k in [
+        "gen_ai.response.model",
+        "gen_ai.usage.input_tokens",
+        "gen_ai.usage.output_tokens",
+        "gen_ai.response.finish_reasons",
+    ] {
+        assert!(call.attrs.get(k).is_some_and(|v| !v.is_empty()), "{k} missing on {:?}", call.attrs);
+    }
+
     // Responses state kept by the billing process, over gRPC.
     sent.extend(crate::responses_state::chain(&edge.http(), &mock, scenario::MODEL).await);
 

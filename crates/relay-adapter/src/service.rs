@@ -61,6 +61,15 @@ impl AdapterService {
         })
     }
 
+    /// The deployment a call names (resolved from this copy, and written back into the call) and the
+    /// provider that serves it.
+    fn target(&self, asked: &mut Option<Deployment>) -> Result<(Deployment, &Arc<dyn Provider>)> {
+        let dep = self.resolve(asked.take())?;
+        *asked = Some(dep.clone());
+        let provider = self.provider(&dep.provider)?;
+        Ok((dep, provider))
+    }
+
     fn provider(&self, name: &str) -> Result<&Arc<dyn Provider>> {
         self.providers.get(name).ok_or_else(|| {
             // A routing/adapter config mismatch: the operator's problem, reported without detail to callers.
@@ -73,9 +82,7 @@ impl AdapterService {
 #[async_trait::async_trait]
 impl Adapter for AdapterService {
     async fn chat(&self, mut req: ChatRequest) -> Result<ChatEventStream> {
-        let dep = self.resolve(req.deployment.take())?;
-        req.deployment = Some(dep.clone());
-        let provider = self.provider(&dep.provider)?;
+        let (dep, provider) = self.target(&mut req.deployment)?;
         metrics::counter!("relay_adapter_calls_total", "kind" => "chat").increment(1);
         // OpenTelemetry GenAI semantic conventions (client span of one model call).
         let span = tracing::info_span!(
@@ -107,9 +114,7 @@ impl Adapter for AdapterService {
     }
 
     async fn embed(&self, mut req: EmbedRequest) -> Result<EmbedResponse> {
-        let dep = self.resolve(req.deployment.take())?;
-        req.deployment = Some(dep.clone());
-        let provider = self.provider(&dep.provider)?;
+        let (dep, provider) = self.target(&mut req.deployment)?;
         let span = tracing::info_span!(
             "adapter.embed",
             otel.name = %format!("embeddings {}", dep.upstream_model),
@@ -124,9 +129,7 @@ impl Adapter for AdapterService {
     }
 
     async fn forward(&self, mut req: ForwardRequest) -> Result<ForwardResponse> {
-        let dep = self.resolve(req.deployment.take())?;
-        req.deployment = Some(dep.clone());
-        let provider = self.provider(&dep.provider)?;
+        let (dep, provider) = self.target(&mut req.deployment)?;
         metrics::counter!("relay_adapter_calls_total", "kind" => "forward").increment(1);
         let span = tracing::info_span!(
             "adapter.forward",
@@ -141,9 +144,7 @@ impl Adapter for AdapterService {
     }
 
     async fn count_tokens(&self, mut req: CountTokensRequest) -> Result<CountTokensResponse> {
-        let dep = self.resolve(req.deployment.take())?;
-        req.deployment = Some(dep.clone());
-        let provider = self.provider(&dep.provider)?;
+        let (dep, provider) = self.target(&mut req.deployment)?;
         let span = tracing::info_span!("adapter.count_tokens", request_id = %req.request_id, relay.deployment = %dep.id);
         provider.count_tokens(req).instrument(span).await
     }
