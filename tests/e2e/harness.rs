@@ -65,8 +65,12 @@ impl RelayProc {
                 std::fs::read_to_string(&log).unwrap_or_default()
             ),
         };
-        // Keep draining stdout so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        // Keep draining stdout (the access log) so the child never blocks on a full pipe: raw bytes into
+        // a sink, not line by line, so a test under load does not spend its CPU splitting log lines.
+        tokio::spawn(async move {
+            let mut rest = lines.into_inner();
+            let _ = tokio::io::copy(&mut rest, &mut tokio::io::sink()).await;
+        });
         Self { child, config, bound, log }
     }
 

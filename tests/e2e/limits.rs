@@ -33,6 +33,8 @@ struct Tally {
     quota: AtomicUsize,
     rate: AtomicUsize,
     other: AtomicUsize,
+    /// The first few unexpected answers, for the failure message.
+    unexpected: std::sync::Mutex<Vec<String>>,
 }
 
 /// 50 clients per edge send requests with `key` until `until`, counting answers.
@@ -59,7 +61,13 @@ async fn hammer(c: &reqwest::Client, edges: &[String], key: &str, until: Instant
                         (200, _) => &tally.ok,
                         (429, Some("insufficient_quota")) => &tally.quota,
                         (429, _) => &tally.rate,
-                        _ => &tally.other,
+                        _ => {
+                            let mut seen = tally.unexpected.lock().unwrap();
+                            if seen.len() < 5 {
+                                seen.push(format!("{status} {body}"));
+                            }
+                            &tally.other
+                        }
                     };
                     counter.fetch_add(1, Ordering::SeqCst);
                     if status == 429 {
@@ -142,7 +150,9 @@ async fn limits_hold_across_three_edges_and_revocation_is_fast() {
     assert_eq!(
         tpm.other.load(Ordering::SeqCst) + budget.other.load(Ordering::SeqCst),
         0,
-        "only 200s and 429s"
+        "only 200s and 429s: {:?} {:?}",
+        tpm.unexpected.lock().unwrap(),
+        budget.unexpected.lock().unwrap()
     );
     assert!(
         tpm.ok.load(Ordering::SeqCst) > 0 && tpm.rate.load(Ordering::SeqCst) > 0,

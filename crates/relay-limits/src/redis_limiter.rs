@@ -137,7 +137,10 @@ impl RedisLimiter {
             .into_connection_info()?
             .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
         let client = redis::Client::open(info)?;
-        let conn = client.get_connection_manager().await?;
+        // The configured timeout is the one that applies: the connection manager's own response timeout
+        // (500 ms by default) would otherwise fail calls a slow Redis still answers in time.
+        let config = redis::aio::ConnectionManagerConfig::new().set_response_timeout(Some(timeout));
+        let conn = client.get_connection_manager_with_config(config).await?;
         let replicas = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(1));
         let me = relay_core::ids::new_request_id();
         tokio::spawn(heartbeat_loop(
