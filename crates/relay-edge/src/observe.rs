@@ -25,13 +25,20 @@ impl Content {
     /// Only for keys listed in `telemetry.access_log.content_keys`.
     pub(crate) fn for_key(key_id: &str, body: &[u8]) -> Option<Self> {
         let max = access_log::content_allowance(key_id)?;
-        let prompt = String::from_utf8_lossy(&body[..body.len().min(max)]).into_owned();
+        // Cut on a character boundary (a byte cut could split a multi-byte character).
+        let prompt = access_log::truncate(&String::from_utf8_lossy(body), max).to_owned();
         Some(Self { max, prompt, answer: Vec::new() })
     }
 
     pub(crate) fn answer(&mut self, bytes: &[u8]) {
-        let room = self.max.saturating_sub(self.answer.len());
+        // Up to one character past the cap, so the text is cut whole in `text()`.
+        let room = (self.max + 4).saturating_sub(self.answer.len());
         self.answer.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+
+    /// The answer's text, at most `max` bytes, cut on a character boundary.
+    fn answer_text(&self) -> String {
+        access_log::truncate(&String::from_utf8_lossy(&self.answer), self.max).to_owned()
     }
 }
 
@@ -276,7 +283,7 @@ fn request_line(ev: &UsageEvent, route: &str, client_ip: &str, clock: &TokenCloc
         routing_rule: nonempty(&ev.routing_rule),
         cache_hit: ev.cache_hit,
         prompt: content.as_ref().map(|c| masked(&c.prompt).into_owned()),
-        answer: content.as_ref().map(|c| masked(&String::from_utf8_lossy(&c.answer)).into_owned()),
+        answer: content.as_ref().map(|c| masked(&c.answer_text()).into_owned()),
     });
 }
 
