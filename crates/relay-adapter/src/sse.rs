@@ -44,7 +44,9 @@ impl SseParser {
     fn find_event_end(&mut self) -> Option<usize> {
         let b = &self.buf[..];
         let start = self.scanned.saturating_sub(3);
-        for i in start..b.len() {
+        // Only a line break can end an event: jump from one to the next (a byte-by-byte scan was the
+        // largest item of a streamed answer's CPU profile).
+        for i in memchr::memchr2_iter(b'\n', b'\r', &b[start..]).map(|i| i + start) {
             if b[i] == b'\n' && i >= 1 && b[i - 1] == b'\n' {
                 return Some(i + 1);
             }
@@ -63,19 +65,24 @@ impl SseParser {
 fn parse_event(raw: Bytes) -> SseEvent {
     let text = String::from_utf8_lossy(&raw);
     let mut event = None;
-    let mut data: Vec<&str> = Vec::new();
+    let (mut data, mut lines) = (String::new(), 0);
     for line in text.split(['\n', '\r']) {
         let (field, value) = match line.split_once(':') {
             Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
             None => (line, ""),
         };
         match field {
-            "data" => data.push(value),
+            "data" => {
+                if lines > 0 {
+                    data.push('\n');
+                }
+                data.push_str(value);
+                lines += 1;
+            }
             "event" => event = Some(value.to_owned()),
             _ => {}
         }
     }
-    let data = data.join("\n");
     SseEvent { raw, event, data }
 }
 

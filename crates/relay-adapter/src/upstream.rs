@@ -12,6 +12,7 @@ use crate::convert::Unit;
 use crate::ir::Delta;
 use crate::providers::{transport_error, upstream_error};
 use crate::sse::{SseEvent, SseParser};
+use relay_telemetry::handles::HandleCache;
 
 /// Reads one provider's answers.
 pub trait Decoder: Send + 'static {
@@ -25,6 +26,10 @@ pub struct Http {
     pub name: String,
     client: reqwest::Client,
     headers: HeaderMap,
+    /// Parsed upstream URLs (a provider's few endpoints): parsing one cost more than the rest of sending.
+    urls: HandleCache<Option<reqwest::Url>>,
+    statuses: HandleCache<metrics::Counter>,
+    duration: metrics::Histogram,
 }
 
 impl Http {
@@ -50,7 +55,14 @@ impl Http {
             .pool_max_idle_per_host(256)
             .tcp_nodelay(true)
             .build()?;
-        Ok(Self { name: cfg.name.clone(), client, headers: auth })
+        Ok(Self {
+            name: cfg.name.clone(),
+            client,
+            headers: auth,
+            urls: HandleCache::new(1024),
+            statuses: HandleCache::new(64),
+            duration: metrics::histogram!("relay_adapter_upstream_duration_seconds", "provider" => cfg.name.clone()),
+        })
     }
 
     pub async fn post(
@@ -68,12 +80,18 @@ impl Http {
         }
         relay_telemetry::inject_current_into_headers(&mut headers);
         let began = std::time::Instant::now();
-        let sent = self.client.post(url).headers(headers).body(body).send().await;
+        let parsed = self.urls.get(&[url], || reqwest::Url::parse(url).ok());
+        let Some(parsed) = parsed.as_ref().clone() else {
+            return Err(RelayError::internal(format!("provider `{}` has an invalid URL", self.name)));
+        };
+        let sent = self.client.post(parsed).headers(headers).body(body).send().await;
         let status = sent.as_ref().map_or(0, |r| r.status().as_u16());
-        metrics::counter!("relay_adapter_upstream_requests_total", "provider" => self.name.clone(), "status" => status.to_string())
+        let mut buf = [0; 10];
+        let status = relay_telemetry::handles::decimal(&mut buf, u32::from(status));
+        self.statuses
+            .counter("relay_adapter_upstream_requests_total", &["provider", "status"], &[&self.name, status])
             .increment(1);
-        metrics::histogram!("relay_adapter_upstream_duration_seconds", "provider" => self.name.clone())
-            .record(began.elapsed().as_secs_f64());
+        self.duration.record(began.elapsed().as_secs_f64());
         let resp = sent.map_err(|e| transport_error(&self.name, &e))?;
         if resp.status().is_success() { Ok(resp) } else { Err(upstream_error(&self.name, resp).await) }
     }

@@ -34,7 +34,7 @@ impl Target {
         Self { client, url: format!("{base}/v1/chat/completions"), key: key.to_owned() }
     }
 
-    async fn once(&self, body: &str) -> bool {
+    pub async fn once(&self, body: &str) -> bool {
         let r = self
             .client
             .post(&self.url)

@@ -7,7 +7,9 @@
 //! `relay-bench run [--quick] [--out FILE]`; `relay-bench mock|proxy` are the helper processes it starts.
 
 mod hostile;
+mod instructions;
 mod load;
+mod long_streams;
 mod modes;
 mod procs;
 mod upstream;
@@ -67,6 +69,27 @@ async fn main() -> ExitCode {
             }
             None => Err(anyhow::anyhow!("flood-bogus needs --base URL")),
         },
+        Some("instructions") => {
+            instructions::gate(instructions::Options {
+                requests: flag("--requests").and_then(|v| v.parse().ok()).unwrap_or(200),
+                baseline: flag("--baseline")
+                    .unwrap_or_else(|| {
+                        concat!(env!("CARGO_MANIFEST_DIR"), "/instructions-baseline.txt").into()
+                    })
+                    .into(),
+                tolerance_pct: flag("--tolerance").and_then(|v| v.parse().ok()).unwrap_or(15.0),
+                write: args.iter().any(|a| a == "--write"),
+            })
+            .await
+        }
+        Some("long-streams") => {
+            long_streams::run(long_streams::Options {
+                streams: flag("--streams").and_then(|v| v.parse().ok()).unwrap_or(1000),
+                chunks: flag("--chunks").and_then(|v| v.parse().ok()).unwrap_or(400),
+                gap_ms: flag("--gap-ms").and_then(|v| v.parse().ok()).unwrap_or(50),
+            })
+            .await
+        }
         Some("hold") => modes::hold(args.get(1).map_or("embedded", String::as_str)).await,
         Some("run") => {
             let quick = args.iter().any(|a| a == "--quick");
@@ -74,7 +97,7 @@ async fn main() -> ExitCode {
         }
         _ => {
             eprintln!(
-                "usage: relay-bench run [--quick] [--out FILE] | load --base URL --key K [--secs N] [--conns C] | fuzz --base URL --key K [--model M] [--requests N] [--conns C] [--pid P] | flood --base URL --key K [--requests N] [--spread] | hold embedded|single|five | mock [--chunks N] [--gap-ms MS] | proxy --upstream URL"
+                "usage: relay-bench run [--quick] [--out FILE] | load --base URL --key K [--secs N] [--conns C] | fuzz --base URL --key K [--model M] [--requests N] [--conns C] [--pid P] | flood --base URL --key K [--requests N] [--spread] | instructions [--requests N] [--baseline FILE] [--tolerance PCT] [--write] | long-streams [--streams N] [--chunks N] [--gap-ms MS] | hold embedded|single|five | mock [--chunks N] [--gap-ms MS] | proxy --upstream URL"
             );
             return ExitCode::from(64);
         }

@@ -221,15 +221,20 @@ fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
-async fn start_embedded(relay: &Path, dir: &Path, mock: &str) -> anyhow::Result<Running> {
-    let db_path = dir.join("embedded.db");
-    let cfg = format!(
+/// Relay embedded: SQLite at `db_path`, the outbox in `dir`, the bench key's route to `mock`.
+pub fn embedded_config(dir: &Path, db_path: &Path, mock: &str) -> String {
+    format!(
         "[server]\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
          [database]\nurl = \"sqlite://{}\"\n[bus]\noutbox_dir = \"{}\"\n{}",
         db_path.display(),
         dir.join("embedded-outbox").display(),
         common(mock)
-    );
+    )
+}
+
+async fn start_embedded(relay: &Path, dir: &Path, mock: &str) -> anyhow::Result<Running> {
+    let db_path = dir.join("embedded.db");
+    let cfg = embedded_config(dir, &db_path, mock);
     let p = Proc::relay(relay, "embedded", &write(dir, "embedded", &cfg)?, dir).await?;
     let (base, admin) = (p.url("http"), p.url("admin"));
     let key = create_key(&admin).await?;
@@ -304,7 +309,7 @@ async fn fresh_database(pg: &str, name: &str) -> anyhow::Result<String> {
 }
 
 /// A virtual key with every limit on (high enough never to refuse): RPM, TPM, concurrency, a budget.
-async fn create_key(admin: &str) -> anyhow::Result<String> {
+pub async fn create_key(admin: &str) -> anyhow::Result<String> {
     let c = reqwest::Client::new();
     let post = |path: &str, body: serde_json::Value| {
         c.post(format!("{admin}/admin/v1/{path}")).bearer_auth(ADMIN).json(&body).send()

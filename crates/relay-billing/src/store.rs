@@ -57,9 +57,19 @@ const INSERT_ACCOUNT: &str = "INSERT INTO ledger_accounts (id, kind, currency, c
 const INSERT_ENTRY: &str = "INSERT INTO ledger_entries (txn_id, seq, account_id, amount_micros, currency) \
     VALUES {rows}";
 
-/// `sql` with `{rows}` replaced by `rows` groups of `cols` numbered placeholders.
-fn multi_row(sql: &str, rows: usize, cols: usize) -> String {
-    let mut groups = String::with_capacity(rows * cols * 5);
+/// `sql` with `{rows}` replaced by `rows` groups of `cols` numbered placeholders. Statements are constants
+/// and batches are split into a few fixed sizes ([`relay_db::Tx::row_chunks`]), so each text is built once.
+fn multi_row(sql: &'static str, rows: usize, cols: usize) -> std::sync::Arc<str> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, LazyLock, Mutex};
+    type Built = HashMap<(usize, usize, usize), Arc<str>>;
+    static BUILT: LazyLock<Mutex<Built>> = LazyLock::new(Default::default);
+    let key = (sql.as_ptr() as usize, rows, cols);
+    let lock = || BUILT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(hit) = lock().get(&key) {
+        return hit.clone();
+    }
+    let mut groups = String::with_capacity(rows * cols * 6);
     for r in 0..rows {
         groups.push_str(if r == 0 { "(" } else { ", (" });
         for c in 0..cols {
@@ -71,24 +81,25 @@ fn multi_row(sql: &str, rows: usize, cols: usize) -> String {
         }
         groups.push(')');
     }
-    sql.replace("{rows}", &groups)
+    let built: Arc<str> = sql.replace("{rows}", &groups).into();
+    let mut kept = lock();
+    if kept.len() < 256 {
+        kept.insert(key, built.clone());
+    }
+    built
 }
 
-/// Rows of `cols` columns that fit one statement on this backend.
-fn rows_per_statement(tx: &relay_db::Tx, cols: usize) -> usize {
-    (tx.max_params() / cols).clamp(1, 1000)
-}
-
-/// Runs `sql` once per chunk of as many rows as one statement takes.
+/// Runs `sql` once per chunk of rows ([`relay_db::Tx::row_chunks`]).
 async fn insert_rows(
     tx: &mut relay_db::Tx,
-    sql: &str,
+    sql: &'static str,
     cols: usize,
     rows: Vec<Vec<Arg>>,
 ) -> anyhow::Result<()> {
-    for chunk in rows.chunks(rows_per_statement(tx, cols)) {
-        let args: Vec<Arg> = chunk.iter().flatten().cloned().collect();
-        tx.execute(&multi_row(sql, chunk.len(), cols), &args).await?;
+    let mut rows = rows.into_iter();
+    for size in tx.row_chunks(rows.len(), cols) {
+        let args: Vec<Arg> = rows.by_ref().take(size).flatten().collect();
+        tx.execute(&multi_row(sql, size, cols), &args).await?;
     }
     Ok(())
 }
@@ -237,10 +248,13 @@ impl UsageStore {
         }
         let mut tx = self.db.begin().await?;
         let mut inserted = std::collections::HashSet::new();
-        for chunk in firsts.chunks(rows_per_statement(&tx, RECORD_COLUMNS)) {
+        let mut rest = &firsts[..];
+        for size in tx.row_chunks(firsts.len(), RECORD_COLUMNS) {
+            let (chunk, later) = rest.split_at(size);
+            rest = later;
             let args: Vec<Arg> =
                 chunk.iter().flat_map(|&i| record_args(items[i].0, items[i].1, now)).collect();
-            let sql = multi_row(INSERT, chunk.len(), RECORD_COLUMNS);
+            let sql = multi_row(INSERT, size, RECORD_COLUMNS);
             for row in tx.fetch(&sql, &args, &[Col::Text]).await? {
                 inserted.insert(row.into_iter().next().map(Val::into_text).unwrap_or_default());
             }

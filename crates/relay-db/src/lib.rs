@@ -47,9 +47,10 @@ impl Db {
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
                 .busy_timeout(Duration::from_secs(5))
-                // Multi-row inserts differ by row count; a prepared statement of thousands of parameters
-                // is large, and a hundred of them per connection was most of an idle relay's memory.
-                .statement_cache_capacity(16);
+                // Multi-row inserts come in a few fixed row counts (`Tx::row_chunks`), each prepared once
+                // per connection; a prepared statement of thousands of parameters is large, so the cache
+                // stays bounded (a hundred of them per connection was most of an idle relay's memory).
+                .statement_cache_capacity(32);
             // In-memory databases are per connection: keep exactly one.
             let max = if url.contains(":memory:") { 1 } else { 4 };
             let pool = SqlitePoolOptions::new().max_connections(max).connect_with(opts).await?;
@@ -104,7 +105,30 @@ fn migrator(files: &'static [(i64, &'static str, &'static str)]) -> Migrator {
 /// each once (every insert does), they become anonymous `?`s: SQLite looks a named parameter up by a
 /// linear scan, so binding the hundreds of a multi-row insert by name costs O(n²) (it was the largest
 /// item of an embedded relay's CPU profile). Otherwise `$n` → `?n` (both positional).
-pub fn sqlite_sql(sql: &str) -> sqlx::AssertSqlSafe<String> {
+///
+/// The rewrite of each distinct statement is kept (up to [`REWRITES_KEPT`] of them): the same text comes
+/// back for every batch of the same size, and rewriting a multi-row insert cost as much as binding it.
+pub fn sqlite_sql(sql: &str) -> sqlx::AssertSqlSafe<std::sync::Arc<str>> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, LazyLock, Mutex};
+    static KEPT: LazyLock<Mutex<HashMap<Box<str>, Arc<str>>>> = LazyLock::new(Default::default);
+    let lock = || KEPT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(hit) = lock().get(sql) {
+        return sqlx::AssertSqlSafe(hit.clone());
+    }
+    let rewritten: Arc<str> = rewrite_placeholders(sql).into();
+    let mut kept = lock();
+    if kept.len() < REWRITES_KEPT {
+        kept.insert(sql.into(), rewritten.clone());
+    }
+    sqlx::AssertSqlSafe(rewritten)
+}
+
+/// Distinct statements whose SQLite rewrite is kept (statements are constants and a few fixed batch
+/// sizes, so this is never reached in practice; past it, statements are rewritten each time).
+pub const REWRITES_KEPT: usize = 512;
+
+fn rewrite_placeholders(sql: &str) -> String {
     let (mut anon, mut expected, mut in_order) = (String::with_capacity(sql.len()), 1u64, true);
     let mut chars = sql.char_indices().peekable();
     while let Some((_, c)) = chars.next() {
@@ -121,7 +145,7 @@ pub fn sqlite_sql(sql: &str) -> sqlx::AssertSqlSafe<String> {
         expected += 1;
         anon.push('?');
     }
-    if in_order { sqlx::AssertSqlSafe(anon) } else { sqlx::AssertSqlSafe(sql.replace('$', "?")) }
+    if in_order { anon } else { sql.replace('$', "?") }
 }
 
 /// Runs one query on either backend: `db_query!(db, SQL, [binds..], fetch_optional, map_fn)`. `SQL` uses
@@ -150,8 +174,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn multi_row_inserts_split_into_fixed_sizes_on_sqlite_and_as_few_as_fit_on_postgres() {
+        use crate::sql::row_chunks;
+        assert_eq!(
+            row_chunks(true, 4096, 1023, 33),
+            [vec![64; 15], vec![16; 3], vec![4; 3], vec![1; 3]].concat()
+        );
+        assert_eq!(row_chunks(true, 4096, 5, 33), [4, 1]);
+        assert_eq!(row_chunks(true, 4096, 0, 33), Vec::<usize>::new());
+        // Sizes past what one statement takes are skipped.
+        assert_eq!(row_chunks(true, 100, 40, 10), [4, 4, 4, 4, 4, 4, 4, 4, 4, 4]);
+        assert_eq!(row_chunks(false, 65_535, 1500, 33), [1000, 500]);
+        assert_eq!(row_chunks(false, 65_535, 7, 33), [7]);
+        for n in 0..300 {
+            assert_eq!(row_chunks(true, 4096, n, 5).iter().sum::<usize>(), n);
+        }
+    }
+
+    #[test]
     fn placeholders_in_order_become_anonymous() {
-        let q = |s: &str| sqlite_sql(s).0;
+        let q = |s: &str| sqlite_sql(s).0.to_string();
         assert_eq!(q("INSERT INTO t VALUES ($1, $2), ($3, $4)"), "INSERT INTO t VALUES (?, ?), (?, ?)");
         assert_eq!(q("SELECT * FROM t WHERE a = $2 AND b = $1"), "SELECT * FROM t WHERE a = ?2 AND b = ?1");
         assert_eq!(q("UPDATE t SET a = $1 WHERE b = $1"), "UPDATE t SET a = ?1 WHERE b = ?1");

@@ -121,6 +121,15 @@ impl Tx {
         }
     }
 
+    /// The row counts, in order, of the statements a multi-row insert of `rows` rows of `cols` columns is
+    /// split into. SQLite: counts from a fixed set (64, 16, 4, 1), so every statement's text repeats and its
+    /// prepared form comes from the statement cache (preparing a multi-row insert of a new size cost more
+    /// than running it, and SQLite has no round trip to save). Postgres: as few statements as fit (each is
+    /// a round trip).
+    pub fn row_chunks(&self, rows: usize, cols: usize) -> Vec<usize> {
+        row_chunks(matches!(self, Self::Sqlite(_)), self.max_params(), rows, cols)
+    }
+
     /// Runs one statement; returns the rows it affected.
     pub async fn execute(&mut self, sql: &str, args: &[Arg]) -> anyhow::Result<u64> {
         Ok(match self {
@@ -205,6 +214,27 @@ impl Db {
         }
         Ok(out)
     }
+}
+
+/// [`Tx::row_chunks`] for a backend that takes `max_params` parameters per statement.
+pub(crate) fn row_chunks(fixed_sizes: bool, max_params: usize, rows: usize, cols: usize) -> Vec<usize> {
+    let fit = (max_params / cols.max(1)).clamp(1, 1000);
+    let mut out = Vec::new();
+    let mut left = rows;
+    if !fixed_sizes {
+        while left > 0 {
+            out.push(left.min(fit));
+            left -= left.min(fit);
+        }
+        return out;
+    }
+    for size in [64, 16, 4, 1].into_iter().filter(|s| *s <= fit || *s == 1) {
+        while left >= size {
+            out.push(size);
+            left -= size;
+        }
+    }
+    out
 }
 
 /// Is this error the database being unreachable or overloaded (worth retrying as is), rather than a

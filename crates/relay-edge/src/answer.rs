@@ -100,14 +100,15 @@ pub async fn respond(edge: Edge, call: ChatCall, rec: UsageRecord) -> Response {
     let left = CancellationToken::new();
     let _client_gone = left.clone().drop_guard();
     let task_edge = edge.clone();
-    edge.inner.background.spawn(
+    // Boxed: the call's state machine is large; the task is moved by pointer, not copied into the runtime.
+    edge.inner.background.spawn(Box::pin(
         async move {
             let resp = run(task_edge, call, rec, left, &tx).await;
             // Err = the client left: a stream body dropped here applies the policy itself.
             let _ = tx.send(resp);
         }
         .in_current_span(),
-    );
+    ));
     rx.await
         .unwrap_or_else(|_| inbound.error(RelayError::internal("the answer task ended without an answer")))
 }

@@ -15,6 +15,9 @@
 //!   one starts on the next candidate; the first to answer wins, the other is cancelled and its input
 //!   recorded as hedge overhead.
 
+use std::sync::LazyLock;
+
+use relay_telemetry::handles::HandleCache;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Instant;
@@ -210,23 +213,50 @@ fn ended(
             _ => relay_select::Outcome::Failed { code: e.code, upstream_status: e.upstream_status },
         },
     };
+    let series = deployment_series(dep);
     if let Some(t) = edge.inner.selector.record(&dep.id, outcome) {
         let open = matches!(t, relay_select::Transition::Opened { .. });
-        metrics::gauge!("relay_edge_breaker_open", "deployment" => dep.id.clone())
-            .set(f64::from(u8::from(open)));
+        series.breaker.set(f64::from(u8::from(open)));
         edge.announce(t.message(&dep.id));
     } else if err.is_none() {
         // Present (0) for every deployment that answered, so dashboards show closed breakers too.
-        metrics::gauge!("relay_edge_breaker_open", "deployment" => dep.id.clone()).set(0.0);
+        series.breaker.set(0.0);
     }
-    let label = err.map_or("answered", |e| e.code.as_str());
-    metrics::counter!("relay_edge_upstream_attempts_total", "deployment" => dep.id.clone(), "result" => label)
-        .increment(1);
-    if err.is_none() {
-        metrics::histogram!("relay_edge_upstream_answer_seconds", "provider" => dep.provider.clone(), "deployment" => dep.id.clone())
-            .record(began.elapsed().as_secs_f64());
+    match err {
+        None => {
+            series.answered.increment(1);
+            series.answer_seconds.record(began.elapsed().as_secs_f64());
+        }
+        Some(e) => {
+            static FAILED: LazyLock<HandleCache<metrics::Counter>> = LazyLock::new(|| HandleCache::new(4096));
+            FAILED
+                .counter(
+                    "relay_edge_upstream_attempts_total",
+                    &["deployment", "result"],
+                    &[&dep.id, e.code.as_str()],
+                )
+                .increment(1);
+        }
     }
-    metrics::gauge!("relay_edge_retry_budget_left").set(edge.inner.selector.retry_budget_left());
+    static BUDGET: LazyLock<metrics::Gauge> =
+        LazyLock::new(|| metrics::gauge!("relay_edge_retry_budget_left"));
+    BUDGET.set(edge.inner.selector.retry_budget_left());
+}
+
+/// The series one deployment's attempts update, resolved once.
+struct DeploymentSeries {
+    breaker: metrics::Gauge,
+    answered: metrics::Counter,
+    answer_seconds: metrics::Histogram,
+}
+
+fn deployment_series(dep: &Deployment) -> std::sync::Arc<DeploymentSeries> {
+    static KEPT: LazyLock<HandleCache<DeploymentSeries>> = LazyLock::new(|| HandleCache::new(4096));
+    KEPT.get(&[&dep.id, &dep.provider], || DeploymentSeries {
+        breaker: metrics::gauge!("relay_edge_breaker_open", "deployment" => dep.id.clone()),
+        answered: metrics::counter!("relay_edge_upstream_attempts_total", "deployment" => dep.id.clone(), "result" => "answered"),
+        answer_seconds: metrics::histogram!("relay_edge_upstream_answer_seconds", "provider" => dep.provider.clone(), "deployment" => dep.id.clone()),
+    })
 }
 
 /// Admits one attempt against its deployment's upstream account limits (shared by every replica). The

@@ -9,6 +9,7 @@ use metrics::Label;
 use relay_core::ErrorCode;
 use relay_core::pb::events::v1::{Outcome, UsageEvent};
 use relay_telemetry::access_log;
+use relay_telemetry::handles::HandleCache;
 use relay_telemetry::redact::secrets;
 use std::borrow::Cow;
 
@@ -59,12 +60,10 @@ impl TokenClock {
             None => {
                 let ttft = now.duration_since(started);
                 self.ttft_ms = Some(u64::try_from(ttft.as_millis()).unwrap_or(u64::MAX).max(1));
-                let mut labels = model_labels(ev);
-                labels.push(Label::new("route", route.to_owned()));
-                metrics::histogram!("relay_llm_time_to_first_token_seconds", labels)
-                    .record(ttft.as_secs_f64());
-                // Resolved once per stream: each later gap is a lock-free record.
-                self.gaps = Some(metrics::histogram!("relay_llm_inter_token_seconds", model_labels(ev)));
+                let series = answer_series(ev, route);
+                series.ttft.record(ttft.as_secs_f64());
+                // Each later gap is a lock-free record.
+                self.gaps = Some(series.gaps.clone());
             }
             Some(last) => {
                 if let Some(h) = &self.gaps {
@@ -76,16 +75,81 @@ impl TokenClock {
     }
 }
 
+/// Label sets kept per process (model groups × deployments × routes × statuses are configured, so few).
+const SERIES_KEPT: usize = 4096;
+
+/// What one (model group, provider, deployment, route) records as its answers arrive.
+struct AnswerSeries {
+    ttft: metrics::Histogram,
+    gaps: metrics::Histogram,
+    /// Input, output, cached input, cache write, reasoning.
+    tokens: [metrics::Counter; 5],
+}
+
+const TOKEN_KINDS: [&str; 5] = ["input", "output", "cached_input", "cache_write", "reasoning"];
+
+/// What one (model group, provider, deployment, route, status, outcome, currency) records at the end.
+struct EndSeries {
+    requests: metrics::Counter,
+    duration: metrics::Histogram,
+    /// Registered by the first priced answer (an unpriced group shows no cost series).
+    cost: std::sync::OnceLock<metrics::Counter>,
+}
+
 /// The model group (only once routing resolved it: a name a client made up is never a label), provider
 /// and deployment.
-fn model_labels(ev: &UsageEvent) -> Vec<Label> {
+fn model_values<'a>(ev: &'a UsageEvent) -> [&'a str; 3] {
     let routed = !ev.deployment_id.is_empty();
-    let or_none = |s: &str| if s.is_empty() { "none".to_owned() } else { s.to_owned() };
-    vec![
-        Label::new("model", if routed { ev.model.clone() } else { "unrouted".to_owned() }),
-        Label::new("provider", or_none(&ev.provider)),
-        Label::new("deployment", or_none(&ev.deployment_id)),
-    ]
+    let or_none = |v: &'a str| if v.is_empty() { "none" } else { v };
+    [if routed { ev.model.as_str() } else { "unrouted" }, or_none(&ev.provider), or_none(&ev.deployment_id)]
+}
+
+fn labels(names: &[&'static str], values: &[&str]) -> Vec<Label> {
+    names.iter().zip(values).map(|(k, v)| Label::new(*k, (*v).to_owned())).collect()
+}
+
+fn answer_series(ev: &UsageEvent, route: &str) -> std::sync::Arc<AnswerSeries> {
+    static KEPT: std::sync::LazyLock<HandleCache<AnswerSeries>> =
+        std::sync::LazyLock::new(|| HandleCache::new(SERIES_KEPT));
+    let [model, provider, deployment] = model_values(ev);
+    let values = [model, provider, deployment, route];
+    KEPT.get(&values, || {
+        let base = ["model", "provider", "deployment"];
+        let mut with_route = labels(&base, &values[..3]);
+        with_route.push(Label::new("route", route.to_owned()));
+        AnswerSeries {
+            ttft: metrics::histogram!("relay_llm_time_to_first_token_seconds", with_route),
+            gaps: metrics::histogram!("relay_llm_inter_token_seconds", labels(&base, &values[..3])),
+            tokens: TOKEN_KINDS.map(|kind| {
+                let mut l = labels(&base, &values[..3]);
+                l.push(Label::new("kind", kind));
+                metrics::counter!("relay_llm_tokens_total", l)
+            }),
+        }
+    })
+}
+
+fn end_series(ev: &UsageEvent, route: &str, currency: &str) -> std::sync::Arc<EndSeries> {
+    static KEPT: std::sync::LazyLock<HandleCache<EndSeries>> =
+        std::sync::LazyLock::new(|| HandleCache::new(SERIES_KEPT));
+    let [model, provider, deployment] = model_values(ev);
+    let mut buf = [0; 10];
+    let status = relay_telemetry::handles::decimal(&mut buf, ev.http_status);
+    let outcome = outcome_label(ev);
+    let values = [model, provider, deployment, route, status, outcome, currency];
+    KEPT.get(&values, || {
+        let base = labels(&["model", "provider", "deployment", "route"], &values[..4]);
+        let with = |k: &'static str, v: &str| {
+            let mut l = base.clone();
+            l.push(Label::new(k, v.to_owned()));
+            l
+        };
+        EndSeries {
+            requests: metrics::counter!("relay_llm_requests_total", with("status", status)),
+            duration: metrics::histogram!("relay_llm_request_duration_seconds", with("outcome", outcome)),
+            cost: std::sync::OnceLock::new(),
+        }
+    })
 }
 
 fn outcome_label(ev: &UsageEvent) -> &'static str {
@@ -104,43 +168,38 @@ pub(crate) fn finished(
     clock: &TokenClock,
     content: Option<Content>,
 ) {
-    let labels = model_labels(ev);
-    let with = |extra: [(&'static str, String); 2]| {
-        let mut l = labels.clone();
-        l.extend(extra.into_iter().map(|(k, v)| Label::new(k, v)));
-        l
-    };
-    metrics::counter!(
-        "relay_llm_requests_total",
-        with([("route", route.to_owned()), ("status", ev.http_status.to_string())])
-    )
-    .increment(1);
-    metrics::histogram!(
-        "relay_llm_request_duration_seconds",
-        with([("route", route.to_owned()), ("outcome", outcome_label(ev).to_owned())])
-    )
-    .record(ev.duration_ms as f64 / 1000.0);
+    let cost = ev.cost.as_ref();
+    let currency = cost.map_or("", |c| c.currency.as_str());
+    let end = end_series(ev, route, if currency.is_empty() { "none" } else { currency });
+    end.requests.increment(1);
+    end.duration.record(ev.duration_ms as f64 / 1000.0);
     let usage = if ev.cache_hit { Default::default() } else { ev.usage.unwrap_or_default() };
-    for (kind, n) in [
-        ("input", usage.input_tokens),
-        ("output", usage.output_tokens),
-        ("cached_input", usage.cached_input_tokens),
-        ("cache_write", usage.cache_write_tokens),
-        ("reasoning", usage.reasoning_tokens),
-    ] {
-        if n > 0 {
-            let mut l = labels.clone();
-            l.push(Label::new("kind", kind));
-            metrics::counter!("relay_llm_tokens_total", l).increment(n);
+    let counts = [
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.cached_input_tokens,
+        usage.cache_write_tokens,
+        usage.reasoning_tokens,
+    ];
+    if counts.iter().any(|n| *n > 0) {
+        let series = answer_series(ev, route);
+        for (counter, n) in series.tokens.iter().zip(counts) {
+            if n > 0 {
+                counter.increment(n);
+            }
         }
     }
-    let cost = ev.cost.clone().unwrap_or_default();
-    if let Ok(micros) = u64::try_from(cost.micros)
+    if let Some(micros) = cost.and_then(|c| u64::try_from(c.micros).ok())
         && micros > 0
     {
-        let mut l = labels.clone();
-        l.push(Label::new("currency", cost.currency.clone()));
-        metrics::counter!("relay_llm_cost_micros_total", l).increment(micros);
+        let [model, provider, deployment] = model_values(ev);
+        end.cost
+            .get_or_init(|| {
+                let mut l = labels(&["model", "provider", "deployment"], &[model, provider, deployment]);
+                l.push(Label::new("currency", currency.to_owned()));
+                metrics::counter!("relay_llm_cost_micros_total", l)
+            })
+            .increment(micros);
     }
     // Errors answered before the stream began were counted with their response; these ended a stream.
     if ev.outcome() == Outcome::Error && ev.http_status == 200 {

@@ -159,10 +159,18 @@ fn finish(mut resp: Response, span: &tracing::Span, ctx: &RequestCtx) -> Respons
         resp.headers_mut().insert("x-request-id", v);
     }
     let route = &ctx.route;
-    metrics::counter!("relay_edge_requests_total", "route" => route.clone(), "status" => status.to_string())
-        .increment(1);
-    metrics::histogram!("relay_edge_request_duration_seconds", "route" => route.clone())
-        .record(ctx.started.elapsed().as_secs_f64());
+    {
+        use relay_telemetry::handles::{HandleCache, decimal};
+        use std::sync::LazyLock;
+        static REQUESTS: LazyLock<HandleCache<metrics::Counter>> = LazyLock::new(|| HandleCache::new(4096));
+        static DURATION: LazyLock<HandleCache<metrics::Histogram>> = LazyLock::new(|| HandleCache::new(256));
+        let mut buf = [0; 10];
+        let status = decimal(&mut buf, u32::from(status));
+        REQUESTS.counter("relay_edge_requests_total", &["route", "status"], &[route, status]).increment(1);
+        DURATION
+            .histogram("relay_edge_request_duration_seconds", &["route"], &[route])
+            .record(ctx.started.elapsed().as_secs_f64());
+    }
     let code = resp.extensions().get::<relay_core::ErrorCode>().copied();
     if let Some(code) = code {
         crate::observe::errors(route, code);

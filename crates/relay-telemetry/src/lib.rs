@@ -7,6 +7,7 @@
 
 pub mod access_log;
 pub mod catalogue;
+pub mod handles;
 pub mod redact;
 
 use std::collections::HashMap;

@@ -23,11 +23,16 @@ fn every_recorded_metric_is_described_with_its_kind() {
     let mut found = 0;
     for file in files.iter().filter(|f| f.components().any(|c| c.as_os_str() == "src")) {
         let text = std::fs::read_to_string(file).unwrap();
-        for (macro_name, kind) in
-            [("counter!(", Kind::Counter), ("gauge!(", Kind::Gauge), ("histogram!(", Kind::Histogram)]
-        {
-            for (at, _) in text.match_indices(&format!("metrics::{macro_name}")) {
-                let rest = &text[at + "metrics::".len() + macro_name.len()..];
+        // The macros, and the handle caches' methods (`relay_telemetry::handles`).
+        for (call, kind) in [
+            ("metrics::counter!(", Kind::Counter),
+            ("metrics::gauge!(", Kind::Gauge),
+            ("metrics::histogram!(", Kind::Histogram),
+            (".counter(", Kind::Counter),
+            (".histogram(", Kind::Histogram),
+        ] {
+            for (at, _) in text.match_indices(call) {
+                let rest = &text[at + call.len()..];
                 let rest = rest.trim_start();
                 // Only literal names; a name passed in a variable is the catalogue's own loop.
                 let Some(rest) = rest.strip_prefix('"') else { continue };

@@ -5,6 +5,7 @@ pub mod anthropic;
 pub mod demo;
 pub mod gemini;
 pub mod openai;
+mod openai_wire;
 
 use bytes::Bytes;
 use futures_util::{StreamExt, stream};

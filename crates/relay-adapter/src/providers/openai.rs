@@ -5,6 +5,7 @@
 //! `stream_options.include_usage` forced on for streams, so usage is always exact). Other protocols in:
 //! converted through the neutral form.
 
+use super::openai_wire as wire;
 use std::collections::HashMap;
 
 use http::HeaderMap;
@@ -91,31 +92,36 @@ impl Dialect for OpenAi {
     }
 
     fn whole(&self, body: &[u8]) -> std::result::Result<Vec<Delta>, ()> {
-        let v: Value = serde_json::from_slice(body).map_err(|_| ())?;
-        let mut out = vec![Delta::Meta { id: str_of(&v["id"]), model: str_of(&v["model"]) }];
-        for (i, c) in v["choices"].as_array().ok_or(())?.iter().enumerate() {
-            let choice = c["index"].as_u64().unwrap_or(i as u64) as u32;
-            let m = &c["message"];
-            if let Some(t) = m["reasoning_content"].as_str().filter(|t| !t.is_empty()) {
-                out.push(Delta::Thinking { choice, text: t.to_owned() });
+        let v: wire::Answer = serde_json::from_slice(body).map_err(|_| ())?;
+        let mut out = vec![Delta::Meta { id: v.id.owned(), model: v.model.owned() }];
+        for (i, c) in v.choices.0.as_deref().ok_or(())?.iter().enumerate() {
+            let Some(c) = &c.0 else {
+                // Not an object: read as `{}` (finished, nothing said).
+                out.push(Delta::Finish { choice: i as u32, reason: Finish::Stop });
+                continue;
+            };
+            let choice = c.index.0.unwrap_or(i as u64) as u32;
+            if let Some(m) = &c.message.0 {
+                if let Some(t) = m.reasoning_content.as_str().filter(|t| !t.is_empty()) {
+                    out.push(Delta::Thinking { choice, text: t.to_owned() });
+                }
+                if let Some(t) = m.content.as_str() {
+                    out.push(Delta::Text { choice, text: t.to_owned() });
+                }
+                for (j, tc) in m.tool_calls.items().iter().enumerate() {
+                    let index = j as u32;
+                    let tc = tc.0.as_ref();
+                    let f = tc.and_then(|t| t.function.0.as_ref());
+                    let id = tc.and_then(|t| t.id.owned()).unwrap_or_default();
+                    let name = f.and_then(|f| f.name.owned()).unwrap_or_default();
+                    out.push(Delta::ToolCallStart { choice, index, id, name });
+                    let fragment = f.and_then(|f| f.arguments.owned()).unwrap_or_default();
+                    out.push(Delta::ToolCallArgs { choice, index, fragment });
+                }
             }
-            if let Some(t) = m["content"].as_str() {
-                out.push(Delta::Text { choice, text: t.to_owned() });
-            }
-            for (j, tc) in m["tool_calls"].as_array().into_iter().flatten().enumerate() {
-                let index = j as u32;
-                let id = str_of(&tc["id"]).unwrap_or_default();
-                let name = str_of(&tc["function"]["name"]).unwrap_or_default();
-                out.push(Delta::ToolCallStart { choice, index, id, name });
-                let fragment = str_of(&tc["function"]["arguments"]).unwrap_or_default();
-                out.push(Delta::ToolCallArgs { choice, index, fragment });
-            }
-            out.push(Delta::Finish {
-                choice,
-                reason: finish_of(c["finish_reason"].as_str().unwrap_or("stop")),
-            });
+            out.push(Delta::Finish { choice, reason: finish_of(c.finish_reason.as_str().unwrap_or("stop")) });
         }
-        out.push(Delta::Usage(usage_of(&v["usage"])));
+        out.push(Delta::Usage(v.usage.0.as_ref().map(wire::Usage::to_usage).unwrap_or_default()));
         Ok(out)
     }
 
@@ -134,28 +140,12 @@ impl Dialect for OpenAi {
     }
 }
 
-fn str_of(v: &Value) -> Option<String> {
-    v.as_str().map(str::to_owned)
-}
-
 pub fn finish_of(s: &str) -> Finish {
     match s {
         "length" => Finish::Length,
         "tool_calls" | "function_call" => Finish::ToolCalls,
         "content_filter" => Finish::ContentFilter,
         _ => Finish::Stop,
-    }
-}
-
-pub fn usage_of(u: &Value) -> TokenUsage {
-    let n = |v: &Value| v.as_u64().unwrap_or(0);
-    TokenUsage {
-        input_tokens: n(&u["prompt_tokens"]),
-        output_tokens: n(&u["completion_tokens"]),
-        cached_input_tokens: n(&u["prompt_tokens_details"]["cached_tokens"]),
-        cache_write_tokens: 0,
-        reasoning_tokens: n(&u["completion_tokens_details"]["reasoning_tokens"]),
-        ..Default::default()
     }
 }
 
@@ -283,48 +273,52 @@ impl Decoder for StreamDecoder {
             self.done = true;
             return Ok(vec![]);
         }
-        let v: Value = serde_json::from_str(&ev.data).map_err(|_| {
+        let invalid = || {
             relay_core::RelayError::new(
                 relay_core::ErrorCode::UpstreamProtocol,
                 "upstream sent an invalid stream event",
             )
-        })?;
-        if v.get("error").is_some_and(|e| !e.is_null()) {
+        };
+        let v: wire::Answer = serde_json::from_str(&ev.data).map_err(|_| invalid())?;
+        if v.error.0 {
+            let v: Value = serde_json::from_str(&ev.data).map_err(|_| invalid())?;
             return Err(in_band_error("openai", &v));
         }
         let mut out = Vec::new();
-        if v["id"].is_string() {
-            out.push(Delta::Meta { id: str_of(&v["id"]), model: str_of(&v["model"]) });
+        if v.id.0.is_some() {
+            out.push(Delta::Meta { id: v.id.owned(), model: v.model.owned() });
         }
-        for c in v["choices"].as_array().into_iter().flatten() {
-            let choice = c["index"].as_u64().unwrap_or(0) as u32;
-            let d = &c["delta"];
-            if let Some(t) = d["reasoning_content"].as_str().filter(|t| !t.is_empty()) {
-                out.push(Delta::Thinking { choice, text: t.to_owned() });
-            }
-            if let Some(t) = d["content"].as_str().filter(|t| !t.is_empty()) {
-                out.push(Delta::Text { choice, text: t.to_owned() });
-            }
-            for tc in d["tool_calls"].as_array().into_iter().flatten() {
-                let index = tc["index"].as_u64().unwrap_or(0) as u32;
-                let started = self.started.entry(choice).or_default();
-                if !started.contains(&index) {
-                    started.push(index);
-                    let id = str_of(&tc["id"]).unwrap_or_else(|| format!("call_{choice}_{index}"));
-                    let name = str_of(&tc["function"]["name"]).unwrap_or_default();
-                    out.push(Delta::ToolCallStart { choice, index, id, name });
+        for c in v.choices.items().iter().filter_map(|c| c.0.as_ref()) {
+            let choice = c.index.0.unwrap_or(0) as u32;
+            if let Some(d) = &c.delta.0 {
+                if let Some(t) = d.reasoning_content.as_str().filter(|t| !t.is_empty()) {
+                    out.push(Delta::Thinking { choice, text: t.to_owned() });
                 }
-                if let Some(a) = tc["function"]["arguments"].as_str().filter(|a| !a.is_empty()) {
-                    out.push(Delta::ToolCallArgs { choice, index, fragment: a.to_owned() });
+                if let Some(t) = d.content.as_str().filter(|t| !t.is_empty()) {
+                    out.push(Delta::Text { choice, text: t.to_owned() });
+                }
+                for tc in d.tool_calls.items().iter().filter_map(|t| t.0.as_ref()) {
+                    let index = tc.index.0.unwrap_or(0) as u32;
+                    let f = tc.function.0.as_ref();
+                    let started = self.started.entry(choice).or_default();
+                    if !started.contains(&index) {
+                        started.push(index);
+                        let id = tc.id.owned().unwrap_or_else(|| format!("call_{choice}_{index}"));
+                        let name = f.and_then(|f| f.name.owned()).unwrap_or_default();
+                        out.push(Delta::ToolCallStart { choice, index, id, name });
+                    }
+                    if let Some(a) = f.and_then(|f| f.arguments.as_str()).filter(|a| !a.is_empty()) {
+                        out.push(Delta::ToolCallArgs { choice, index, fragment: a.to_owned() });
+                    }
                 }
             }
-            if let Some(r) = c["finish_reason"].as_str() {
+            if let Some(r) = c.finish_reason.as_str() {
                 self.finished = true;
                 out.push(Delta::Finish { choice, reason: finish_of(r) });
             }
         }
-        if v["usage"].is_object() {
-            out.push(Delta::Usage(usage_of(&v["usage"])));
+        if let Some(u) = &v.usage.0 {
+            out.push(Delta::Usage(u.to_usage()));
         }
         Ok(out)
     }
