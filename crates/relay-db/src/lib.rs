@@ -47,10 +47,11 @@ impl Db {
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
                 .busy_timeout(Duration::from_secs(5))
-                // Multi-row inserts come in a few fixed row counts (`Tx::row_chunks`), each prepared once
-                // per connection; a prepared statement of thousands of parameters is large, so the cache
-                // stays bounded (a hundred of them per connection was most of an idle relay's memory).
-                .statement_cache_capacity(32);
+                // Multi-row inserts come in a few fixed row counts (`Tx::row_chunks`: about ten per
+                // table), each prepared once per connection; a prepared statement of thousands of
+                // parameters is large, so the cache stays bounded (a hundred of them per connection was
+                // most of an idle relay's memory).
+                .statement_cache_capacity(48);
             // In-memory databases are per connection: keep exactly one.
             let max = if url.contains(":memory:") { 1 } else { 4 };
             let pool = SqlitePoolOptions::new().max_connections(max).connect_with(opts).await?;
@@ -174,20 +175,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn multi_row_inserts_split_into_fixed_sizes_on_sqlite_and_as_few_as_fit_on_postgres() {
+    fn multi_row_inserts_split_into_full_statements_then_powers_of_two_on_sqlite() {
         use crate::sql::row_chunks;
-        assert_eq!(
-            row_chunks(true, 4096, 1023, 33),
-            [vec![64; 15], vec![16; 3], vec![4; 3], vec![1; 3]].concat()
-        );
+        // 4096 parameters / 33 columns: 124 rows per statement.
+        assert_eq!(row_chunks(true, 4096, 1023, 33), [vec![124; 8], vec![16, 8, 4, 2, 1]].concat());
         assert_eq!(row_chunks(true, 4096, 5, 33), [4, 1]);
         assert_eq!(row_chunks(true, 4096, 0, 33), Vec::<usize>::new());
-        // Sizes past what one statement takes are skipped.
-        assert_eq!(row_chunks(true, 100, 40, 10), [4, 4, 4, 4, 4, 4, 4, 4, 4, 4]);
         assert_eq!(row_chunks(false, 65_535, 1500, 33), [1000, 500]);
         assert_eq!(row_chunks(false, 65_535, 7, 33), [7]);
-        for n in 0..300 {
-            assert_eq!(row_chunks(true, 4096, n, 5).iter().sum::<usize>(), n);
+        for n in 0..600 {
+            let sizes = row_chunks(true, 4096, n, 5);
+            assert_eq!(sizes.iter().sum::<usize>(), n);
+            assert!(sizes.iter().all(|s| *s == 819 || s.is_power_of_two()), "{sizes:?}");
         }
     }
 

@@ -122,10 +122,10 @@ impl Tx {
     }
 
     /// The row counts, in order, of the statements a multi-row insert of `rows` rows of `cols` columns is
-    /// split into. SQLite: counts from a fixed set (64, 16, 4, 1), so every statement's text repeats and its
-    /// prepared form comes from the statement cache (preparing a multi-row insert of a new size cost more
-    /// than running it, and SQLite has no round trip to save). Postgres: as few statements as fit (each is
-    /// a round trip).
+    /// split into: as many full statements as fit, then the rest. SQLite: the rest in powers of two, so
+    /// every statement's text repeats and its prepared form comes from the statement cache (preparing a
+    /// multi-row insert of a new size cost more than running it, and SQLite has no round trip to save).
+    /// Postgres: the rest in one statement (each is a round trip).
     pub fn row_chunks(&self, rows: usize, cols: usize) -> Vec<usize> {
         row_chunks(matches!(self, Self::Sqlite(_)), self.max_params(), rows, cols)
     }
@@ -219,20 +219,19 @@ impl Db {
 /// [`Tx::row_chunks`] for a backend that takes `max_params` parameters per statement.
 pub(crate) fn row_chunks(fixed_sizes: bool, max_params: usize, rows: usize, cols: usize) -> Vec<usize> {
     let fit = (max_params / cols.max(1)).clamp(1, 1000);
-    let mut out = Vec::new();
-    let mut left = rows;
+    let mut out = vec![fit; rows / fit];
+    let mut left = rows % fit;
     if !fixed_sizes {
-        while left > 0 {
-            out.push(left.min(fit));
-            left -= left.min(fit);
+        if left > 0 {
+            out.push(left);
         }
         return out;
     }
-    for size in [64, 16, 4, 1].into_iter().filter(|s| *s <= fit || *s == 1) {
-        while left >= size {
-            out.push(size);
-            left -= size;
-        }
+    // The rest in powers of two, largest first.
+    while left > 0 {
+        let size = 1 << left.ilog2();
+        out.push(size);
+        left -= size;
     }
     out
 }

@@ -20,6 +20,21 @@ pub const RECHECK: Duration = Duration::from_secs(30);
 pub const REFRESH: Duration = Duration::from_secs(2);
 /// Longest wait for billing's answer.
 const LEDGER_TIMEOUT: Duration = Duration::from_secs(2);
+/// After billing failed to answer for a scope's books, they are not asked again for this long: callers
+/// get the failure at once (their `fail_open`/`fail_closed` policy applies) instead of each starting a
+/// read that a slow ledger would not finish either.
+pub const BOOKS_BACKOFF: Duration = Duration::from_secs(5);
+
+/// (spent in the period, every top-up) as the books said, or why they could not be read.
+type Books = Result<(i64, i64), RelayError>;
+
+/// One scope-and-period's read of the books: at most one in flight; who waited for it takes its answer.
+#[derive(Default)]
+struct Flight {
+    lock: Arc<tokio::sync::Mutex<()>>,
+    /// When the last read ended, and what it gave ((spent, top-ups), or the failure).
+    last: Option<(Instant, Books)>,
+}
 
 pub struct Seeder {
     billing: Arc<dyn Billing>,
@@ -28,12 +43,20 @@ pub struct Seeder {
     /// Counter key -> when this process last made sure it exists.
     checked: Mutex<HashMap<String, Instant>>,
     recheck: Option<Duration>,
+    /// (scope, period start, period end) -> its read of the books.
+    flights: Mutex<HashMap<(String, i64, i64), Flight>>,
 }
 
 impl Seeder {
     /// `recheck`: look again after this long (Redis can lose data); `None`: once per process (memory).
     pub fn new(billing: Arc<dyn Billing>, recheck: Option<Duration>) -> Self {
-        Self { billing, prepaid: Mutex::new(HashMap::new()), checked: Mutex::new(HashMap::new()), recheck }
+        Self {
+            billing,
+            prepaid: Mutex::new(HashMap::new()),
+            checked: Mutex::new(HashMap::new()),
+            recheck,
+            flights: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Has this counter not been made sure of recently?
@@ -59,9 +82,40 @@ impl Seeder {
         Ok(self.books(scope, period, at_ms).await?.0)
     }
 
-    /// (spent in the period, all top-ups) for `scope`.
+    /// (spent in the period, all top-ups) for `scope`. Reads of the same scope and period share one
+    /// query (at startup every concurrent request meets the same unseeded counter, and summing a large
+    /// tenant's history once per request would flood the database), and a failed read is not repeated
+    /// for [`BOOKS_BACKOFF`].
     async fn books(&self, scope: &str, period: BudgetPeriod, at_ms: i64) -> Result<(i64, i64), RelayError> {
         let (from, to) = period_bounds(period, at_ms);
+        let key = (scope.to_owned(), from, to);
+        let asked = Instant::now();
+        let recent = |flights: &HashMap<(String, i64, i64), Flight>| {
+            let (at, r) = flights.get(&key)?.last.as_ref()?;
+            // A read that ended after this caller asked answers it; so does a recent failure.
+            (*at >= asked || (r.is_err() && at.elapsed() < BOOKS_BACKOFF)).then(|| r.clone())
+        };
+        let lock = {
+            let mut flights = self.flights.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(r) = recent(&flights) {
+                return r;
+            }
+            if flights.len() > 10_000 {
+                flights.retain(|_, f| Arc::strong_count(&f.lock) > 1);
+            }
+            flights.entry(key.clone()).or_default().lock.clone()
+        };
+        let _turn = lock.lock().await;
+        if let Some(r) = recent(&self.flights.lock().unwrap_or_else(std::sync::PoisonError::into_inner)) {
+            return r;
+        }
+        let r = self.read_books(scope, from, to).await;
+        let mut flights = self.flights.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        flights.entry(key).or_default().last = Some((Instant::now(), r.clone()));
+        r
+    }
+
+    async fn read_books(&self, scope: &str, from: i64, to: i64) -> Result<(i64, i64), RelayError> {
         let req = SpentRequest { scope: scope.to_owned(), from_unix_ms: from, to_unix_ms: to };
         match tokio::time::timeout(LEDGER_TIMEOUT, self.billing.spent(req)).await {
             Ok(Ok(r)) => Ok((r.spent.map_or(0, |m| m.micros), r.prepaid.map_or(0, |m| m.micros))),
@@ -183,6 +237,67 @@ pub fn unavailable() -> relay_core::contracts::Denial {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use relay_core::pb::billing::v1 as pb;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Billing whose books take 50 ms to read, and fail while `down`.
+    struct SlowBooks {
+        reads: AtomicUsize,
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl Billing for SlowBooks {
+        async fn get_usage(
+            &self,
+            _: pb::GetUsageRequest,
+        ) -> relay_core::contracts::Result<relay_core::pb::events::v1::UsageEvent> {
+            unreachable!()
+        }
+        async fn usage_summary(
+            &self,
+            _: pb::UsageSummaryRequest,
+        ) -> relay_core::contracts::Result<pb::UsageSummaryResponse> {
+            unreachable!()
+        }
+        async fn spent(&self, _: pb::SpentRequest) -> relay_core::contracts::Result<pb::SpentResponse> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if self.down.load(Ordering::SeqCst) {
+                return Err(RelayError::new(ErrorCode::Unavailable, "down"));
+            }
+            let micros = |m| Some(relay_core::pb::common::v1::Money { micros: m, currency: "USD".into() });
+            Ok(pb::SpentResponse { spent: micros(700), prepaid: micros(0) })
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_reads_of_one_scope_share_a_query_and_failures_back_off() {
+        let books = Arc::new(SlowBooks { reads: AtomicUsize::new(0), down: Default::default() });
+        let seeder = Arc::new(Seeder::new(books.clone(), None));
+        let at = 1_795_374_211_000;
+        let all: Vec<_> = (0..50)
+            .map(|_| {
+                let s = seeder.clone();
+                tokio::spawn(async move { s.spent("key:k", BudgetPeriod::Monthly, at).await })
+            })
+            .collect();
+        for t in all {
+            assert_eq!(t.await.unwrap().unwrap(), 700);
+        }
+        assert_eq!(books.reads.load(Ordering::SeqCst), 1, "one query for 50 waiting admissions");
+        // Another scope, or a later read of the same one, asks again.
+        seeder.spent("key:other", BudgetPeriod::Monthly, at).await.unwrap();
+        seeder.spent("key:k", BudgetPeriod::Monthly, at).await.unwrap();
+        assert_eq!(books.reads.load(Ordering::SeqCst), 3);
+
+        books.down.store(true, Ordering::SeqCst);
+        assert!(seeder.spent("key:k", BudgetPeriod::Monthly, at).await.is_err());
+        for _ in 0..20 {
+            assert!(seeder.spent("key:k", BudgetPeriod::Monthly, at).await.is_err(), "the failure stands");
+        }
+        assert_eq!(books.reads.load(Ordering::SeqCst), 4, "not asked again within the backoff");
+    }
 
     #[test]
     fn periods_are_utc_calendar_windows() {

@@ -104,25 +104,41 @@ pub fn flush(within: Duration) {
     }
 }
 
+/// How long the writer lets lines gather while they keep coming: one write (and no wake-up of this
+/// thread per request) every few milliseconds under load, instead of one per line.
+const LINGER: Duration = Duration::from_millis(5);
+
 fn write_lines(rx: &Receiver<Msg>, out: Box<dyn Write + Send>) {
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+    // Idle: sleep until a line comes. Busy: write what came, then wait `LINGER` for more.
     while let Ok(msg) = rx.recv() {
         let mut next = Some(msg);
-        // Everything already queued goes out in one write; flushed when the queue is empty.
-        while let Some(msg) = next.take() {
-            match msg {
-                Msg::Line(line) => {
-                    let _ = out.write_all(line.as_bytes());
-                    let _ = out.write_all(b"\n");
+        loop {
+            let mut wrote = false;
+            while let Some(msg) = next.take() {
+                match msg {
+                    Msg::Line(line) => {
+                        let _ = out.write_all(line.as_bytes());
+                        let _ = out.write_all(b"\n");
+                        wrote = true;
+                    }
+                    Msg::Flush(done) => {
+                        let _ = out.flush();
+                        let _ = done.try_send(());
+                    }
                 }
-                Msg::Flush(done) => {
-                    let _ = out.flush();
-                    let _ = done.try_send(());
-                }
+                next = rx.try_recv().ok();
             }
-            next = rx.try_recv().ok();
+            let _ = out.flush();
+            if !wrote {
+                break;
+            }
+            std::thread::sleep(LINGER);
+            match rx.try_recv() {
+                Ok(msg) => next = Some(msg),
+                Err(_) => break,
+            }
         }
-        let _ = out.flush();
     }
 }
 
