@@ -34,15 +34,19 @@ impl Target {
         Self { client, url: format!("{base}/v1/chat/completions"), key: key.to_owned() }
     }
 
-    pub async fn once(&self, body: &str) -> bool {
-        let r = self
-            .client
+    /// Sends one chat request; the answer's status says whether it was served.
+    pub async fn send(&self, body: &str) -> reqwest::Result<reqwest::Response> {
+        self.client
             .post(&self.url)
             .bearer_auth(&self.key)
             .header("content-type", "application/json")
             .body(body.to_owned())
             .send()
-            .await;
+            .await
+    }
+
+    pub async fn once(&self, body: &str) -> bool {
+        let r = self.send(body).await;
         match r {
             Ok(r) => {
                 let ok = r.status().is_success();

@@ -92,14 +92,7 @@ async fn streams(t: &Target, n: usize) -> Seen {
     for _ in 0..n {
         let (t, body) = (t.clone(), body.clone());
         tasks.push(tokio::spawn(async move {
-            let r = t
-                .client
-                .post(&t.url)
-                .bearer_auth(&t.key)
-                .header("content-type", "application/json")
-                .body(body.to_string())
-                .send()
-                .await;
+            let r = t.send(&body).await;
             let Ok(r) = r.map_err(|_| ()).and_then(|r| if r.status().is_success() { Ok(r) } else { Err(()) })
             else {
                 return None;

@@ -147,6 +147,18 @@ impl<T> List<T> {
 #[derive(Default)]
 pub struct NonNull(pub bool);
 
+/// Visitor methods for JSON types a lenient field does not take: each reads as the default (absent).
+macro_rules! absent {
+    (bool) => { fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> { Ok(Default::default()) } };
+    (u64) => { fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> { Ok(Default::default()) } };
+    (i64) => { fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> { Ok(Default::default()) } };
+    (f64) => { fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> { Ok(Default::default()) } };
+    (str) => { fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> { Ok(Default::default()) } };
+    (unit) => { fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> { Ok(Default::default()) } };
+    (none) => { fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> { Ok(Default::default()) } };
+    ($($kind:ident),+) => { $(absent!($kind);)+ };
+}
+
 /// Accepts every JSON type, handing each to `on` (`None` = not the expected type: skipped).
 macro_rules! lenient_visitor {
     ($name:ident, $out:ty, $expect:literal, { $($body:tt)* }) => {
@@ -156,10 +168,7 @@ macro_rules! lenient_visitor {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str($expect)
             }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> { Ok(Default::default()) }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> { Ok(Default::default()) }
-            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> { Ok(Default::default()) }
-            fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> { Ok(Default::default()) }
+            absent!(bool, f64, unit, none);
             $($body)*
         }
     };
@@ -235,27 +244,7 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Obj<T> {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("an object")
             }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-                Ok(None)
-            }
+            absent!(bool, u64, i64, f64, str, unit, none);
             fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
                 skip_seq(seq).map(|()| None)
             }
@@ -275,27 +264,7 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for List<T> {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("an array")
             }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-                Ok(None)
-            }
+            absent!(bool, u64, i64, f64, str, unit, none);
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
                 skip_map(map).map(|()| None)
             }
@@ -328,21 +297,7 @@ impl<'de> Deserialize<'de> for IgnoredAnyOrNull {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("any value")
             }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<bool, E> {
-                Ok(false)
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<bool, E> {
-                Ok(false)
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<bool, E> {
-                Ok(false)
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<bool, E> {
-                Ok(false)
-            }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<bool, E> {
-                Ok(false)
-            }
+            absent!(bool, u64, i64, f64, str);
             fn visit_unit<E: de::Error>(self) -> Result<bool, E> {
                 Ok(true)
             }
