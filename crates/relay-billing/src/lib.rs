@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod ledger;
+mod multi_row;
 pub use relay_pricing as pricing;
 pub mod reconcile;
 pub mod reports;
