@@ -9,7 +9,7 @@ use metrics::Label;
 use relay_core::ErrorCode;
 use relay_core::pb::events::v1::{Outcome, UsageEvent};
 use relay_telemetry::access_log;
-use relay_telemetry::handles::HandleCache;
+use relay_telemetry::handles::{HandleCache, labels};
 use relay_telemetry::redact::secrets;
 use std::borrow::Cow;
 
@@ -102,10 +102,6 @@ fn model_values<'a>(ev: &'a UsageEvent) -> [&'a str; 3] {
     let routed = !ev.deployment_id.is_empty();
     let or_none = |v: &'a str| if v.is_empty() { "none" } else { v };
     [if routed { ev.model.as_str() } else { "unrouted" }, or_none(&ev.provider), or_none(&ev.deployment_id)]
-}
-
-fn labels(names: &[&'static str], values: &[&str]) -> Vec<Label> {
-    names.iter().zip(values).map(|(k, v)| Label::new(*k, (*v).to_owned())).collect()
 }
 
 fn answer_series(ev: &UsageEvent, route: &str) -> std::sync::Arc<AnswerSeries> {

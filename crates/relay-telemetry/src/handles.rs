@@ -56,7 +56,8 @@ impl<V> HandleCache<V> {
     }
 }
 
-fn labels(names: &[&'static str], values: &[&str]) -> Vec<metrics::Label> {
+/// Labels `names` = `values`, pairwise.
+pub fn labels(names: &[&'static str], values: &[&str]) -> Vec<metrics::Label> {
     names.iter().zip(values).map(|(k, v)| metrics::Label::new(*k, (*v).to_owned())).collect()
 }
 
