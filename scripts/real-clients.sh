@@ -5,7 +5,9 @@
 # each against the OpenAI,
 # Anthropic and Gemini routes of the conformance mock. The mock answers the first turn with a call to the
 # first tool offered; a turn counts when the CLI ran the tool, sent its result back through Relay and printed
-# the mock's `TOOL_RESULT:` answer. CLIs are installed from npm into .cache/clis.
+# the mock's `TOOL_RESULT:` answer. CLIs are installed from npm into .cache/clis. The google-genai Python
+# SDK (Gemini's native API inbound: streamed and whole generation, countTokens, automatic function
+# calling, model listing) runs on the same three routes, from a pinned PyPI install in .cache/genai-venv.
 set -euo pipefail
 source "$(dirname "$0")/relay-for-mock.sh"
 SUITE="${SUITE:-$ROOT/../shared/conformance}"
@@ -15,6 +17,10 @@ if [ ! -x "$CLIS/node_modules/.bin/claude" ] || [ ! -x "$CLIS/node_modules/.bin/
   (cd "$CLIS" && { [ -f package.json ] || npm init -y >/dev/null; } && npm install --no-audit --no-fund @anthropic-ai/claude-code@2.1.197 @openai/codex@0.169.0 \
     ai@7.0.173 @ai-sdk/openai@4.0.118 zod@4.6.7 >/dev/null)
   (cd "$CLIS/node_modules/@anthropic-ai/claude-code" && node install.cjs >/dev/null)
+fi
+GENAI="$ROOT/.cache/genai-venv"
+if ! "$GENAI/bin/python" -c "import google.genai" 2>/dev/null; then
+  python3 -m venv "$GENAI" && "$GENAI/bin/pip" install -q google-genai==3.6.1
 fi
 # ESM resolves packages next to the script: run it from the install.
 cp "$ROOT/scripts/vercel-ai.mjs" "$CLIS/vercel-ai.mjs"
@@ -39,14 +45,17 @@ export DISABLE_TELEMETRY=1 DISABLE_AUTOUPDATER=1 CLAUDE_CODE_DISABLE_NONESSENTIA
 cd "$WORK"
 failed=0
 for route in openai anthropic gemini; do
-  for cli in claude codex vercel-ai; do
+  for cli in claude codex vercel-ai google-genai; do
     case $cli in
+      google-genai) out=$(timeout 180 "$GENAI/bin/python" "$ROOT/scripts/google-genai.py" "$RELAY_URL" "$RELAY_KEY" "relay-$route" 2>&1 || true) ;;
       claude) out=$(timeout 180 "$CLIS/node_modules/.bin/claude" -p "hello via relay" --model "relay-$route" 2>&1 || true) ;;
       codex) out=$(timeout 180 "$CLIS/node_modules/.bin/codex" exec --skip-git-repo-check -m "relay-$route" "hello via relay" </dev/null 2>&1 || true) ;;
       vercel-ai) out=$(timeout 180 node "$CLIS/vercel-ai.mjs" "$RELAY_URL" "$RELAY_KEY" "relay-$route" 2>&1 || true) ;;
     esac
     ok=0
     grep -q "TOOL_RESULT:" <<<"$out" && ok=1
+    # Every google-genai check prints `ok:`; the first failure stops it.
+    if [ $cli = google-genai ] && grep -q "^FAILED" <<<"$out"; then ok=0; fi
     # The SDK's headline case: the stored tool call came back as a reference, and Relay resolved it.
     if [ $cli = vercel-ai ] && ! grep -q "item_reference sent: true" <<<"$out"; then ok=0; fi
     if [ $ok = 1 ]; then

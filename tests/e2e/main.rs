@@ -10,6 +10,7 @@ mod collector;
 mod distributed;
 mod embedded;
 mod endpoints;
+mod gemini;
 mod harness;
 mod hostile;
 mod limits;

@@ -86,6 +86,7 @@ fn protocol_label(p: i32) -> &'static str {
         Protocol::AnthropicMessages => "anthropic_messages",
         Protocol::OpenaiResponses => "openai_responses",
         Protocol::OpenaiForwarded => "openai_forwarded",
+        Protocol::GeminiGenerate => "gemini_generate",
         Protocol::Unspecified => "unspecified",
     }
 }

@@ -140,6 +140,21 @@ impl ErrorCode {
         }
     }
 
+    /// Google's canonical status name (Gemini `error.status`).
+    pub fn google_status(self) -> &'static str {
+        match self {
+            Self::InvalidRequest | Self::UpstreamClientError | Self::PayloadTooLarge => "INVALID_ARGUMENT",
+            Self::Unauthenticated => "UNAUTHENTICATED",
+            Self::PermissionDenied => "PERMISSION_DENIED",
+            Self::ModelNotFound | Self::NotFound => "NOT_FOUND",
+            Self::RateLimited | Self::InsufficientQuota | Self::UpstreamRateLimited => "RESOURCE_EXHAUSTED",
+            Self::Cancelled => "CANCELLED",
+            Self::RequestTimeout | Self::UpstreamTimeout => "DEADLINE_EXCEEDED",
+            Self::Unavailable | Self::UpstreamUnreachable => "UNAVAILABLE",
+            Self::UpstreamServerError | Self::UpstreamProtocol | Self::Internal => "INTERNAL",
+        }
+    }
+
     /// May another deployment succeed where this one failed (before any byte reached the client)?
     pub fn is_retryable(self) -> bool {
         matches!(
@@ -259,6 +274,11 @@ impl RelayError {
         json!({"type": "error", "error": {"type": kind, "message": self.message}})
     }
 
+    /// `{"error": {"code", "message", "status"}}` as the Gemini API answers.
+    pub fn gemini_body(&self) -> Value {
+        json!({"error": {"code": self.http_status(), "message": self.message, "status": self.code.google_status()}})
+    }
+
     pub fn to_pb(&self) -> pb::Error {
         pb::Error {
             code: self.code.to_pb() as i32,
@@ -317,6 +337,11 @@ mod tests {
         let a = e.anthropic_body();
         assert_eq!(a["type"], "error");
         assert_eq!(a["error"]["type"], "authentication_error");
+        let g = e.gemini_body();
+        assert_eq!(
+            (g["error"]["code"].as_u64(), g["error"]["status"].as_str()),
+            (Some(401), Some("UNAUTHENTICATED"))
+        );
         for code in ErrorCode::ALL {
             let s = code.http_status();
             assert!((400..=599).contains(&s), "{code:?} -> {s}");

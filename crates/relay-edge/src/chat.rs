@@ -53,6 +53,19 @@ struct Envelope {
     user: Option<String>,
     #[serde(default)]
     metadata: Option<Value>,
+    /// Gemini: the turns, and the limits inside `generationConfig`.
+    #[serde(default)]
+    contents: Option<Shape>,
+    #[serde(default, rename = "generationConfig", alias = "generation_config")]
+    generation_config: Option<GenerationConfig>,
+}
+
+#[derive(Deserialize)]
+struct GenerationConfig {
+    #[serde(default, rename = "maxOutputTokens", alias = "max_output_tokens")]
+    max_output_tokens: Option<Value>,
+    #[serde(default, rename = "candidateCount", alias = "candidate_count")]
+    candidate_count: Option<Value>,
 }
 
 /// A JSON value's kind, read without building the value: message arrays can be megabytes of images, and
@@ -136,6 +149,10 @@ impl Envelope {
                 Err(RelayError::invalid_request("`input` must be a string or a non-empty array")
                     .with_param("input"))
             }
+            Inbound::Gemini if !non_empty_array(&self.contents) => Err(RelayError::invalid_request(
+                "* GenerateContentRequest.contents: contents is not specified",
+            )
+            .with_param("contents")),
             _ => Ok(()),
         }
     }
@@ -154,6 +171,11 @@ impl Envelope {
                 ("max_tokens", &self.max_tokens)
             }
             Inbound::Responses => ("max_output_tokens", &self.max_output_tokens),
+            Inbound::Gemini => {
+                static UNSET: Option<Value> = None;
+                let limit = self.generation_config.as_ref().map_or(&UNSET, |g| &g.max_output_tokens);
+                ("generationConfig.maxOutputTokens", limit)
+            }
         };
         let tokens = crate::dispatch::token_count(param, value.as_ref(), crate::dispatch::MAX_OUTPUT_TOKENS)?;
         let choices = match inbound {
@@ -162,6 +184,13 @@ impl Envelope {
                     .unwrap_or(1)
                     .max(1)
             }
+            Inbound::Gemini => crate::dispatch::token_count(
+                "generationConfig.candidateCount",
+                self.generation_config.as_ref().and_then(|g| g.candidate_count.as_ref()),
+                crate::dispatch::MAX_CHOICES,
+            )?
+            .unwrap_or(1)
+            .max(1),
             _ => 1,
         };
         Ok(crate::dispatch::OutputLimit { tokens, choices })
@@ -193,7 +222,7 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    serve(edge.0, ctx.0, headers, body, Inbound::OpenAiChat).await
+    serve(edge.0, ctx.0, headers, body, Inbound::OpenAiChat, InUrl::default()).await
 }
 
 pub async fn messages(
@@ -202,7 +231,7 @@ pub async fn messages(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    serve(edge.0, ctx.0, headers, body, Inbound::Anthropic).await
+    serve(edge.0, ctx.0, headers, body, Inbound::Anthropic, InUrl::default()).await
 }
 
 pub async fn responses(
@@ -211,16 +240,30 @@ pub async fn responses(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    serve(edge.0, ctx.0, headers, body, Inbound::Responses).await
+    serve(edge.0, ctx.0, headers, body, Inbound::Responses, InUrl::default()).await
 }
 
-async fn serve(edge: Edge, ctx: RequestCtx, headers: HeaderMap, body: Body, inbound: Inbound) -> Response {
+/// What a protocol carries in the URL rather than the body (Gemini: the model and whether to stream).
+#[derive(Debug, Clone, Default)]
+pub struct InUrl {
+    pub model: Option<String>,
+    pub stream: Option<bool>,
+}
+
+pub async fn serve(
+    edge: Edge,
+    ctx: RequestCtx,
+    headers: HeaderMap,
+    body: Body,
+    inbound: Inbound,
+    url: InUrl,
+) -> Response {
     let principal = match edge.principal(&ctx, &headers).await {
         Ok(p) => p,
         Err(e) => return inbound.error(e),
     };
     let mut rec = UsageRecord::new(&edge, &ctx, &principal, inbound.protocol());
-    match prepare(&edge, &ctx, &principal, &headers, body, inbound, &mut rec).await {
+    match prepare(&edge, &ctx, &principal, &headers, body, (inbound, url), &mut rec).await {
         Ok((call, rate)) => with_rate_headers(answer::respond(edge, call, rec).await, &rate),
         Err((e, rate)) => {
             rec.fail(&e, e.http_status());
@@ -245,12 +288,12 @@ async fn prepare(
     principal: &Principal,
     headers: &HeaderMap,
     body: Body,
-    inbound: Inbound,
+    (inbound, url): (Inbound, InUrl),
     rec: &mut UsageRecord,
 ) -> Result<(ChatCall, RateHeaders), (RelayError, RateHeaders)> {
     let plain = |e: RelayError| (e, Vec::new());
     let (bytes, env): (Bytes, Envelope) = read_json(edge, body).await.map_err(plain)?;
-    let model = required_model(env.model.clone()).map_err(plain)?;
+    let model = required_model(url.model.or_else(|| env.model.clone())).map_err(plain)?;
     // Responses state: earlier turns and referenced items expanded into the body sent on.
     let (bytes, state) = match inbound {
         Inbound::Responses => crate::state::expand(edge, principal, bytes).await.map_err(plain)?,
@@ -258,7 +301,7 @@ async fn prepare(
     };
     env.validate(inbound).map_err(plain)?;
     let limit = env.output_limit(inbound).map_err(plain)?;
-    let stream = env.stream.unwrap_or(false);
+    let stream = url.stream.or(env.stream).unwrap_or(false);
     rec.request(&model, stream, env.end_user(), &bytes);
     ensure_allowed(principal, &model).map_err(plain)?;
     let route = route(edge, &model, stream).await.map_err(plain)?;
@@ -313,32 +356,41 @@ pub async fn count_tokens(
     body: Body,
 ) -> Response {
     let inbound = Inbound::Anthropic;
-    let result = async {
-        let principal = edge.principal(&ctx, &headers).await?;
-        let (bytes, env): (Bytes, Envelope) = read_json(&edge, body).await?;
-        let model = required_model(env.model)?;
-        ensure_allowed(&principal, &model)?;
-        let route = route(&edge, &model, false).await?;
-        let passthrough = passthrough(inbound, &headers);
-        let candidates = resident(&principal, &model, &route.candidates)?;
-        let strategy = decide(&edge, &headers, &principal, &route, None).await?.strategy;
-        let order = Order { strategy, ..Default::default() };
-        with_failover(&edge, &candidates, order, None, |dep| {
-            edge.inner.services.adapter.count_tokens(CountTokensRequest {
-                request_id: ctx.request_id.clone(),
-                protocol: inbound.protocol() as i32,
-                body: bytes.clone(),
-                deployment: Some(dep.clone()),
-                passthrough_headers: passthrough.clone(),
-            })
-        })
-        .await
-    }
-    .await;
-    match result {
-        Ok(r) => axum::Json(serde_json::json!({"input_tokens": r.input_tokens})).into_response(),
+    match count(&edge, &ctx, &headers, body, inbound, None).await {
+        Ok(n) => axum::Json(serde_json::json!({"input_tokens": n})).into_response(),
         Err(e) => inbound.error(e),
     }
+}
+
+/// Input tokens of a request in `inbound`'s shape on the routed model (`model` when the URL names it).
+pub async fn count(
+    edge: &Edge,
+    ctx: &RequestCtx,
+    headers: &HeaderMap,
+    body: Body,
+    inbound: Inbound,
+    model: Option<String>,
+) -> Result<u64, RelayError> {
+    let principal = edge.principal(ctx, headers).await?;
+    let (bytes, env): (Bytes, Envelope) = read_json(edge, body).await?;
+    let model = required_model(model.or(env.model))?;
+    ensure_allowed(&principal, &model)?;
+    let route = route(edge, &model, false).await?;
+    let passthrough = passthrough(inbound, headers);
+    let candidates = resident(&principal, &model, &route.candidates)?;
+    let strategy = decide(edge, headers, &principal, &route, None).await?.strategy;
+    let order = Order { strategy, ..Default::default() };
+    let r = with_failover(edge, &candidates, order, None, |dep| {
+        edge.inner.services.adapter.count_tokens(CountTokensRequest {
+            request_id: ctx.request_id.clone(),
+            protocol: inbound.protocol() as i32,
+            body: bytes.clone(),
+            deployment: Some(dep.clone()),
+            passthrough_headers: passthrough.clone(),
+        })
+    })
+    .await?;
+    Ok(r.input_tokens)
 }
 
 #[cfg(test)]

@@ -15,6 +15,8 @@ pub enum Inbound {
     Anthropic,
     Responses,
     Embeddings,
+    /// Gemini `generateContent` (the `google-genai` SDKs).
+    Gemini,
 }
 
 impl Inbound {
@@ -24,13 +26,18 @@ impl Inbound {
             Self::Anthropic => Protocol::AnthropicMessages,
             Self::Responses => Protocol::OpenaiResponses,
             Self::Embeddings => Protocol::OpenaiEmbeddings,
+            Self::Gemini => Protocol::GeminiGenerate,
         }
     }
 
     /// The error as an HTTP response.
     pub fn error(self, e: RelayError) -> Response {
         let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let body = if self == Self::Anthropic { e.anthropic_body() } else { e.openai_body() };
+        let body = match self {
+            Self::Anthropic => e.anthropic_body(),
+            Self::Gemini => e.gemini_body(),
+            Self::OpenAiChat | Self::Responses | Self::Embeddings => e.openai_body(),
+        };
         let mut resp = (status, axum::Json(body)).into_response();
         if let Some(secs) = e.retry_after_secs {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
@@ -40,7 +47,7 @@ impl Inbound {
     }
 
     /// The event that ends a stream that failed after it started: OpenAI chat gets an `error` object and no
-    /// `[DONE]`; Anthropic and Responses get `event: error`.
+    /// `[DONE]`; Anthropic and Responses get `event: error`; Gemini gets its error object as an event.
     pub fn stream_error(self, e: &RelayError) -> Bytes {
         match self {
             Self::Anthropic => Bytes::from(format!("event: error\ndata: {}\n\n", e.anthropic_body())),
@@ -49,6 +56,7 @@ impl Inbound {
                     json!({"type": "error", "code": e.code.as_str(), "message": e.message, "param": e.param});
                 Bytes::from(format!("event: error\ndata: {body}\n\n"))
             }
+            Self::Gemini => Bytes::from(format!("data: {}\r\n\r\n", e.gemini_body())),
             Self::OpenAiChat | Self::Embeddings => Bytes::from(format!("data: {}\n\n", e.openai_body())),
         }
     }

@@ -14,6 +14,7 @@ mod dispatch;
 mod error;
 mod failover;
 mod forward;
+mod gemini;
 mod observe;
 pub mod principal;
 pub use replay::MemoryAnswerCache;

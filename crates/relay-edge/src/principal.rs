@@ -47,7 +47,8 @@ struct Failures {
     counts: HashMap<String, u32>,
 }
 
-/// The presented key: `Authorization: Bearer <key>`, else `x-api-key` (Anthropic clients), else empty.
+/// The presented key: `Authorization: Bearer <key>`, else `x-api-key` (Anthropic clients), else
+/// `x-goog-api-key` (Gemini clients), else empty.
 pub fn presented_key(headers: &HeaderMap) -> &str {
     if let Some(v) = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
         let v = v.trim();
@@ -56,7 +57,11 @@ pub fn presented_key(headers: &HeaderMap) -> &str {
         }
         return "";
     }
-    headers.get("x-api-key").and_then(|v| v.to_str().ok()).map_or("", str::trim)
+    headers
+        .get("x-api-key")
+        .or_else(|| headers.get("x-goog-api-key"))
+        .and_then(|v| v.to_str().ok())
+        .map_or("", str::trim)
 }
 
 impl PrincipalCache {
@@ -359,6 +364,7 @@ mod tests {
         assert_eq!(presented_key(&h(&[("authorization", "Bearer sk-1")])), "sk-1");
         assert_eq!(presented_key(&h(&[("authorization", "bearer  sk-2 ")])), "sk-2");
         assert_eq!(presented_key(&h(&[("x-api-key", "sk-3")])), "sk-3");
+        assert_eq!(presented_key(&h(&[("x-goog-api-key", "sk-4")])), "sk-4");
         assert_eq!(presented_key(&h(&[("authorization", "Basic abc")])), "");
         assert_eq!(presented_key(&h(&[])), "");
     }

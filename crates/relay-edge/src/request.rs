@@ -72,9 +72,11 @@ pub(crate) fn client_ip(
 
 /// The error shape of a path, for answers the middleware gives itself.
 fn inbound_of(path: &str) -> crate::error::Inbound {
-    let path = path.strip_prefix("/anthropic").or_else(|| path.strip_prefix("/openai")).unwrap_or(path);
+    let path = ["/anthropic", "/openai", "/gemini"].iter().find_map(|p| path.strip_prefix(p)).unwrap_or(path);
     if path.starts_with("/v1/messages") {
         crate::error::Inbound::Anthropic
+    } else if path.starts_with("/v1beta/") || path.starts_with("/v1/models/") && path.contains(':') {
+        crate::error::Inbound::Gemini
     } else {
         crate::error::Inbound::OpenAiChat
     }

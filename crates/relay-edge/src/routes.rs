@@ -2,7 +2,7 @@
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Extension, Path, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -26,11 +26,13 @@ use crate::usage::UsageRecord;
 pub fn router(edge: Edge) -> Router {
     // SDK-native prefixes: clients configured with a base URL of `<relay>/openai/v1` or
     // `<relay>/anthropic/v1` (as some gateways publish them) reach the same endpoints.
+    // Gemini-shaped clients use `<relay>` or `<relay>/gemini` as their base URL.
     let api = api();
     Router::new()
         .merge(api.clone())
         .nest("/openai", api.clone())
-        .nest("/anthropic", api)
+        .nest("/anthropic", api.clone())
+        .nest("/gemini", api)
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(edge.clone(), request::middleware))
         .with_state(edge)
@@ -54,7 +56,10 @@ fn api() -> Router<Edge> {
         .route("/v1/audio/speech", post(crate::forward::speech))
         .route("/v1/rerank", post(crate::forward::rerank))
         .route("/v1/models", get(list_models))
-        .route("/v1/models/{*id}", get(get_model))
+        // Gemini's stable `v1` shares `/v1/models/...` with OpenAI's model lookups.
+        .route("/v1/models/{*id}", get(get_model).post(crate::gemini::model_action))
+        .route("/v1beta/models", get(crate::gemini::list_models))
+        .route("/v1beta/models/{*tail}", get(crate::gemini::get_model).post(crate::gemini::model_action))
 }
 
 async fn not_found() -> Response {
@@ -65,7 +70,7 @@ fn model_json(m: &relay_core::pb::routing::v1::ModelInfo) -> serde_json::Value {
     json!({"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by})
 }
 
-async fn visible_models(
+pub(crate) async fn visible_models(
     edge: &Edge,
     p: &Principal,
 ) -> Result<Vec<relay_core::pb::routing::v1::ModelInfo>, RelayError> {
@@ -76,8 +81,13 @@ async fn visible_models(
 async fn list_models(
     State(edge): State<Edge>,
     Extension(ctx): Extension<RequestCtx>,
+    Query(params): Query<crate::gemini::Params>,
     headers: HeaderMap,
 ) -> Response {
+    // Gemini's stable API lists models on the same path.
+    if crate::gemini::is_gemini_client(&headers, &params) {
+        return crate::gemini::list_models(State(edge), Extension(ctx), Query(params), headers).await;
+    }
     // Anthropic SDKs send `anthropic-version` and expect their own list shape (and error shape).
     let inbound =
         if headers.contains_key("anthropic-version") { Inbound::Anthropic } else { Inbound::OpenAiChat };
@@ -105,9 +115,15 @@ async fn list_models(
 async fn get_model(
     State(edge): State<Edge>,
     Extension(ctx): Extension<RequestCtx>,
+    Query(params): Query<crate::gemini::Params>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, OpenAiError> {
+    if crate::gemini::is_gemini_client(&headers, &params) {
+        return Ok(
+            crate::gemini::get_model(State(edge), Extension(ctx), Path(id), Query(params), headers).await
+        );
+    }
     let p = edge.principal(&ctx, &headers).await?;
     let models = visible_models(&edge, &p).await?;
     let m = models.iter().find(|m| m.id == id).ok_or_else(|| {

@@ -2,6 +2,7 @@
 //! stream of deltas) back in that protocol. One module per protocol.
 
 pub mod anthropic;
+pub mod gemini;
 pub mod openai_chat;
 pub mod responses;
 
@@ -37,6 +38,12 @@ pub fn parse_request(protocol: Protocol, body: &[u8]) -> Result<Request, RelayEr
 /// Like [`parse_request`] for token counting, where Anthropic bodies carry no `max_tokens`.
 pub fn parse_count_request(protocol: Protocol, body: &[u8]) -> Result<Request, RelayError> {
     let mut v = json_body(body)?;
+    // Gemini `countTokens` may wrap a whole `generateContent` request.
+    if protocol == Protocol::GeminiGenerate
+        && let Some(inner) = v.get_mut("generateContentRequest").map(Value::take)
+    {
+        v = inner;
+    }
     if let Some(o) = v.as_object_mut() {
         o.entry("max_tokens").or_insert(Value::from(1));
     }
@@ -55,6 +62,7 @@ fn parse_value(protocol: Protocol, v: &Value) -> Result<Request, RelayError> {
         Protocol::OpenaiChat => openai_chat::parse(obj),
         Protocol::AnthropicMessages => anthropic::parse(obj),
         Protocol::OpenaiResponses => responses::parse(obj),
+        Protocol::GeminiGenerate => gemini::parse(obj),
         Protocol::OpenaiEmbeddings | Protocol::OpenaiForwarded | Protocol::Unspecified => {
             Err(RelayError::internal("this protocol has no chat request form"))
         }
@@ -65,6 +73,7 @@ pub fn stream_encoder(protocol: Protocol, ctx: AnswerCtx) -> Box<dyn StreamEncod
     match protocol {
         Protocol::AnthropicMessages => Box::new(anthropic::Encoder::new(ctx)),
         Protocol::OpenaiResponses => Box::new(responses::Encoder::new(ctx)),
+        Protocol::GeminiGenerate => Box::new(gemini::Encoder::new(ctx)),
         _ => Box::new(openai_chat::Encoder::new(ctx)),
     }
 }
@@ -73,6 +82,7 @@ pub fn encode_whole(protocol: Protocol, ctx: &AnswerCtx, r: &Response) -> Bytes 
     match protocol {
         Protocol::AnthropicMessages => anthropic::whole(ctx, r),
         Protocol::OpenaiResponses => responses::whole(ctx, r),
+        Protocol::GeminiGenerate => gemini::whole(ctx, r),
         _ => openai_chat::whole(ctx, r),
     }
 }

@@ -1,10 +1,13 @@
 //! Google Gemini upstreams (AI Studio `generateContent` / `streamGenerateContent?alt=sse`,
-//! `x-goog-api-key`). Every client protocol is converted: Gemini has no inbound twin here.
+//! `x-goog-api-key`). Gemini-shaped clients (`/v1beta/models/{model}:generateContent`) are forwarded
+//! as they came; every other client protocol is converted.
 
 use base64::Engine as _;
 use http::HeaderMap;
 use relay_core::contracts::Result;
-use relay_core::pb::adapter::v1::{CountTokensRequest, CountTokensResponse, EmbedRequest, EmbedResponse};
+use relay_core::pb::adapter::v1::{
+    ChatRequest, CountTokensRequest, CountTokensResponse, EmbedRequest, EmbedResponse,
+};
 use relay_core::pb::common::v1::{Protocol, TokenUsage};
 use relay_core::{ErrorCode, RelayError};
 use serde_json::{Map, Value, json};
@@ -39,7 +42,12 @@ impl Dialect for Gemini {
     }
 
     fn native(&self) -> Protocol {
-        Protocol::Unspecified
+        Protocol::GeminiGenerate
+    }
+
+    /// The model is in the URL, so the client's body goes on untouched.
+    fn native_body(&self, req: &ChatRequest, _model: &str) -> Result<Vec<u8>> {
+        Ok(req.body.to_vec())
     }
 
     fn chat_url(&self, model: &str, stream: bool) -> String {
