@@ -7,6 +7,7 @@ mod breakers;
 mod chaos;
 mod client;
 mod collector;
+mod conversations;
 mod distributed;
 mod embedded;
 mod endpoints;

@@ -9,9 +9,9 @@ use crate::client;
 use crate::harness::{KEY, PEPPER, RelayProc, auth_section, temp_dir};
 
 /// A key of another org.
-const OTHER_KEY: &str = "sk-e2e-other-org-key";
+pub const OTHER_KEY: &str = "sk-e2e-other-org-key";
 /// A zero-retention key of the first org.
-const ZR_KEY: &str = "sk-e2e-zero-retention-key";
+pub const ZR_KEY: &str = "sk-e2e-zero-retention-key";
 
 pub fn other_org_key() -> String {
     let hash = relay_auth::hash_key(&relay_core::Secret::new(PEPPER), OTHER_KEY);

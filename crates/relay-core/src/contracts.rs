@@ -58,6 +58,12 @@ pub trait ResponseStore: Send + Sync + 'static {
     async fn get_response(&self, req: state::GetResponseRequest) -> Result<state::StoredResponse>;
     async fn delete_response(&self, req: state::GetResponseRequest) -> Result<()>;
     async fn get_items(&self, req: state::GetItemsRequest) -> Result<state::GetItemsResponse>;
+    async fn put_conversation(&self, req: state::PutConversationRequest) -> Result<state::Conversation>;
+    async fn get_conversation(&self, req: state::ConversationRef) -> Result<state::Conversation>;
+    async fn delete_conversation(&self, req: state::ConversationRef) -> Result<()>;
+    async fn append_conversation_items(&self, req: state::AppendConversationItemsRequest) -> Result<()>;
+    async fn list_conversation_items(&self, req: state::ConversationRef) -> Result<state::ConversationItems>;
+    async fn delete_conversation_item(&self, req: state::ConversationItemRef) -> Result<()>;
 }
 
 /// The response cache's store: client-ready answers by key (the caller puts the org in every key).

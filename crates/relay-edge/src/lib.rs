@@ -10,6 +10,7 @@ mod answer;
 mod bounds;
 mod cache;
 mod chat;
+mod conversations;
 mod dispatch;
 mod error;
 mod failover;

@@ -34,6 +34,7 @@ pub fn router(edge: Edge) -> Router {
         .nest("/anthropic", api.clone())
         .nest("/gemini", api)
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(edge.clone(), request::middleware))
         .with_state(edge)
 }
@@ -49,6 +50,21 @@ fn api() -> Router<Edge> {
             axum::routing::get(crate::state::get_response).delete(crate::state::delete_response),
         )
         .route("/v1/responses/{id}/input_items", axum::routing::get(crate::state::list_input_items))
+        .route("/v1/conversations", post(crate::conversations::create))
+        .route(
+            "/v1/conversations/{id}",
+            get(crate::conversations::get)
+                .post(crate::conversations::update)
+                .delete(crate::conversations::delete),
+        )
+        .route(
+            "/v1/conversations/{id}/items",
+            get(crate::conversations::list_items).post(crate::conversations::add_items),
+        )
+        .route(
+            "/v1/conversations/{id}/items/{item_id}",
+            get(crate::conversations::get_item).delete(crate::conversations::delete_item),
+        )
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/completions", post(crate::forward::completions))
         .route("/v1/moderations", post(crate::forward::moderations))
@@ -60,6 +76,13 @@ fn api() -> Router<Edge> {
         .route("/v1/models/{*id}", get(get_model).post(crate::gemini::model_action))
         .route("/v1beta/models", get(crate::gemini::list_models))
         .route("/v1beta/models/{*tail}", get(crate::gemini::get_model).post(crate::gemini::model_action))
+}
+
+/// A known path with a method it does not serve (the error body is OpenAI's, like every other).
+async fn method_not_allowed() -> Response {
+    let body = json!({"error": {"message": "This method is not allowed for this endpoint.",
+        "type": "invalid_request_error", "param": null, "code": "method_not_allowed"}});
+    (StatusCode::METHOD_NOT_ALLOWED, axum::Json(body)).into_response()
 }
 
 async fn not_found() -> Response {

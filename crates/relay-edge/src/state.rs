@@ -32,13 +32,18 @@ pub(crate) struct Pending {
     previous: String,
     /// The turn's whole input (previous turns included), each item with an id.
     input: Vec<Value>,
+    /// `store`: keep the response object (else only the conversation is appended to).
+    keep_response: bool,
+    /// The conversation this turn belongs to, and the turn's own new input items.
+    conversation: Option<String>,
+    new_items: Vec<Value>,
 }
 
 fn bad(param: &str, msg: impl Into<String>) -> RelayError {
     RelayError::invalid_request(msg).with_param(param)
 }
 
-fn new_id(prefix: &str) -> String {
+pub(crate) fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
 }
 
@@ -83,11 +88,29 @@ pub(crate) async fn expand(
         Some(Value::String(s)) if !s.is_empty() => Some(s),
         Some(_) => return Err(bad("previous_response_id", "`previous_response_id` must be a response id")),
     };
+    let conversation = match body.remove("conversation") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if !s.is_empty() => Some(s),
+        Some(Value::Object(o)) if o.get("id").and_then(Value::as_str).is_some_and(|s| !s.is_empty()) => {
+            o.get("id").and_then(Value::as_str).map(str::to_owned)
+        }
+        Some(_) => {
+            return Err(bad("conversation", "`conversation` must be a conversation id or {\"id\": ...}"));
+        }
+    };
+    if conversation.is_some() && previous.is_some() {
+        return Err(bad(
+            "conversation",
+            "`previous_response_id` and `conversation` cannot both be given: a conversation already holds the earlier turns",
+        ));
+    }
     let mut items = items_in(&body)?;
     if principal.zero_retention {
         // Nothing of this key is kept: asking for stored state is an error, not a silent stateless turn.
         let asked = if previous.is_some() {
             Some("previous_response_id")
+        } else if conversation.is_some() {
+            Some("conversation")
         } else if items.iter().any(|i| i.get("type").and_then(Value::as_str) == Some("item_reference")) {
             Some("input")
         } else if body.get("store") == Some(&Value::Bool(true)) {
@@ -109,8 +132,14 @@ pub(crate) async fn expand(
         .map(|i| i.get("id").and_then(Value::as_str).unwrap_or_default().to_owned())
         .collect();
     let Some(state) = edge.inner.services.state.clone() else {
-        if previous.is_some() || !references.is_empty() {
-            let what = if previous.is_some() { "previous_response_id" } else { "input" };
+        if previous.is_some() || conversation.is_some() || !references.is_empty() {
+            let what = if previous.is_some() {
+                "previous_response_id"
+            } else if conversation.is_some() {
+                "conversation"
+            } else {
+                "input"
+            };
             return Err(bad(
                 what,
                 "this Relay keeps no Responses state ([state] enabled = false): send the whole conversation in `input`",
@@ -118,7 +147,7 @@ pub(crate) async fn expand(
         }
         return Ok((bytes, None));
     };
-    if previous.is_none() && references.is_empty() && !store {
+    if previous.is_none() && conversation.is_none() && references.is_empty() && !store {
         return Ok((bytes, None));
     }
     if references.len() > MAX_REFERENCES {
@@ -153,6 +182,16 @@ pub(crate) async fn expand(
         let response: Value = serde_json::from_slice(&r.response_json).unwrap_or_default();
         whole.extend(response.get("output").and_then(Value::as_array).cloned().unwrap_or_default());
     }
+    // The conversation's items so far.
+    if let Some(id) = &conversation {
+        whole.extend(crate::conversations::all_items(state.as_ref(), &org, id).await.map_err(
+            |e| match e.code {
+                ErrorCode::NotFound => bad("conversation", format!("Conversation with id '{id}' not found.")),
+                _ => e,
+            },
+        )?);
+    }
+    let context = whole.len();
     for mut item in items {
         if let Some(o) = item.as_object_mut()
             && o.get("id").and_then(Value::as_str).is_none_or(str::is_empty)
@@ -170,11 +209,21 @@ pub(crate) async fn expand(
     // Relay keeps the state: the upstream (if it has state of its own) is asked not to.
     body.insert("store".into(), Value::Bool(false));
     let bytes = Bytes::from(serde_json::to_vec(&body).map_err(|_| RelayError::invalid_request("bad body"))?);
-    let pending = store.then(|| Pending {
+    let new_items = match &conversation {
+        Some(_) => whole[context..]
+            .iter()
+            .map(|i| crate::conversations::normalise(i, "input"))
+            .collect::<Result<_, _>>()?,
+        None => Vec::new(),
+    };
+    let pending = (store || conversation.is_some()).then(|| Pending {
         store: state,
         principal: principal.clone(),
         previous: previous.unwrap_or_default(),
         input: whole,
+        keep_response: store,
+        conversation,
+        new_items,
     });
     Ok((bytes, pending))
 }
@@ -183,9 +232,12 @@ impl Pending {
     /// The response object as the client should see it (marked stored, linked to its predecessor).
     fn mark(&self, response: &mut Value) {
         if let Some(o) = response.as_object_mut() {
-            o.insert("store".into(), Value::Bool(true));
+            o.insert("store".into(), Value::Bool(self.keep_response));
             let prev = (!self.previous.is_empty()).then(|| Value::String(self.previous.clone()));
             o.insert("previous_response_id".into(), prev.unwrap_or(Value::Null));
+            if let Some(c) = &self.conversation {
+                o.insert("conversation".into(), json!({"id": c}));
+            }
         }
     }
 
@@ -204,7 +256,13 @@ impl Pending {
         self.save(edge, response);
     }
 
-    fn save(self, edge: &Edge, response: Value) {
+    fn save(mut self, edge: &Edge, response: Value) {
+        if let Some(conversation) = self.conversation.take() {
+            self.append(edge, conversation, &response);
+        }
+        if !self.keep_response {
+            return;
+        }
         let Some(id) = response.get("id").and_then(Value::as_str).map(str::to_owned) else { return };
         let stored = StoredResponse {
             id,
@@ -225,6 +283,33 @@ impl Pending {
             {
                 tracing::warn!(response_id = %id, error = %e, "response not stored");
                 metrics::counter!("relay_edge_responses_not_stored_total").increment(1);
+            }
+        });
+    }
+}
+
+impl Pending {
+    /// Adds the turn (its new input, then the answer's output) to its conversation; a failed answer adds
+    /// nothing.
+    fn append(&mut self, edge: &Edge, conversation: String, response: &Value) {
+        if response.get("status").and_then(Value::as_str) == Some("failed") {
+            return;
+        }
+        let mut items = std::mem::take(&mut self.new_items);
+        let output = response.get("output").and_then(Value::as_array).into_iter().flatten();
+        items.extend(output.filter_map(|i| crate::conversations::normalise(i, "output").ok()));
+        let req = relay_core::pb::state::v1::AppendConversationItemsRequest {
+            org_id: self.principal.org_id.clone(),
+            conversation_id: conversation,
+            items: items.iter().map(|i| Bytes::from(i.to_string())).collect(),
+            retention_days: 0,
+        };
+        let store = self.store.clone();
+        edge.inner.background.spawn(async move {
+            let id = req.conversation_id.clone();
+            if let Err(e) = store.append_conversation_items(req).await {
+                tracing::warn!(conversation_id = %id, error = %e, "turn not added to its conversation");
+                metrics::counter!("relay_edge_conversation_appends_failed_total").increment(1);
             }
         });
     }
@@ -273,7 +358,7 @@ impl Capture {
 
 // === GET / DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items ===
 
-async fn owned(
+pub(crate) async fn owned(
     edge: &Edge,
     ctx: &RequestCtx,
     headers: &HeaderMap,
@@ -342,20 +427,26 @@ pub async fn list_input_items(
     answer(async {
         let (p, state) = owned(&edge, &ctx, &headers).await?;
         let r = state.get_response(GetResponseRequest { org_id: p.org_id.clone(), id }).await?;
-        let mut items: Vec<Value> = serde_json::from_slice(&r.input_json).unwrap_or_default();
-        // OpenAI lists input items newest first unless `order=asc`.
-        if q.order.as_deref() != Some("asc") {
-            items.reverse();
-        }
-        if let Some(after) = &q.after {
-            let at = items.iter().position(|i| i.get("id").and_then(Value::as_str) == Some(after.as_str()));
-            items.drain(..at.map_or(items.len(), |a| a + 1));
-        }
-        let limit = q.limit.unwrap_or(20).clamp(1, 100);
-        let has_more = items.len() > limit;
-        items.truncate(limit);
+        let items: Vec<Value> = serde_json::from_slice(&r.input_json).unwrap_or_default();
+        let (items, has_more) = page(items, &q);
         let id_of = |i: Option<&Value>| i.and_then(|i| i.get("id")).cloned().unwrap_or(Value::Null);
         Ok(json!({"object": "list", "data": items, "first_id": id_of(items.first()), "last_id": id_of(items.last()), "has_more": has_more}))
     }
     .await)
+}
+
+/// One page of items listed oldest first: newest first unless `order=asc`, after the item `after`, at
+/// most `limit` (20 by default, 100 at most); and whether more follow.
+pub(crate) fn page(mut items: Vec<Value>, q: &ListQuery) -> (Vec<Value>, bool) {
+    if q.order.as_deref() != Some("asc") {
+        items.reverse();
+    }
+    if let Some(after) = &q.after {
+        let at = items.iter().position(|i| i.get("id").and_then(Value::as_str) == Some(after.as_str()));
+        items.drain(..at.map_or(items.len(), |a| a + 1));
+    }
+    let limit = q.limit.unwrap_or(20).clamp(1, 100);
+    let has_more = items.len() > limit;
+    items.truncate(limit);
+    (items, has_more)
 }

@@ -237,6 +237,8 @@ impl Billing for GrpcBilling {
 
 // === impl GrpcState ===
 
+use relay_core::pb::state::v1 as state_pb;
+
 #[derive(Clone)]
 pub struct GrpcState(generated::state::state_service_client::StateServiceClient<TracedChannel>);
 
@@ -269,5 +271,35 @@ impl relay_core::contracts::ResponseStore for GrpcState {
     ) -> Result<relay_core::pb::state::v1::GetItemsResponse> {
         let r = self.0.clone().get_items(req).await.map_err(|s| from_status(&s, "state"))?;
         Ok(r.into_inner())
+    }
+    async fn put_conversation(
+        &self,
+        req: state_pb::PutConversationRequest,
+    ) -> Result<state_pb::Conversation> {
+        let r = self.0.clone().put_conversation(req).await.map_err(|s| from_status(&s, "state"))?;
+        Ok(r.into_inner())
+    }
+    async fn get_conversation(&self, req: state_pb::ConversationRef) -> Result<state_pb::Conversation> {
+        let r = self.0.clone().get_conversation(req).await.map_err(|s| from_status(&s, "state"))?;
+        Ok(r.into_inner())
+    }
+    async fn delete_conversation(&self, req: state_pb::ConversationRef) -> Result<()> {
+        self.0.clone().delete_conversation(req).await.map_err(|s| from_status(&s, "state"))?;
+        Ok(())
+    }
+    async fn append_conversation_items(&self, req: state_pb::AppendConversationItemsRequest) -> Result<()> {
+        self.0.clone().append_conversation_items(req).await.map_err(|s| from_status(&s, "state"))?;
+        Ok(())
+    }
+    async fn list_conversation_items(
+        &self,
+        req: state_pb::ConversationRef,
+    ) -> Result<state_pb::ConversationItems> {
+        let r = self.0.clone().list_conversation_items(req).await.map_err(|s| from_status(&s, "state"))?;
+        Ok(r.into_inner())
+    }
+    async fn delete_conversation_item(&self, req: state_pb::ConversationItemRef) -> Result<()> {
+        self.0.clone().delete_conversation_item(req).await.map_err(|s| from_status(&s, "state"))?;
+        Ok(())
     }
 }

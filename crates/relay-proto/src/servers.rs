@@ -149,6 +149,54 @@ impl generated::state::state_service_server::StateService for StateServer {
     async fn get_items(&self, req: Request<state::GetItemsRequest>) -> GrpcResult<state::GetItemsResponse> {
         reply(self.0.get_items(req.into_inner()).await)
     }
+    async fn put_conversation(
+        &self,
+        req: Request<state::PutConversationRequest>,
+    ) -> GrpcResult<state::Conversation> {
+        reply(self.0.put_conversation(req.into_inner()).await)
+    }
+    async fn get_conversation(
+        &self,
+        req: Request<state::ConversationRef>,
+    ) -> GrpcResult<state::Conversation> {
+        reply(self.0.get_conversation(req.into_inner()).await)
+    }
+    async fn delete_conversation(
+        &self,
+        req: Request<state::ConversationRef>,
+    ) -> GrpcResult<state::DeleteConversationResponse> {
+        reply(
+            self.0.delete_conversation(req.into_inner()).await.map(|()| state::DeleteConversationResponse {}),
+        )
+    }
+    async fn append_conversation_items(
+        &self,
+        req: Request<state::AppendConversationItemsRequest>,
+    ) -> GrpcResult<state::AppendConversationItemsResponse> {
+        reply(
+            self.0
+                .append_conversation_items(req.into_inner())
+                .await
+                .map(|()| state::AppendConversationItemsResponse {}),
+        )
+    }
+    async fn list_conversation_items(
+        &self,
+        req: Request<state::ConversationRef>,
+    ) -> GrpcResult<state::ConversationItems> {
+        reply(self.0.list_conversation_items(req.into_inner()).await)
+    }
+    async fn delete_conversation_item(
+        &self,
+        req: Request<state::ConversationItemRef>,
+    ) -> GrpcResult<state::DeleteConversationResponse> {
+        reply(
+            self.0
+                .delete_conversation_item(req.into_inner())
+                .await
+                .map(|()| state::DeleteConversationResponse {}),
+        )
+    }
 }
 
 pub fn state(

@@ -1,17 +1,21 @@
 //! relay-state: what the Responses API keeps between calls.
 //!
 //! A stored response (the object the client received, and the whole input of its turn) and each of its
-//! items, in `stored_responses` / `stored_items` on Postgres or SQLite. Every row belongs to an org and
+//! items, in `stored_responses` / `stored_items` on Postgres or SQLite; conversations and their items in
+//! `conversations` / `conversation_items`. Every row belongs to an org and
 //! every query names the caller's org, so an id of another org's object finds nothing, whatever the id.
 //! Bodies are sealed with AES-256-GCM under a key from `[state]`, with the org and id as associated data
 //! (a row copied under another org or id does not open). Rows expire after the retention period and are
 //! purged by [`ResponsesStore::purge_expired`]. The edge decides what to store; this crate only keeps it.
 
+mod conversations;
 mod seal;
 
 use relay_core::contracts::{ResponseStore, Result};
 use relay_core::pb::state::v1::{
-    GetItemsRequest, GetItemsResponse, GetResponseRequest, PutResponseRequest, StoredResponse,
+    AppendConversationItemsRequest, Conversation, ConversationItemRef, ConversationItems, ConversationRef,
+    GetItemsRequest, GetItemsResponse, GetResponseRequest, PutConversationRequest, PutResponseRequest,
+    StoredResponse,
 };
 use relay_core::{ErrorCode, RelayError, Secret};
 use relay_db::{Arg, Col, Db};
@@ -80,7 +84,8 @@ impl ResponsesStore {
         let a = self.db.execute("DELETE FROM stored_items WHERE expires_at_ms <= $1", &[now.into()]).await?;
         let b =
             self.db.execute("DELETE FROM stored_responses WHERE expires_at_ms <= $1", &[now.into()]).await?;
-        Ok(a + b)
+        let c = self.purge_conversations(now).await?;
+        Ok(a + b + c)
     }
 
     /// Purges expired rows every hour until `stop`.
@@ -242,5 +247,24 @@ impl ResponseStore for ResponsesStore {
             }
         }
         Ok(out)
+    }
+
+    async fn put_conversation(&self, req: PutConversationRequest) -> Result<Conversation> {
+        self.put_conversation_impl(req).await
+    }
+    async fn get_conversation(&self, req: ConversationRef) -> Result<Conversation> {
+        self.get_conversation_impl(req).await
+    }
+    async fn delete_conversation(&self, req: ConversationRef) -> Result<()> {
+        self.delete_conversation_impl(req).await
+    }
+    async fn append_conversation_items(&self, req: AppendConversationItemsRequest) -> Result<()> {
+        self.append_conversation_items_impl(req).await
+    }
+    async fn list_conversation_items(&self, req: ConversationRef) -> Result<ConversationItems> {
+        self.list_conversation_items_impl(req).await
+    }
+    async fn delete_conversation_item(&self, req: ConversationItemRef) -> Result<()> {
+        self.delete_conversation_item_impl(req).await
     }
 }

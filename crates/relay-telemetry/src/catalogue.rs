@@ -113,6 +113,14 @@ pub const METRICS: &[Metric] = &[
         "relay_edge_responses_not_stored_total",
         "Responses API answers that could not be stored (the answer was delivered).",
     ),
+    counter(
+        "relay_edge_conversation_appends_failed_total",
+        "Responses turns that could not be added to their conversation (the answer was delivered).",
+    ),
+    counter(
+        "relay_edge_batch_lines_total",
+        "Batch input lines answered by Relay's batch runner, by result (ok, error).",
+    ),
     // --- edge keys ---
     counter(
         "relay_edge_auth_cache_total",
