@@ -1,4 +1,4 @@
-//! The endpoints besides chat (legacy completions, moderations, speech): forwarded to an OpenAI-compatible
+//! The endpoints besides chat (legacy completions, moderations, speech, transcriptions): forwarded to an OpenAI-compatible
 //! upstream with only the model rewritten, billed from the answer's usage; a clear 400 on an upstream
 //! without them, and for what cannot be served (streaming, a missing field).
 
@@ -73,6 +73,50 @@ async fn completions_moderations_and_speech_are_forwarded_and_billed() {
         (200, "audio/mpeg", &b"ID3-mock-audio-5"[..]),
         "binary answers pass as they are"
     );
+
+    // Transcriptions: a multipart form, its model rewritten to the upstream's, the audio untouched, and
+    // the answer's token usage billed.
+    let audio: Vec<u8> = (0..=255u8).cycle().take(3000).collect();
+    let form = |model: &str, stream: bool| {
+        let mut b = Vec::new();
+        let field = |b: &mut Vec<u8>, name: &str, value: &str| {
+            b.extend_from_slice(
+                format!("--xB\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n")
+                    .as_bytes(),
+            );
+        };
+        field(&mut b, "model", model);
+        if stream {
+            field(&mut b, "stream", "true");
+        }
+        b.extend_from_slice(b"--xB\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\n");
+        b.extend_from_slice(&audio);
+        b.extend_from_slice(b"\r\n--xB--\r\n");
+        b
+    };
+    let send_form = |body: Vec<u8>| {
+        client::http()
+            .post(format!("{base}/v1/audio/transcriptions"))
+            .bearer_auth(KEY)
+            .header("content-type", "multipart/form-data; boundary=xB")
+            .body(body)
+            .send()
+    };
+    let r = send_form(form("mock", false)).await.unwrap();
+    let id = r.headers()["x-relay-request-id"].to_str().unwrap().to_owned();
+    let (status, answer) = (r.status().as_u16(), r.json::<Value>().await.unwrap());
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer["text"], "transcribed 3000 bytes with gpt-mock-upstream",
+        "the audio arrived whole, the model rewritten"
+    );
+    let u = client::recorded_usage(&billing, &id).await.usage.unwrap();
+    assert_eq!((u.input_tokens, u.output_tokens), (50, 6));
+    let r = send_form(form("mock", true)).await.unwrap();
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["param"], "stream", "{e}");
+    let r = send_form(form("demo", false)).await.unwrap();
+    assert_eq!(r.status(), 400, "no transcriptions on a non-OpenAI upstream");
 
     // What cannot be served is a 400 naming the parameter; nothing reaches the upstream.
     let before = mock.requests_containing("never sent").len();

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod balance;
+mod batches;
 mod breakers;
 mod chaos;
 mod client;

@@ -73,8 +73,9 @@ impl Http {
         body: Vec<u8>,
     ) -> Result<reqwest::Response, RelayError> {
         let mut headers = self.headers.clone();
-        headers.extend(extra);
+        // JSON unless the call says otherwise (forwarded forms).
         headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        headers.extend(extra);
         if let Ok(v) = http::HeaderValue::from_str(request_id) {
             headers.insert("x-request-id", v);
         }

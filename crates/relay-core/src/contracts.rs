@@ -64,6 +64,16 @@ pub trait ResponseStore: Send + Sync + 'static {
     async fn append_conversation_items(&self, req: state::AppendConversationItemsRequest) -> Result<()>;
     async fn list_conversation_items(&self, req: state::ConversationRef) -> Result<state::ConversationItems>;
     async fn delete_conversation_item(&self, req: state::ConversationItemRef) -> Result<()>;
+    async fn put_file(&self, req: state::PutFileRequest) -> Result<state::StoredFile>;
+    async fn get_file(&self, req: state::FileRef) -> Result<state::StoredFile>;
+    async fn list_files(&self, req: state::ListFilesRequest) -> Result<state::FileList>;
+    async fn delete_file(&self, req: state::FileRef) -> Result<()>;
+    async fn put_batch(&self, req: state::PutBatchRequest) -> Result<state::StoredBatch>;
+    async fn get_batch(&self, req: state::BatchRef) -> Result<state::StoredBatch>;
+    async fn list_batches(&self, req: state::BatchRef) -> Result<state::BatchList>;
+    async fn claim_batch(&self, req: state::ClaimBatchRequest) -> Result<state::StoredBatch>;
+    async fn put_batch_result(&self, req: state::BatchResult) -> Result<()>;
+    async fn list_batch_results(&self, req: state::BatchRef) -> Result<state::BatchResults>;
 }
 
 /// The response cache's store: client-ready answers by key (the caller puts the org in every key).

@@ -98,6 +98,15 @@ pub fn cost_micros(usage: &pb::common::v1::TokenUsage, price: &pb::routing::v1::
     i64::try_from((total + 999_999).div_euclid(1_000_000)).unwrap_or(i64::MAX)
 }
 
+/// Batch requests cost this share of the list price (OpenAI, Anthropic and Gemini all halve it).
+pub const BATCH_PRICE_PERCENT: i64 = 50;
+
+/// The cost of a request run as part of a batch, rounded up to the micro-unit.
+pub fn batch_cost_micros(cost: i64) -> i64 {
+    i64::try_from((i128::from(cost) * i128::from(BATCH_PRICE_PERCENT) + 99).div_euclid(100))
+        .unwrap_or(i64::MAX)
+}
+
 /// Is `ip` inside any of `allowlist` (IPs or CIDRs, v4 or v6)? Empty list = anywhere; an unparseable
 /// address is never allowed by a non-empty list.
 pub fn ip_allowed(allowlist: &[String], ip: &str) -> bool {

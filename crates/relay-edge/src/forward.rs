@@ -1,5 +1,6 @@
 //! The OpenAI endpoints clients call besides chat: legacy `/v1/completions`, `/v1/moderations`,
-//! `/v1/images/generations`, `/v1/audio/speech` and `/v1/rerank`. Each runs the same pipeline as chat
+//! `/v1/images/generations`, `/v1/audio/speech`, `/v1/rerank`, and the multipart forms of
+//! `/v1/audio/transcriptions` and `/v1/audio/translations`. Each runs the same pipeline as chat
 //! (key, model allowlist, routing, limits and budgets, failover, one usage event) and is forwarded to the
 //! routed upstream with only the model rewritten, when that upstream speaks OpenAI's API; elsewhere it is
 //! a 400 that says so. Answers come back whole (a streamed variant is a 400 naming `stream`); usage is
@@ -30,13 +31,76 @@ use crate::usage::UsageRecord;
 pub struct Endpoint {
     pub operation: &'static str,
     required: &'static [&'static str],
+    /// A multipart/form-data body (audio uploads) rather than JSON.
+    form: bool,
 }
 
-pub const COMPLETIONS: Endpoint = Endpoint { operation: "completions", required: &["prompt"] };
-pub const MODERATIONS: Endpoint = Endpoint { operation: "moderations", required: &["input"] };
-pub const IMAGES: Endpoint = Endpoint { operation: "images/generations", required: &["prompt"] };
-pub const SPEECH: Endpoint = Endpoint { operation: "audio/speech", required: &["input"] };
-pub const RERANK: Endpoint = Endpoint { operation: "rerank", required: &["query", "documents"] };
+const fn json_endpoint(operation: &'static str, required: &'static [&'static str]) -> Endpoint {
+    Endpoint { operation, required, form: false }
+}
+
+pub const COMPLETIONS: Endpoint = json_endpoint("completions", &["prompt"]);
+pub const MODERATIONS: Endpoint = json_endpoint("moderations", &["input"]);
+pub const IMAGES: Endpoint = json_endpoint("images/generations", &["prompt"]);
+pub const SPEECH: Endpoint = json_endpoint("audio/speech", &["input"]);
+pub const RERANK: Endpoint = json_endpoint("rerank", &["query", "documents"]);
+pub const TRANSCRIPTIONS: Endpoint =
+    Endpoint { operation: "audio/transcriptions", required: &["file"], form: true };
+pub const TRANSLATIONS: Endpoint =
+    Endpoint { operation: "audio/translations", required: &["file"], form: true };
+
+/// A request body as read: JSON fields, or a form's parts (its `model` rewritten per deployment).
+enum Payload {
+    Json(axum::body::Bytes),
+    Form(Vec<crate::multipart::Part>),
+}
+
+impl Payload {
+    /// The body and content type for one deployment.
+    fn for_deployment(&self, upstream_model: &str) -> (axum::body::Bytes, String) {
+        match self {
+            Self::Json(b) => (b.clone(), String::new()),
+            Self::Form(parts) => {
+                let mut parts = parts.clone();
+                for p in parts.iter_mut().filter(|p| p.name == "model" && p.filename.is_none()) {
+                    p.data = axum::body::Bytes::copy_from_slice(upstream_model.as_bytes());
+                }
+                let boundary = format!("relay-{}", uuid::Uuid::now_v7().simple());
+                (
+                    crate::multipart::write(&parts, &boundary),
+                    format!("multipart/form-data; boundary={boundary}"),
+                )
+            }
+        }
+    }
+}
+
+/// Reads a form: its fields as a JSON object of strings (files left out), and its parts.
+async fn read_form(
+    edge: &Edge,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Map<String, Value>, Vec<crate::multipart::Part>), RelayError> {
+    let kind = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let boundary = crate::multipart::boundary(kind)?;
+    let limit = edge.inner.cfg.max_body_bytes;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        RelayError::new(
+            relay_core::ErrorCode::PayloadTooLarge,
+            format!("The request body is over {limit} bytes."),
+        )
+    })?;
+    let parts = crate::multipart::parse(&bytes, &boundary)?;
+    let mut fields = Map::new();
+    for p in &parts {
+        let value = match &p.filename {
+            Some(_) => Value::Bool(true),
+            None => Value::String(String::from_utf8_lossy(&p.data).into_owned()),
+        };
+        fields.insert(p.name.clone(), value);
+    }
+    Ok((fields, parts))
+}
 
 /// `max_tokens` of a legacy completion bounds its answer (the API's default is 16).
 fn output_limit(e: Endpoint, body: &Map<String, Value>) -> Result<OutputLimit, RelayError> {
@@ -89,7 +153,22 @@ async fn forward(
     e: Endpoint,
     rec: &mut UsageRecord,
 ) -> Result<ForwardResponse, RelayError> {
-    let (bytes, obj): (axum::body::Bytes, Map<String, Value>) = read_json(edge, body).await?;
+    let (payload, obj) = if e.form {
+        let (fields, parts) = read_form(edge, headers, body).await?;
+        (Payload::Form(parts), fields)
+    } else {
+        let (bytes, obj): (axum::body::Bytes, Map<String, Value>) = read_json(edge, body).await?;
+        (Payload::Json(bytes), obj)
+    };
+    // What a reservation and the access log see: the JSON body, or a form's text fields (not its audio).
+    let bytes = match &payload {
+        Payload::Json(b) => b.clone(),
+        Payload::Form(_) => {
+            let text: Map<String, Value> =
+                obj.iter().filter(|(_, v)| v.is_string()).map(|(k, v)| (k.clone(), v.clone())).collect();
+            axum::body::Bytes::from(Value::Object(text).to_string())
+        }
+    };
     let model = required_model(obj.get("model").and_then(Value::as_str).map(str::to_owned))?;
     for field in e.required {
         if obj.get(*field).is_none_or(Value::is_null) {
@@ -97,9 +176,9 @@ async fn forward(
                 .with_param(*field));
         }
     }
-    if obj.get("stream").and_then(Value::as_bool) == Some(true)
-        || obj.get("stream_format").and_then(Value::as_str) == Some("sse")
-    {
+    let streamed =
+        |v: Option<&Value>| matches!(v, Some(Value::Bool(true))) || v.and_then(Value::as_str) == Some("true");
+    if streamed(obj.get("stream")) || obj.get("stream_format").and_then(Value::as_str) == Some("sse") {
         return Err(RelayError::invalid_request(format!(
             "streaming is not supported on /v1/{}: ask for a whole answer (or stream with /v1/chat/completions)",
             e.operation
@@ -121,11 +200,13 @@ async fn forward(
     let tokens = (bytes.len() as u64 / 4, limit.tokens.unwrap_or(0).saturating_mul(limit.choices));
     let order = Order { strategy: decision.strategy, tokens, ..Default::default() }.hedging(&route);
     with_failover(edge, &candidates, order, Some(rec), |dep| {
+        let (body, content_type) = payload.for_deployment(&dep.upstream_model);
         edge.inner.services.adapter.forward(ForwardRequest {
             request_id: ctx.request_id.clone(),
             operation: e.operation.to_owned(),
-            body: bytes.clone(),
+            body,
             deployment: Some(dep.clone()),
+            content_type,
         })
     })
     .await
@@ -149,3 +230,5 @@ endpoint_handler!(moderations, MODERATIONS);
 endpoint_handler!(images, IMAGES);
 endpoint_handler!(speech, SPEECH);
 endpoint_handler!(rerank, RERANK);
+endpoint_handler!(transcriptions, TRANSCRIPTIONS);
+endpoint_handler!(translations, TRANSLATIONS);

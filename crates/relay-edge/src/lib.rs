@@ -7,6 +7,8 @@
 
 pub mod admin;
 mod answer;
+mod batch_runner;
+mod batches;
 mod bounds;
 mod cache;
 mod chat;
@@ -14,8 +16,10 @@ mod conversations;
 mod dispatch;
 mod error;
 mod failover;
+mod files;
 mod forward;
 mod gemini;
+mod multipart;
 mod observe;
 pub mod principal;
 pub use replay::MemoryAnswerCache;
@@ -150,6 +154,8 @@ struct Inner {
     selector: relay_select::Selector,
     /// Tells the other replicas (the bus) when a breaker here changes state.
     announce: Option<Announce>,
+    /// Wakes this edge's batch runner (a batch was created or cancelled here).
+    batch_wake: tokio::sync::Notify,
 }
 
 /// Sends one announcement (`breaker:...`) to every edge replica, this one included.
@@ -180,8 +186,18 @@ impl Edge {
                 stopping: tokio_util::sync::CancellationToken::new(),
                 selector: relay_select::Selector::default(),
                 announce,
+                batch_wake: tokio::sync::Notify::new(),
             }),
         }
+    }
+
+    /// Runs the Batches API's batches (claimed from the state store, so any number of edges share the
+    /// work) until `stop`; returns at once when this Relay keeps no state.
+    pub fn batch_runner(
+        &self,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        batch_runner::run(self.clone(), stop)
     }
 
     /// Applies an access change announced on the bus (`key:<id>`, `team:<id>`, `org:<id>`): cached
@@ -202,6 +218,9 @@ impl Edge {
         ctx: &request::RequestCtx,
         headers: &axum::http::HeaderMap,
     ) -> Result<std::sync::Arc<relay_core::pb::auth::v1::Principal>, relay_core::RelayError> {
+        if let Some(b) = &ctx.batch {
+            return Ok(b.principal.clone());
+        }
         let r = self.inner.principals.authenticate(&self.inner.services.auth, headers, &ctx.client_ip).await;
         if let Err(e) = &r
             && matches!(e.code, relay_core::ErrorCode::Unauthenticated | relay_core::ErrorCode::RateLimited)

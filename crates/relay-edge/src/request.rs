@@ -28,6 +28,15 @@ pub struct RequestCtx {
     /// Set once a usage record owns this request (it writes the access-log line); otherwise the
     /// middleware writes a short one.
     pub recorded: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Set for the requests of Relay's batch runner: the caller is the batch's, not a presented key.
+    pub batch: Option<std::sync::Arc<BatchCaller>>,
+}
+
+/// The caller of a batch line, put on the request by the batch runner (an extension: never from HTTP).
+#[derive(Debug)]
+pub struct BatchCaller {
+    pub principal: std::sync::Arc<relay_core::pb::auth::v1::Principal>,
+    pub batch_id: String,
 }
 
 /// The client's address: the peer, unless the peer is a trusted proxy; then `X-Forwarded-For` is read from
@@ -127,6 +136,7 @@ pub async fn middleware(
         client_ip,
         route: route.clone(),
         recorded: Default::default(),
+        batch: req.extensions().get::<std::sync::Arc<BatchCaller>>().cloned(),
     };
     let held = match edge.inner.bounds.admit(req.method(), req.headers()) {
         Ok(h) => h,

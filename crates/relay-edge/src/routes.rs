@@ -50,6 +50,12 @@ fn api() -> Router<Edge> {
             axum::routing::get(crate::state::get_response).delete(crate::state::delete_response),
         )
         .route("/v1/responses/{id}/input_items", axum::routing::get(crate::state::list_input_items))
+        .route("/v1/files", get(crate::files::list).post(crate::files::upload))
+        .route("/v1/files/{id}", get(crate::files::get).delete(crate::files::delete))
+        .route("/v1/files/{id}/content", get(crate::files::content))
+        .route("/v1/batches", get(crate::batches::list).post(crate::batches::create))
+        .route("/v1/batches/{id}", get(crate::batches::get))
+        .route("/v1/batches/{id}/cancel", post(crate::batches::cancel))
         .route("/v1/conversations", post(crate::conversations::create))
         .route(
             "/v1/conversations/{id}",
@@ -70,6 +76,8 @@ fn api() -> Router<Edge> {
         .route("/v1/moderations", post(crate::forward::moderations))
         .route("/v1/images/generations", post(crate::forward::images))
         .route("/v1/audio/speech", post(crate::forward::speech))
+        .route("/v1/audio/transcriptions", post(crate::forward::transcriptions))
+        .route("/v1/audio/translations", post(crate::forward::translations))
         .route("/v1/rerank", post(crate::forward::rerank))
         .route("/v1/models", get(list_models))
         // Gemini's stable `v1` shares `/v1/models/...` with OpenAI's model lookups.

@@ -70,6 +70,7 @@ impl UsageRecord {
             protocol: protocol as i32,
             started_at_unix_ms: ctx.started_unix_ms,
             trace_context: ctx.trace_context.clone(),
+            batch_id: ctx.batch.as_ref().map(|b| b.batch_id.clone()).unwrap_or_default(),
             ..Default::default()
         };
         ctx.recorded.store(true, std::sync::atomic::Ordering::Release);
@@ -340,7 +341,10 @@ impl UsageRecord {
                 a.input_tokens = usage.input_tokens;
                 a.output_tokens = usage.output_tokens;
             }
-            let cost = price.as_ref().map_or(0, |p| relay_core::cost_micros(&usage, p));
+            let mut cost = price.as_ref().map_or(0, |p| relay_core::cost_micros(&usage, p));
+            if !event.batch_id.is_empty() {
+                cost = relay_core::batch_cost_micros(cost);
+            }
             let currency = price.as_ref().map_or_else(|| "USD".to_owned(), |p| p.currency.clone());
             event.cost = Some(Money { micros: cost, currency });
             if let Some(lease) = lease {

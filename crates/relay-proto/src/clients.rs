@@ -242,9 +242,16 @@ use relay_core::pb::state::v1 as state_pb;
 #[derive(Clone)]
 pub struct GrpcState(generated::state::state_service_client::StateServiceClient<TracedChannel>);
 
+/// Largest state message either way: a file with its content (the edge bounds uploads below this).
+pub const MAX_STATE_MESSAGE: usize = 128 << 20;
+
 impl GrpcState {
     pub fn new(ch: TracedChannel) -> Self {
-        Self(generated::state::state_service_client::StateServiceClient::new(ch))
+        Self(
+            generated::state::state_service_client::StateServiceClient::new(ch)
+                .max_decoding_message_size(MAX_STATE_MESSAGE)
+                .max_encoding_message_size(MAX_STATE_MESSAGE),
+        )
     }
 }
 
@@ -301,5 +308,45 @@ impl relay_core::contracts::ResponseStore for GrpcState {
     async fn delete_conversation_item(&self, req: state_pb::ConversationItemRef) -> Result<()> {
         self.0.clone().delete_conversation_item(req).await.map_err(|s| from_status(&s, "state"))?;
         Ok(())
+    }
+    async fn put_file(&self, req: state_pb::PutFileRequest) -> Result<state_pb::StoredFile> {
+        let r = self.0.clone().put_file(req).await.map_err(|s| from_status(&s, "state"))?;
+        Ok(r.into_inner())
+    }
+    async fn get_file(&self, req: state_pb::FileRef) -> Result<state_pb::StoredFile> {
+        let r = self.0.clone().get_file(req).await.map_err(|s| from_status(&s, "state"))?;
+        Ok(r.into_inner())
+    }
+    async fn list_files(&self, req: state_pb::ListFilesRequest) -> Result<state_pb::FileList> {
+        let r = self.0.clone().list_files(req).await.map_err(|s| from_status(&s, "state"))?;
+        Ok(r.into_inner())
+    }
+    async fn delete_file(&self, req: state_pb::FileRef) -> Result<()> {
+        self.0.clone().delete_file(req).await.map_err(|s| from_status(&s, "state"))?;
+        Ok(())
+    }
+    async fn put_batch(&self, req: state_pb::PutBatchRequest) -> Result<state_pb::StoredBatch> {
+        let r = self.0.clone().put_batch(req).await.map_err(|s| from_status(&s, "state"))?;
+        Ok(r.into_inner())
+    }
+    async fn get_batch(&self, req: state_pb::BatchRef) -> Result<state_pb::StoredBatch> {
+        let r = self.0.clone().get_batch(req).await.map_err(|s| from_status(&s, "state"))?;
+        Ok(r.into_inner())
+    }
+    async fn list_batches(&self, req: state_pb::BatchRef) -> Result<state_pb::BatchList> {
+        let r = self.0.clone().list_batches(req).await.map_err(|s| from_status(&s, "state"))?;
+        Ok(r.into_inner())
+    }
+    async fn claim_batch(&self, req: state_pb::ClaimBatchRequest) -> Result<state_pb::StoredBatch> {
+        let r = self.0.clone().claim_batch(req).await.map_err(|s| from_status(&s, "state"))?;
+        Ok(r.into_inner())
+    }
+    async fn put_batch_result(&self, req: state_pb::BatchResult) -> Result<()> {
+        self.0.clone().put_batch_result(req).await.map_err(|s| from_status(&s, "state"))?;
+        Ok(())
+    }
+    async fn list_batch_results(&self, req: state_pb::BatchRef) -> Result<state_pb::BatchResults> {
+        let r = self.0.clone().list_batch_results(req).await.map_err(|s| from_status(&s, "state"))?;
+        Ok(r.into_inner())
     }
 }

@@ -197,10 +197,45 @@ impl generated::state::state_service_server::StateService for StateServer {
                 .map(|()| state::DeleteConversationResponse {}),
         )
     }
+    async fn put_file(&self, req: Request<state::PutFileRequest>) -> GrpcResult<state::StoredFile> {
+        reply(self.0.put_file(req.into_inner()).await)
+    }
+    async fn get_file(&self, req: Request<state::FileRef>) -> GrpcResult<state::StoredFile> {
+        reply(self.0.get_file(req.into_inner()).await)
+    }
+    async fn list_files(&self, req: Request<state::ListFilesRequest>) -> GrpcResult<state::FileList> {
+        reply(self.0.list_files(req.into_inner()).await)
+    }
+    async fn delete_file(&self, req: Request<state::FileRef>) -> GrpcResult<state::DeleteFileResponse> {
+        reply(self.0.delete_file(req.into_inner()).await.map(|()| state::DeleteFileResponse {}))
+    }
+    async fn put_batch(&self, req: Request<state::PutBatchRequest>) -> GrpcResult<state::StoredBatch> {
+        reply(self.0.put_batch(req.into_inner()).await)
+    }
+    async fn get_batch(&self, req: Request<state::BatchRef>) -> GrpcResult<state::StoredBatch> {
+        reply(self.0.get_batch(req.into_inner()).await)
+    }
+    async fn list_batches(&self, req: Request<state::BatchRef>) -> GrpcResult<state::BatchList> {
+        reply(self.0.list_batches(req.into_inner()).await)
+    }
+    async fn claim_batch(&self, req: Request<state::ClaimBatchRequest>) -> GrpcResult<state::StoredBatch> {
+        reply(self.0.claim_batch(req.into_inner()).await)
+    }
+    async fn put_batch_result(
+        &self,
+        req: Request<state::BatchResult>,
+    ) -> GrpcResult<state::PutBatchResultResponse> {
+        reply(self.0.put_batch_result(req.into_inner()).await.map(|()| state::PutBatchResultResponse {}))
+    }
+    async fn list_batch_results(&self, req: Request<state::BatchRef>) -> GrpcResult<state::BatchResults> {
+        reply(self.0.list_batch_results(req.into_inner()).await)
+    }
 }
 
 pub fn state(
     svc: Arc<dyn ResponseStore>,
 ) -> generated::state::state_service_server::StateServiceServer<StateServer> {
     generated::state::state_service_server::StateServiceServer::new(StateServer(svc))
+        .max_decoding_message_size(crate::clients::MAX_STATE_MESSAGE)
+        .max_encoding_message_size(crate::clients::MAX_STATE_MESSAGE)
 }

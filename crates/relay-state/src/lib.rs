@@ -8,14 +8,17 @@
 //! (a row copied under another org or id does not open). Rows expire after the retention period and are
 //! purged by [`ResponsesStore::purge_expired`]. The edge decides what to store; this crate only keeps it.
 
+mod batches;
 mod conversations;
+mod files;
 mod seal;
 
 use relay_core::contracts::{ResponseStore, Result};
 use relay_core::pb::state::v1::{
-    AppendConversationItemsRequest, Conversation, ConversationItemRef, ConversationItems, ConversationRef,
-    GetItemsRequest, GetItemsResponse, GetResponseRequest, PutConversationRequest, PutResponseRequest,
-    StoredResponse,
+    AppendConversationItemsRequest, BatchList, BatchRef, BatchResult, BatchResults, ClaimBatchRequest,
+    Conversation, ConversationItemRef, ConversationItems, ConversationRef, FileList, FileRef,
+    GetItemsRequest, GetItemsResponse, GetResponseRequest, ListFilesRequest, PutBatchRequest,
+    PutConversationRequest, PutFileRequest, PutResponseRequest, StoredBatch, StoredFile, StoredResponse,
 };
 use relay_core::{ErrorCode, RelayError, Secret};
 use relay_db::{Arg, Col, Db};
@@ -85,7 +88,8 @@ impl ResponsesStore {
         let b =
             self.db.execute("DELETE FROM stored_responses WHERE expires_at_ms <= $1", &[now.into()]).await?;
         let c = self.purge_conversations(now).await?;
-        Ok(a + b + c)
+        let d = self.purge_files_and_batches(now).await?;
+        Ok(a + b + c + d)
     }
 
     /// Purges expired rows every hour until `stop`.
@@ -266,5 +270,35 @@ impl ResponseStore for ResponsesStore {
     }
     async fn delete_conversation_item(&self, req: ConversationItemRef) -> Result<()> {
         self.delete_conversation_item_impl(req).await
+    }
+    async fn put_file(&self, req: PutFileRequest) -> Result<StoredFile> {
+        self.put_file_impl(req).await
+    }
+    async fn get_file(&self, req: FileRef) -> Result<StoredFile> {
+        self.get_file_impl(req).await
+    }
+    async fn list_files(&self, req: ListFilesRequest) -> Result<FileList> {
+        self.list_files_impl(req).await
+    }
+    async fn delete_file(&self, req: FileRef) -> Result<()> {
+        self.delete_file_impl(req).await
+    }
+    async fn put_batch(&self, req: PutBatchRequest) -> Result<StoredBatch> {
+        self.put_batch_impl(req).await
+    }
+    async fn get_batch(&self, req: BatchRef) -> Result<StoredBatch> {
+        self.get_batch_impl(req).await
+    }
+    async fn list_batches(&self, req: BatchRef) -> Result<BatchList> {
+        self.list_batches_impl(req).await
+    }
+    async fn claim_batch(&self, req: ClaimBatchRequest) -> Result<StoredBatch> {
+        self.claim_batch_impl(req).await
+    }
+    async fn put_batch_result(&self, req: BatchResult) -> Result<()> {
+        self.put_batch_result_impl(req).await
+    }
+    async fn list_batch_results(&self, req: BatchRef) -> Result<BatchResults> {
+        self.list_batch_results_impl(req).await
     }
 }

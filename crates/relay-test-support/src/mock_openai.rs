@@ -68,6 +68,7 @@ impl MockOpenAi {
             .route("/v1/completions", post(completions))
             .route("/v1/moderations", post(moderations))
             .route("/v1/audio/speech", post(speech))
+            .route("/v1/audio/transcriptions", post(transcriptions))
             .route("/v1/messages", post(anthropic_messages))
             .route("/v1beta/models/{model_action}", post(gemini_generate))
             .with_state(shared.clone());
@@ -387,6 +388,36 @@ async fn moderations(State(shared): State<Shared>, headers: HeaderMap, body: Byt
     axum::Json(json!({"id": "modr-mock", "model": req["model"],
         "results": [{"flagged": flagged, "categories": {"violence": flagged}, "category_scores": {"violence": if flagged { 0.9 } else { 0.01 }}}]}))
     .into_response()
+}
+
+/// Transcriptions: a multipart form; answers with the file's size and the form's model, and token usage
+/// as gpt-4o-transcribe reports it. The recorded body holds the form's text fields and the file's size.
+async fn transcriptions(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let kind = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let Some(boundary) = kind.split("boundary=").nth(1) else { return error(400, "not a form") };
+    let find = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).position(|w| w == needle);
+    let delimiter = format!("--{boundary}").into_bytes();
+    let mut fields = serde_json::Map::new();
+    let mut rest = &body[..];
+    while let Some(at) = find(rest, &delimiter) {
+        rest = &rest[at + delimiter.len()..];
+        let Some(head_end) = find(rest, b"\r\n\r\n") else { break };
+        let head = String::from_utf8_lossy(&rest[..head_end]).into_owned();
+        let data = &rest[head_end + 4..];
+        let end = find(data, &delimiter).map_or(data.len(), |e| e.saturating_sub(2));
+        let Some(name) = head.split("name=\"").nth(1).and_then(|n| n.split('"').next()) else { continue };
+        let value = if head.contains("filename=") {
+            json!(end)
+        } else {
+            json!(String::from_utf8_lossy(&data[..end]))
+        };
+        fields.insert(name.to_owned(), value);
+    }
+    let req = Value::Object(fields);
+    record(&shared, "/v1/audio/transcriptions", &headers, &req);
+    let reply = format!("transcribed {} bytes with {}", req["file"], req["model"].as_str().unwrap_or(""));
+    axum::Json(json!({"text": reply, "usage": {"type": "tokens", "input_tokens": 50, "output_tokens": 6, "total_tokens": 56}}))
+        .into_response()
 }
 
 /// Speech: a few bytes of "audio" (the input's length in them), as `audio/mpeg`.

@@ -315,6 +315,7 @@ pub async fn run(
                 listener_edge.invalidate(&target);
             }
         });
+        tokio::spawn(edge.batch_runner(shutdown.clone()));
         let app = relay_edge::router(edge.clone());
         let (stop, limits) = (shutdown.clone(), cfg.edge.connections());
         let tls = match &cfg.server.tls {

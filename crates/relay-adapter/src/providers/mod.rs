@@ -167,8 +167,17 @@ impl<D: Dialect> Provider for HttpProvider<D> {
             .dialect
             .forward_url(&model, &req.operation)
             .ok_or_else(|| not_forwarded(self.dialect.system(), &req.operation))?;
-        let body = body_for_upstream(&req.body, &model)?.into_bytes();
-        let headers = self.dialect.headers(&Default::default());
+        let mut headers = self.dialect.headers(&Default::default());
+        // A form comes with its model already the upstream's (the edge rewrote that field).
+        let body = match req.content_type.as_str() {
+            "" => body_for_upstream(&req.body, &model)?.into_bytes(),
+            kind => {
+                let kind = http::HeaderValue::from_str(kind)
+                    .map_err(|_| RelayError::invalid_request("bad content type"))?;
+                headers.insert(http::header::CONTENT_TYPE, kind);
+                req.body.to_vec()
+            }
+        };
         let resp = self.http.post(&url, &req.request_id, headers, body).await?;
         let content_type = resp
             .headers()
