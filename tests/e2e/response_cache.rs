@@ -11,6 +11,8 @@ use crate::responses_state::other_org_key;
 
 const OTHER_KEY: &str = "sk-e2e-other-org-key";
 const ZR_KEY: &str = "sk-e2e-zero-retention-key";
+/// A key that opts in to the cache where its model group does not.
+const CACHING_KEY: &str = "sk-e2e-caching-key";
 
 struct Sent {
     cache: String,
@@ -41,11 +43,14 @@ async fn repeated_requests_are_answered_from_the_org_scoped_cache() {
          [database]\nurl = \"sqlite://{}\"\n{}{}\
          [[adapter.providers]]\nname = \"mock\"\nkind = \"openai\"\nbase_url = \"{}\"\napi_key = \"k\"\n\
          [[routing.models]]\nname = \"cached\"\nresponse_cache_ttl_secs = 60\n\
-         deployments = [{{ provider = \"mock\", model = \"gpt-mock-upstream\", price = {{ input_per_mtok_micros = 1000000, output_per_mtok_micros = 1000000 }} }}]\n",
+         deployments = [{{ provider = \"mock\", model = \"gpt-mock-upstream\", price = {{ input_per_mtok_micros = 1000000, output_per_mtok_micros = 1000000 }} }}]\n\
+         [[routing.models]]\nname = \"uncached\"\ndeployments = [{{ provider = \"mock\", model = \"gpt-mock-upstream\" }}]\n\
+         [[auth.keys]]\nid = \"caching\"\nteam = \"team-e2e\"\norg = \"org-e2e\"\nhash = \"{}\"\nresponse_cache_ttl_secs = 60\n",
         dir.join("relay.db").display(),
         auth_section(),
         other_org_key(),
-        mock.base_url
+        mock.base_url,
+        relay_auth::hash_key(&relay_core::Secret::new(crate::harness::PEPPER), CACHING_KEY),
     );
     let relay = RelayProc::start(&dir, "relay", &config).await;
     let base = relay.http();
@@ -103,5 +108,14 @@ async fn repeated_requests_are_answered_from_the_org_scoped_cache() {
         );
     }
     assert_eq!(mock.chat_requests(), upstream + 3);
+
+    // A model group without a cache: a key that opts in gets hits; other keys never do.
+    let plain = json!({"model": "uncached", "messages": [{"role": "user", "content": "per key"}]});
+    assert_eq!(send(&base, KEY, &plain).await.cache, "");
+    assert_eq!(send(&base, KEY, &plain).await.cache, "");
+    assert_eq!(send(&base, CACHING_KEY, &plain).await.cache, "miss");
+    let before = mock.chat_requests();
+    assert_eq!(send(&base, CACHING_KEY, &plain).await.cache, "hit");
+    assert_eq!(mock.chat_requests(), before);
     relay.stop().await;
 }

@@ -86,5 +86,17 @@ async fn a_budget_rule_moves_a_key_to_the_cheaper_deployment_and_keys_carry_stra
     let (status, body) =
         post(&c, &admin, "/admin/v1/keys", json!({"team_id": "team", "routing_strategy": "fastest"})).await;
     assert_eq!(status, 400, "{body}");
+    // The per-key response cache switch is part of a key; out of range it is a 400.
+    let (status, k) =
+        post(&c, &admin, "/admin/v1/keys", json!({"team_id": "team", "response_cache_ttl_secs": 30})).await;
+    assert_eq!(status, 201, "{k}");
+    let (status, body) = post(
+        &c,
+        &admin,
+        "/admin/v1/keys",
+        json!({"team_id": "team", "response_cache_ttl_secs": 999_999_999}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
     relay.stop().await;
 }

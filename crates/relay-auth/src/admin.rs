@@ -158,6 +158,9 @@ async fn create_key(
     if !new.ip_allowlist.iter().all(|e| relay_core::is_ip_or_cidr(e)) {
         return Err(ApiError::bad_request("ip_allowlist entries must be IP addresses or CIDRs"));
     }
+    if !(0..=604_800).contains(&new.response_cache_ttl_secs) {
+        return Err(ApiError::bad_request("response_cache_ttl_secs must be 0 to 604800 (a week)"));
+    }
     let (id, secret, full) = keys::generate()?;
     let key = a
         .store
@@ -241,6 +244,7 @@ fn openapi() -> serde_json::Value {
         "allowed_models": {"type": "array", "items": {"type": "string"}}, "ip_allowlist": {"type": "array", "items": {"type": "string"}}, "allowed_regions": {"type": "array", "items": {"type": "string"}},
         "routing_strategy": {"type": "string", "enum": ["", "weighted", "priority", "cost", "latency", "balanced", "headroom"]},
         "zero_retention": {"type": "boolean", "description": "Store none of this key's content (Responses state, logged prompts and answers)."},
+        "response_cache_ttl_secs": {"type": "integer", "minimum": 0, "maximum": 604800, "description": "Cache this key's answers this many seconds (0 = the model group's setting)."},
         "expires_at_ms": {"type": "integer"}, "metadata": {"type": "object"}}});
     for target in [&mut scope, &mut key] {
         if let (Some(props), Some(extra)) = (target["properties"].as_object_mut(), policy.as_object()) {

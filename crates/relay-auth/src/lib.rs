@@ -69,6 +69,9 @@ pub struct KeyConfig {
     /// Store none of this key's content (Responses state, logged prompts and answers).
     #[serde(default)]
     pub zero_retention: bool,
+    /// Cache this key's answers this many seconds (0 = the model group's setting).
+    #[serde(default)]
+    pub response_cache_ttl_secs: u32,
     #[serde(default = "yes")]
     pub enabled: bool,
     /// Unix seconds; absent = never.
@@ -144,6 +147,7 @@ impl AuthService {
                 allowed_regions: k.allowed_regions.clone(),
                 routing_strategy: k.strategy.clone().unwrap_or_default(),
                 zero_retention: k.zero_retention,
+                response_cache_ttl_secs: k.response_cache_ttl_secs,
                 expires_at: k.expires_at.unwrap_or(0),
                 ..Default::default()
             };
@@ -237,6 +241,7 @@ impl AuthService {
             allowed_regions: k.key.allowed_regions.clone(),
             routing_strategy: k.key.routing_strategy.clone(),
             zero_retention: k.key.zero_retention,
+            response_cache_ttl_secs: u32::try_from(k.key.response_cache_ttl_secs).unwrap_or(0),
         };
         let ttl = if k.key.expires_at_ms == 0 {
             self.cache_ttl_secs
@@ -313,6 +318,7 @@ mod tests {
             allowed_regions: vec![],
             strategy: None,
             zero_retention: false,
+            response_cache_ttl_secs: 0,
             enabled: true,
             expires_at: None,
         }

@@ -58,6 +58,8 @@ pub struct Key {
     pub routing_strategy: String,
     /// Store none of this key's content.
     pub zero_retention: bool,
+    /// Response cache seconds for this key's answers (0 = the model group's).
+    pub response_cache_ttl_secs: i64,
 }
 
 /// What authentication needs, in one read.
@@ -75,7 +77,7 @@ pub struct KeyStore {
 
 const ORG_COLS: &str = "o.id, o.name, o.enabled, o.rpm, o.tpm, o.max_concurrent, o.budget_micros, o.budget_period, o.metadata, o.created_at_ms";
 const TEAM_COLS: &str = "t.id, t.org_id, t.name, t.enabled, t.rpm, t.tpm, t.max_concurrent, t.budget_micros, t.budget_period, t.metadata, t.created_at_ms";
-const KEY_COLS: &str = "k.id, k.team_id, t.org_id, k.name, k.allowed_models, k.ip_allowlist, k.enabled, k.expires_at_ms, k.revoked_at_ms, k.rpm, k.tpm, k.max_concurrent, k.budget_micros, k.budget_period, k.metadata, k.created_at_ms, k.allowed_regions, k.routing_strategy, k.zero_retention";
+const KEY_COLS: &str = "k.id, k.team_id, t.org_id, k.name, k.allowed_models, k.ip_allowlist, k.enabled, k.expires_at_ms, k.revoked_at_ms, k.rpm, k.tpm, k.max_concurrent, k.budget_micros, k.budget_period, k.metadata, k.created_at_ms, k.allowed_regions, k.routing_strategy, k.zero_retention, k.response_cache_ttl_secs";
 
 /// Reads columns left to right from a row of either backend.
 struct Cols<'r, R> {
@@ -156,6 +158,7 @@ where
             allowed_regions: self.json()?,
             routing_strategy: self.next()?,
             zero_retention: self.next()?,
+            response_cache_ttl_secs: self.next()?,
         })
     }
 
@@ -188,6 +191,8 @@ pub struct NewKey {
     pub routing_strategy: String,
     /// Store none of this key's content (Responses state, logged prompts and answers).
     pub zero_retention: bool,
+    /// Cache this key's answers this many seconds (0 = the model group's setting).
+    pub response_cache_ttl_secs: i64,
     pub expires_at_ms: i64,
     #[serde(flatten)]
     pub policy: Policy,
@@ -289,8 +294,8 @@ impl KeyStore {
         let ips = serde_json::to_string(&new.ip_allowlist)?;
         let regions = serde_json::to_string(&new.allowed_regions)?;
         const SQL: &str = "INSERT INTO api_keys (id, team_id, name, secret_hash, allowed_models, ip_allowlist, enabled, expires_at_ms, revoked_at_ms, \
-            rpm, tpm, max_concurrent, budget_micros, budget_period, metadata, created_at_ms, allowed_regions, routing_strategy, zero_retention) \
-            VALUES ($1, $2, $3, $4, $5, $6, TRUE, $7, 0, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)";
+            rpm, tpm, max_concurrent, budget_micros, budget_period, metadata, created_at_ms, allowed_regions, routing_strategy, zero_retention, response_cache_ttl_secs) \
+            VALUES ($1, $2, $3, $4, $5, $6, TRUE, $7, 0, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)";
         db_query!(
             &self.db,
             SQL,
@@ -311,7 +316,8 @@ impl KeyStore {
                 relay_core::ids::now_ms(),
                 &regions,
                 &new.routing_strategy,
-                new.zero_retention
+                new.zero_retention,
+                new.response_cache_ttl_secs
             ],
             execute,
             |_| ()

@@ -332,7 +332,11 @@ async fn prepare(
         hedge_after: None,
     }
     .hedging(&route);
-    let ttl = route.response_cache_ttl_secs;
+    // The key's own cache setting, else its model group's.
+    let ttl = match principal.response_cache_ttl_secs {
+        0 => route.response_cache_ttl_secs,
+        key => key,
+    };
     let cache = crate::replay::plan(
         edge.inner.services.cache.as_ref(),
         principal,

@@ -11,7 +11,7 @@ use crate::config::Config;
 pub const USAGE: &str = "  \
   orgs  create --name N [--id I] [limits]    orgs  list | show ID | disable ID | enable ID
   teams create --org O --name N [--id I] [limits]    teams list --org O | show ID | disable ID | enable ID
-  keys  create --team T [--name N] [--models a,b] [--ips 10.0.0.0/8,...] [--regions eu,...] [--strategy S] [--zero-retention true] [--expires-at-ms MS] [limits]
+  keys  create --team T [--name N] [--models a,b] [--ips 10.0.0.0/8,...] [--regions eu,...] [--strategy S] [--zero-retention true] [--cache-ttl-secs N] [--expires-at-ms MS] [limits]
   keys  list [--team T] [--org O] | show ID | revoke ID | disable ID | enable ID
   limits: --rpm N --tpm N --max-concurrent N --budget-micros N --budget-period daily|monthly|total|prepaid
   (--admin-url URL, or $RELAY_ADMIN_URL; token from $RELAY_ADMIN_TOKEN or auth.admin_token)";
@@ -86,6 +86,7 @@ fn accepted(kind: &str, verb: &str) -> Option<(Vec<&'static str>, usize)> {
                 "regions",
                 "strategy",
                 "zero-retention",
+                "cache-ttl-secs",
                 "expires-at-ms",
             ]),
             0,
@@ -159,6 +160,10 @@ fn request(kind: &str, args: &[String]) -> Result<Request, String> {
             if let Some(z) = named.get("zero-retention") {
                 let z = z.parse::<bool>().map_err(|_| "--zero-retention must be true or false")?;
                 body.insert("zero_retention".into(), json!(z));
+            }
+            if let Some(t) = named.get("cache-ttl-secs") {
+                let t = t.parse::<u32>().map_err(|_| "--cache-ttl-secs must be a whole number of seconds")?;
+                body.insert("response_cache_ttl_secs".into(), json!(t));
             }
             if let Some(e) = named.get("expires-at-ms") {
                 body.insert(
