@@ -27,7 +27,9 @@ async fn completions_moderations_and_speech_are_forwarded_and_billed() {
     let dir = temp_dir("endpoints");
     let config = format!(
         "[server]\nservice_token = \"relay-test-service-token\"\nhttp_listen = \"127.0.0.1:0\"\ngrpc_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-         [database]\nurl = \"sqlite://{}\"\n{}{}",
+         [database]\nurl = \"sqlite://{}\"\n{}{}\
+         [[routing.models]]\nname = \"unit-priced\"\ndeployments = [{{ provider = \"mock\", model = \"gpt-mock-upstream\", \
+         price = {{ input_per_mtok_micros = 0, output_per_mtok_micros = 0, per_image_micros = 40000, per_mchar_micros = 15000000 }} }}]\n",
         dir.join("relay.db").display(),
         auth_section(),
         crate::upstream_sections(&mock)
@@ -73,6 +75,20 @@ async fn completions_moderations_and_speech_are_forwarded_and_billed() {
         (200, "audio/mpeg", &b"ID3-mock-audio-5"[..]),
         "binary answers pass as they are"
     );
+
+    // Unit prices: images by the image, speech by the character.
+    let (status, _, body, id) =
+        post(&base, "/v1/images/generations", json!({"model": "unit-priced", "prompt": "two cats", "n": 2}))
+            .await;
+    assert_eq!((status, json_of(&body)["data"].as_array().map(Vec::len)), (200, Some(2)));
+    let ev = client::recorded_usage(&billing, &id).await;
+    assert_eq!((ev.usage.as_ref().unwrap().images, ev.cost.as_ref().unwrap().micros), (2, 80_000), "{ev:?}");
+    let (status, _, _, id) =
+        post(&base, "/v1/audio/speech", json!({"model": "unit-priced", "input": "hello", "voice": "alloy"}))
+            .await;
+    assert_eq!(status, 200);
+    let ev = client::recorded_usage(&billing, &id).await;
+    assert_eq!((ev.usage.as_ref().unwrap().characters, ev.cost.as_ref().unwrap().micros), (5, 75), "{ev:?}");
 
     // Transcriptions: a multipart form, its model rewritten to the upstream's, the audio untouched, and
     // the answer's token usage billed.

@@ -52,20 +52,27 @@ pub fn markup_bps(markups: &[Markup], default_bps: i64, team: &str, org: &str) -
     find(format!("team:{team}")).or_else(|| find(format!("org:{org}"))).unwrap_or(default_bps)
 }
 
-/// The posting set for `e`: priced from the catalog at the request's start time; without a catalog price,
-/// at the deployment's configured price the edge reported (price id `deployment:<id>`); else unpriced.
+/// The posting set for `e`: priced from the catalog at the request's start time (at batch prices for a
+/// batch's request); without a catalog price, or for requests priced by the image or the character (the
+/// catalog prices tokens), at the deployment's configured price the edge reported (price id
+/// `deployment:<id>`, already at batch prices); else unpriced.
 pub fn book(e: &UsageEvent, prices: &PriceBook, markups: &[Markup], default_bps: i64) -> Booking {
     let usage = e.usage.unwrap_or_default();
-    let (price_id, currency, cost) =
-        match prices.resolve(&e.provider, &e.upstream_model, e.started_at_unix_ms) {
-            Some(p) => (p.id.clone(), p.currency.clone(), p.cost(&usage)),
-            None => match &e.cost {
-                Some(c) if c.micros > 0 => {
-                    (format!("deployment:{}", e.deployment_id), c.currency.clone(), c.micros.max(0))
-                }
-                _ => (String::new(), "USD".to_owned(), 0),
-            },
-        };
+    let units = (usage.images > 0 || usage.characters > 0) && e.cost.as_ref().is_some_and(|c| c.micros > 0);
+    let catalog = prices.resolve(&e.provider, &e.upstream_model, e.started_at_unix_ms).filter(|_| !units);
+    let (price_id, currency, cost) = match catalog {
+        Some(p) => {
+            let cost = p.cost(&usage);
+            let cost = if e.batch_id.is_empty() { cost } else { relay_core::batch_cost_micros(cost) };
+            (p.id.clone(), p.currency.clone(), cost)
+        }
+        None => match &e.cost {
+            Some(c) if c.micros > 0 => {
+                (format!("deployment:{}", e.deployment_id), c.currency.clone(), c.micros.max(0))
+            }
+            _ => (String::new(), "USD".to_owned(), 0),
+        },
+    };
     // A cache hit called no upstream: no provider cost, nothing charged.
     let cost = if e.cache_hit { 0 } else { cost };
     let sell = sell_price(cost, markup_bps(markups, default_bps, &e.team_id, &e.org_id));
@@ -185,5 +192,22 @@ mod tests {
         let b = book_of(&e, &[]);
         assert_eq!((b.cost, b.currency.as_str(), b.price_id.as_str()), (7, "EUR", "deployment:other@p"));
         assert!(b.balanced());
+    }
+
+    #[test]
+    fn batches_book_half_the_catalog_price_and_units_the_deployment_price() {
+        let mut e = event("gpt-x", 1000, 500);
+        e.batch_id = "batch_1".into();
+        assert_eq!(book_of(&e, &[]).cost, 1000, "half of 2000");
+        let mut e = event("gpt-x", 0, 0);
+        e.usage.as_mut().unwrap().images = 2;
+        e.cost = Some(Money { micros: 80_000, currency: "USD".into() });
+        e.deployment_id = "gpt-x@p".into();
+        let b = book_of(&e, &[]);
+        assert_eq!(
+            (b.cost, b.price_id.as_str()),
+            (80_000, "deployment:gpt-x@p"),
+            "the catalog prices no images"
+        );
     }
 }

@@ -94,7 +94,9 @@ pub fn cost_micros(usage: &pb::common::v1::TokenUsage, price: &pb::routing::v1::
     };
     let total = i128::from(usage.input_tokens - cached) * i128::from(price.input_per_mtok_micros)
         + i128::from(cached) * i128::from(cached_price)
-        + i128::from(usage.output_tokens) * i128::from(price.output_per_mtok_micros);
+        + i128::from(usage.output_tokens) * i128::from(price.output_per_mtok_micros)
+        + i128::from(usage.characters) * i128::from(price.per_mchar_micros)
+        + i128::from(usage.images) * i128::from(price.per_image_micros) * 1_000_000;
     i64::try_from((total + 999_999).div_euclid(1_000_000)).unwrap_or(i64::MAX)
 }
 
@@ -206,6 +208,7 @@ mod tests {
             output_per_mtok_micros: 10_000_000,
             cached_input_per_mtok_micros: 1_250_000,
             currency: "USD".into(),
+            ..Default::default()
         };
         let u = TokenUsage {
             input_tokens: 1000,
@@ -218,6 +221,11 @@ mod tests {
         let one = TokenUsage { input_tokens: 1, ..Default::default() };
         assert_eq!(cost_micros(&one, &price), 3, "2.5 micros rounds up");
         assert_eq!(cost_micros(&TokenUsage::default(), &price), 0);
+        // Unit prices: 2 images at 40,000 micros, 1,500 characters at 15 micros per 1,000.
+        let units = Price { per_image_micros: 40_000, per_mchar_micros: 15_000_000, ..Default::default() };
+        let u = TokenUsage { images: 2, characters: 1500, ..Default::default() };
+        assert_eq!(cost_micros(&u, &units), 80_000 + 22_500);
+        assert_eq!(batch_cost_micros(7001), 3501, "batch prices are half, rounded up");
     }
 
     #[test]

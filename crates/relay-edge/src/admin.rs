@@ -56,6 +56,8 @@ async fn routing(State(a): State<Admin>, headers: HeaderMap) -> Result<Json<Valu
                     "price": d.price.as_ref().map(|p| json!({
                         "input_per_mtok_micros": p.input_per_mtok_micros,
                         "output_per_mtok_micros": p.output_per_mtok_micros,
+                        "per_image_micros": p.per_image_micros,
+                        "per_mchar_micros": p.per_mchar_micros,
                         "currency": p.currency,
                     })),
                     "free": d.free,

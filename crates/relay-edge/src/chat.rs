@@ -193,7 +193,7 @@ impl Envelope {
             .max(1),
             _ => 1,
         };
-        Ok(crate::dispatch::OutputLimit { tokens, choices })
+        Ok(crate::dispatch::OutputLimit { tokens, choices, images: 0 })
     }
 
     fn end_user(&self) -> &str {

@@ -306,11 +306,13 @@ pub const MAX_CHOICES: u64 = 128;
 pub struct OutputLimit {
     pub tokens: Option<u64>,
     pub choices: u64,
+    /// Images the request may generate (priced per image).
+    pub images: u64,
 }
 
 impl Default for OutputLimit {
     fn default() -> Self {
-        Self { tokens: None, choices: 1 }
+        Self { tokens: None, choices: 1, images: 0 }
     }
 }
 
@@ -340,9 +342,12 @@ pub fn admission(
         candidates.iter().map(|d| d.max_output_tokens).max().filter(|m| *m > 0).unwrap_or(4096)
     });
     let output = per_answer.saturating_mul(limit.choices.max(1));
+    // Characters are bounded by the body's bytes (speech is priced by them).
     let usage = relay_core::pb::common::v1::TokenUsage {
         input_tokens: input,
         output_tokens: output,
+        images: limit.images,
+        characters: input,
         ..Default::default()
     };
     let cost_micros = candidates

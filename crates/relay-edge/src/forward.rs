@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use relay_core::RelayError;
 use relay_core::pb::adapter::v1::{ForwardRequest, ForwardResponse};
 use relay_core::pb::auth::v1::Principal;
-use relay_core::pb::common::v1::Protocol;
+use relay_core::pb::common::v1::{Protocol, TokenUsage};
 use serde_json::{Map, Value};
 
 use crate::Edge;
@@ -48,6 +48,21 @@ pub const TRANSCRIPTIONS: Endpoint =
     Endpoint { operation: "audio/transcriptions", required: &["file"], form: true };
 pub const TRANSLATIONS: Endpoint =
     Endpoint { operation: "audio/translations", required: &["file"], form: true };
+
+impl Endpoint {
+    /// Images an answer of `/v1/images/generations` holds (the unit image models are priced by).
+    fn images(&self, body: &[u8]) -> u64 {
+        if self.operation != "images/generations" {
+            return 0;
+        }
+        #[derive(serde::Deserialize)]
+        struct Images {
+            #[serde(default)]
+            data: Vec<serde::de::IgnoredAny>,
+        }
+        serde_json::from_slice::<Images>(body).map_or(0, |i| i.data.len() as u64)
+    }
+}
 
 /// A request body as read: JSON fields, or a form's parts (its `model` rewritten per deployment).
 enum Payload {
@@ -105,7 +120,14 @@ async fn read_form(
 /// `max_tokens` of a legacy completion bounds its answer (the API's default is 16).
 fn output_limit(e: Endpoint, body: &Map<String, Value>) -> Result<OutputLimit, RelayError> {
     if e.operation != "completions" {
-        return Ok(OutputLimit { tokens: Some(0), choices: 1 });
+        // An image request reserves the images it asks for (`n`, 1 by default).
+        let images = match e.operation {
+            "images/generations" => {
+                body.get("n").and_then(Value::as_u64).unwrap_or(1).clamp(1, crate::dispatch::MAX_CHOICES)
+            }
+            _ => 0,
+        };
+        return Ok(OutputLimit { tokens: Some(0), choices: 1, images });
     }
     let tokens = match body.get("max_tokens") {
         None | Some(Value::Null) => 16,
@@ -114,7 +136,7 @@ fn output_limit(e: Endpoint, body: &Map<String, Value>) -> Result<OutputLimit, R
         })?,
     };
     let n = body.get("n").and_then(Value::as_u64).unwrap_or(1).clamp(1, crate::dispatch::MAX_CHOICES);
-    Ok(OutputLimit { tokens: Some(tokens), choices: n })
+    Ok(OutputLimit { tokens: Some(tokens), choices: n, images: 0 })
 }
 
 pub async fn handle(edge: Edge, ctx: RequestCtx, headers: HeaderMap, body: Body, e: Endpoint) -> Response {
@@ -124,8 +146,9 @@ pub async fn handle(edge: Edge, ctx: RequestCtx, headers: HeaderMap, body: Body,
     };
     let mut rec = UsageRecord::new(&edge, &ctx, &p, Protocol::OpenaiForwarded);
     match forward(&edge, &ctx, &p, &headers, body, e, &mut rec).await {
-        Ok(resp) => {
-            rec.usage(resp.usage.unwrap_or_default());
+        Ok((resp, characters)) => {
+            let images = e.images(&resp.body);
+            rec.usage(TokenUsage { images, characters, ..resp.usage.unwrap_or_default() });
             rec.first_byte();
             let mut r = (StatusCode::OK, resp.body).into_response();
             let kind = HeaderValue::from_str(&resp.content_type)
@@ -152,7 +175,7 @@ async fn forward(
     body: Body,
     e: Endpoint,
     rec: &mut UsageRecord,
-) -> Result<ForwardResponse, RelayError> {
+) -> Result<(ForwardResponse, u64), RelayError> {
     let (payload, obj) = if e.form {
         let (fields, parts) = read_form(edge, headers, body).await?;
         (Payload::Form(parts), fields)
@@ -185,6 +208,11 @@ async fn forward(
         ))
         .with_param("stream"));
     }
+    // Speech is priced by the characters it reads.
+    let characters = match e.operation {
+        "audio/speech" => obj.get("input").and_then(Value::as_str).map_or(0, |s| s.chars().count() as u64),
+        _ => 0,
+    };
     let user = obj.get("user").and_then(Value::as_str).unwrap_or("");
     check_end_user(user, "user")?;
     let limit = output_limit(e, &obj)?;
@@ -210,6 +238,7 @@ async fn forward(
         })
     })
     .await
+    .map(|r| (r, characters))
 }
 
 macro_rules! endpoint_handler {

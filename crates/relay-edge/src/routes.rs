@@ -224,7 +224,7 @@ async fn embed(
         ctx,
         p,
         bytes.len(),
-        crate::dispatch::OutputLimit { tokens: Some(0), choices: 1 },
+        crate::dispatch::OutputLimit { tokens: Some(0), choices: 1, images: 0 },
         &candidates,
     );
     admit(edge, rec, lease).await.map_err(|d| d.error)?;

@@ -185,6 +185,12 @@ pub struct PriceConfig {
     pub output_per_mtok_micros: i64,
     #[serde(default)]
     pub cached_input_per_mtok_micros: i64,
+    /// Per generated image (image models priced per image).
+    #[serde(default)]
+    pub per_image_micros: i64,
+    /// Per million characters of input (speech models priced per character).
+    #[serde(default)]
+    pub per_mchar_micros: i64,
     #[serde(default = "usd")]
     pub currency: String,
 }
@@ -269,6 +275,8 @@ impl RoutingConfig {
                     p.input_per_mtok_micros < 0
                         || p.output_per_mtok_micros < 0
                         || p.cached_input_per_mtok_micros < 0
+                        || p.per_image_micros < 0
+                        || p.per_mchar_micros < 0
                 }) {
                     errors.push(format!("{at}.deployments[{j}].price: prices cannot be negative"));
                 }

@@ -85,6 +85,8 @@ impl RoutingService {
                             output_per_mtok_micros: p.output_per_mtok_micros,
                             cached_input_per_mtok_micros: p.cached_input_per_mtok_micros,
                             currency: p.currency.clone(),
+                            per_image_micros: p.per_image_micros,
+                            per_mchar_micros: p.per_mchar_micros,
                         }),
                         None if d.free => None,
                         None => catalog.resolve(&d.provider, &d.model, now).map(|p| Price {
@@ -92,6 +94,7 @@ impl RoutingService {
                             output_per_mtok_micros: p.output,
                             cached_input_per_mtok_micros: p.cached_input,
                             currency: p.currency.clone(),
+                            ..Default::default()
                         }),
                     },
                     max_output_tokens: d.max_output_tokens,

@@ -69,6 +69,7 @@ impl MockOpenAi {
             .route("/v1/moderations", post(moderations))
             .route("/v1/audio/speech", post(speech))
             .route("/v1/audio/transcriptions", post(transcriptions))
+            .route("/v1/images/generations", post(images))
             .route("/v1/messages", post(anthropic_messages))
             .route("/v1beta/models/{model_action}", post(gemini_generate))
             .with_state(shared.clone());
@@ -388,6 +389,16 @@ async fn moderations(State(shared): State<Shared>, headers: HeaderMap, body: Byt
     axum::Json(json!({"id": "modr-mock", "model": req["model"],
         "results": [{"flagged": flagged, "categories": {"violence": flagged}, "category_scores": {"violence": if flagged { 0.9 } else { 0.01 }}}]}))
     .into_response()
+}
+
+/// Image generation: `n` placeholder images (no usage, as DALL-E answers).
+async fn images(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let Ok(req) = serde_json::from_slice::<Value>(&body) else { return error(400, "invalid json") };
+    record(&shared, "/v1/images/generations", &headers, &req);
+    let n = req["n"].as_u64().unwrap_or(1).min(10);
+    let data: Vec<Value> =
+        (0..n).map(|i| json!({"url": format!("https://images.example/{i}.png")})).collect();
+    axum::Json(json!({"created": 1, "data": data})).into_response()
 }
 
 /// Transcriptions: a multipart form; answers with the file's size and the form's model, and token usage
