@@ -7,7 +7,8 @@
 # first tool offered; a turn counts when the CLI ran the tool, sent its result back through Relay and printed
 # the mock's `TOOL_RESULT:` answer. CLIs are installed from npm into .cache/clis. The google-genai Python
 # SDK (Gemini's native API inbound: streamed and whole generation, countTokens, automatic function
-# calling, model listing) runs on the same three routes, from a pinned PyPI install in .cache/genai-venv.
+# calling, model listing) runs on the same three routes, from a pinned PyPI install in .cache/genai-venv,
+# and so does the official openai Python SDK (the suite's) on conversations, file uploads and batches.
 set -euo pipefail
 source "$(dirname "$0")/relay-for-mock.sh"
 SUITE="${SUITE:-$ROOT/../shared/conformance}"
@@ -45,8 +46,9 @@ export DISABLE_TELEMETRY=1 DISABLE_AUTOUPDATER=1 CLAUDE_CODE_DISABLE_NONESSENTIA
 cd "$WORK"
 failed=0
 for route in openai anthropic gemini; do
-  for cli in claude codex vercel-ai google-genai; do
+  for cli in claude codex vercel-ai google-genai openai-surface; do
     case $cli in
+      openai-surface) out=$(timeout 180 "$SUITE/.venv/bin/python" "$ROOT/scripts/openai-surface.py" "$RELAY_URL" "$RELAY_KEY" "relay-$route" 2>&1 || true) ;;
       google-genai) out=$(timeout 180 "$GENAI/bin/python" "$ROOT/scripts/google-genai.py" "$RELAY_URL" "$RELAY_KEY" "relay-$route" 2>&1 || true) ;;
       claude) out=$(timeout 180 "$CLIS/node_modules/.bin/claude" -p "hello via relay" --model "relay-$route" 2>&1 || true) ;;
       codex) out=$(timeout 180 "$CLIS/node_modules/.bin/codex" exec --skip-git-repo-check -m "relay-$route" "hello via relay" </dev/null 2>&1 || true) ;;
@@ -54,12 +56,14 @@ for route in openai anthropic gemini; do
     esac
     ok=0
     grep -q "TOOL_RESULT:" <<<"$out" && ok=1
+    # The openai SDK on conversations, files and batches: every check passed.
+    if [ $cli = openai-surface ]; then ok=0; grep -q "^SURFACE_OK" <<<"$out" && ok=1; fi
     # Every google-genai check prints `ok:`; the first failure stops it.
     if [ $cli = google-genai ] && grep -q "^FAILED" <<<"$out"; then ok=0; fi
     # The SDK's headline case: the stored tool call came back as a reference, and Relay resolved it.
     if [ $cli = vercel-ai ] && ! grep -q "item_reference sent: true" <<<"$out"; then ok=0; fi
     if [ $ok = 1 ]; then
-      echo "real-clients: $cli via relay-$route: tool-calling turn completed"
+      echo "real-clients: $cli via relay-$route: passed"
     else
       echo "real-clients: $cli via relay-$route: FAILED"; tail -20 <<<"$out"; failed=1
     fi

@@ -15,7 +15,7 @@ use crate::Edge;
 use crate::error::Inbound;
 use crate::multipart;
 use crate::request::RequestCtx;
-use crate::state::{new_id, owned};
+use crate::state::owned;
 
 /// Purposes the Files API accepts.
 const PURPOSES: [&str; 6] = ["batch", "assistants", "fine-tune", "vision", "user_data", "evals"];
@@ -44,7 +44,8 @@ pub(crate) async fn store(
     content: bytes::Bytes,
 ) -> Result<StoredFile, RelayError> {
     let file = StoredFile {
-        id: new_id("file"),
+        // OpenAI's file ids are `file-…` (a dash, unlike its other ids).
+        id: format!("file-{}", uuid::Uuid::now_v7().simple()),
         org_id: p.org_id.clone(),
         team_id: p.team_id.clone(),
         key_id: p.key_id.clone(),
