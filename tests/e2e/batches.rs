@@ -30,29 +30,12 @@ async fn upload(base: &str, key: &str, purpose: &str, name: &str, content: &str)
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
-async fn send(
-    method: reqwest::Method,
-    base: &str,
-    key: &str,
-    path: &str,
-    body: Option<Value>,
-) -> (u16, String) {
-    let mut req = client::http().request(method, format!("{base}{path}")).bearer_auth(key);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let r = req.send().await.unwrap();
-    (r.status().as_u16(), r.text().await.unwrap())
-}
-
 async fn get(base: &str, key: &str, path: &str) -> (u16, Value) {
-    let (s, t) = send(reqwest::Method::GET, base, key, path, None).await;
-    (s, serde_json::from_str(&t).unwrap_or(Value::Null))
+    client::send_json(reqwest::Method::GET, base, key, path, None).await
 }
 
 async fn post(base: &str, key: &str, path: &str, body: Value) -> (u16, Value) {
-    let (s, t) = send(reqwest::Method::POST, base, key, path, Some(body)).await;
-    (s, serde_json::from_str(&t).unwrap_or(Value::Null))
+    client::send_json(reqwest::Method::POST, base, key, path, Some(body)).await
 }
 
 fn jsonl(lines: &[(String, &str, &str)]) -> String {
@@ -114,7 +97,7 @@ async fn batches_run_billed_at_batch_prices_and_stay_in_their_org() {
     let (_, listed) = get(&base, KEY, "/v1/files").await;
     assert!(listed["data"].as_array().unwrap().iter().any(|f| f["id"] == file_id.as_str()), "{listed}");
     let (status, content) =
-        send(reqwest::Method::GET, &base, KEY, &format!("/v1/files/{file_id}/content"), None).await;
+        client::send(reqwest::Method::GET, &base, KEY, &format!("/v1/files/{file_id}/content"), None).await;
     assert_eq!((status, content), (200, jsonl(&lines)));
 
     // The batch runs: three answers in the output file, the unknown model's 404 in the error file.
@@ -130,7 +113,7 @@ async fn batches_run_billed_at_batch_prices_and_stay_in_their_org() {
     let done = settled(&base, &batch_id, &["completed"]).await;
     assert_eq!(done["request_counts"], json!({"total": 4, "completed": 3, "failed": 1}), "{done}");
     assert_eq!(done["metadata"]["job"], "nightly");
-    let (_, out) = send(
+    let (_, out) = client::send(
         reqwest::Method::GET,
         &base,
         KEY,
@@ -154,7 +137,7 @@ async fn batches_run_billed_at_batch_prices_and_stay_in_their_org() {
         let (prompt, completion) = client::mock_usage(text);
         assert_eq!(ev.cost.as_ref().unwrap().micros, ((prompt + completion) as i64 + 1) / 2, "{ev:?}");
     }
-    let (_, errors) = send(
+    let (_, errors) = client::send(
         reqwest::Method::GET,
         &base,
         KEY,
@@ -192,7 +175,7 @@ async fn batches_run_billed_at_batch_prices_and_stay_in_their_org() {
     for path in &ours {
         assert_eq!(get(&base, OTHER_KEY, path).await.0, 404, "GET {path}");
     }
-    assert_eq!(send(reqwest::Method::DELETE, &base, OTHER_KEY, &ours[0], None).await.0, 404);
+    assert_eq!(client::send(reqwest::Method::DELETE, &base, OTHER_KEY, &ours[0], None).await.0, 404);
     assert_eq!(post(&base, OTHER_KEY, &format!("/v1/batches/{batch_id}/cancel"), json!({})).await.0, 404);
     let (status, e) = post(&base, OTHER_KEY, "/v1/batches", create).await;
     assert_eq!((status, e["error"]["param"].as_str()), (400, Some("input_file_id")), "{e}");
@@ -205,7 +188,7 @@ async fn batches_run_billed_at_batch_prices_and_stay_in_their_org() {
 
     // Zero-retention keys keep nothing; the owner can delete.
     assert_eq!(upload(&base, ZR_KEY, "batch", "z.jsonl", &jsonl(&lines)).await.0, 400);
-    let (status, _) = send(reqwest::Method::DELETE, &base, KEY, &ours[0], None).await;
+    let (status, _) = client::send(reqwest::Method::DELETE, &base, KEY, &ours[0], None).await;
     assert_eq!(status, 200);
     assert_eq!(get(&base, KEY, &ours[0]).await.0, 404);
     relay.stop().await;

@@ -121,3 +121,31 @@ pub fn mock_usage(text: &str) -> (u64, u64) {
     let reply = relay_test_support::echo(text);
     (1000 + text.split_whitespace().count() as u64, reply.split(' ').count() as u64)
 }
+
+/// A call with a bearer key and an optional JSON body: status and body text.
+pub async fn send(
+    method: reqwest::Method,
+    base: &str,
+    key: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, String) {
+    let mut req = http().request(method, format!("{base}{path}")).bearer_auth(key);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let r = req.send().await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// As [`send`], the body read as JSON (`null` when it is not).
+pub async fn send_json(
+    method: reqwest::Method,
+    base: &str,
+    key: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let (status, text) = send(method, base, key, path, body).await;
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}

@@ -9,32 +9,16 @@ use crate::client;
 use crate::harness::{KEY, RelayProc, auth_section, temp_dir};
 use crate::responses_state::{OTHER_KEY, ZR_KEY, other_org_key};
 
-async fn send(
-    method: reqwest::Method,
-    base: &str,
-    key: &str,
-    path: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut req = client::http().request(method, format!("{base}{path}")).bearer_auth(key);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let r = req.send().await.unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
 async fn post(base: &str, key: &str, path: &str, body: Value) -> (u16, Value) {
-    send(reqwest::Method::POST, base, key, path, Some(body)).await
+    client::send_json(reqwest::Method::POST, base, key, path, Some(body)).await
 }
 
 async fn get(base: &str, key: &str, path: &str) -> (u16, Value) {
-    send(reqwest::Method::GET, base, key, path, None).await
+    client::send_json(reqwest::Method::GET, base, key, path, None).await
 }
 
 async fn delete(base: &str, key: &str, path: &str) -> (u16, Value) {
-    send(reqwest::Method::DELETE, base, key, path, None).await
+    client::send_json(reqwest::Method::DELETE, base, key, path, None).await
 }
 
 /// The conversation's items, oldest first, once it holds `n` of them (turns are appended just after the

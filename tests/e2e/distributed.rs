@@ -104,8 +104,9 @@ pub(crate) fn backend(service: &str, shared: &str, extra: &str) -> String {
 }
 
 /// One request through five processes (edge → auth, routing, adapter over gRPC → mock) takes a few
-/// milliseconds. A hop that waits on Nagle's algorithm and a delayed ACK adds ~40 ms to most of them, so
-/// the median of sequential requests (whole answers and streams) would be far above this bound.
+/// milliseconds. A hop that waits on Nagle's algorithm and a delayed ACK adds ~40 ms to nearly every one
+/// of them, so even the fastest quarter of sequential requests (whole answers and streams) would be far
+/// above this bound; a loaded machine's jitter only stretches the slow end.
 async fn no_hop_stalls(base: &str) -> Vec<String> {
     let c = client::http();
     let mut ids = Vec::new();
@@ -125,9 +126,12 @@ async fn no_hop_stalls(base: &str) -> Vec<String> {
     }
     for (what, mut v) in [("whole answers", whole), ("streams", streams)] {
         v.sort();
-        let median = v[v.len() / 2];
-        eprintln!("five processes, {what}: median {median:?}, all {v:?}");
-        assert!(median < Duration::from_millis(25), "{what}: median {median:?} (a hop stalls): {v:?}");
+        let (quartile, median) = (v[v.len() / 4], v[v.len() / 2]);
+        eprintln!("five processes, {what}: first quartile {quartile:?}, median {median:?}, all {v:?}");
+        assert!(
+            quartile < Duration::from_millis(25),
+            "{what}: first quartile {quartile:?} (a hop stalls): {v:?}"
+        );
     }
     ids
 }

@@ -247,3 +247,74 @@ async fn responses_keep_state_per_org_on_a_converted_upstream() {
         assert!(!bytes.windows(13).any(|w| w == b"remember kiwi"), "{} holds plaintext", file.display());
     }
 }
+
+/// A model group that keeps Responses state at the provider (an OpenAI upstream serving `/responses`):
+/// the body goes there as sent, `previous_response_id` included, and Relay only lets an org name its own
+/// responses (orgs share the provider key, so the provider would answer any of them).
+#[tokio::test]
+async fn provider_kept_state_is_forwarded_and_stays_in_its_org() {
+    let mock = MockOpenAi::start().await;
+    let dir = temp_dir("responses-provider");
+    let config = format!(
+        "[server]\nservice_token = \"relay-test-service-token\"\nhttp_listen = \"127.0.0.1:0\"\ngrpc_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [database]\nurl = \"sqlite://{}\"\n{}{}{}\
+         [[adapter.providers]]\nname = \"native\"\nkind = \"openai\"\nbase_url = \"{}\"\napi_key = \"k\"\nresponses_api = true\n\
+         [[routing.models]]\nname = \"at-provider\"\nresponses_state = \"provider\"\ndeployments = [{{ provider = \"native\", model = \"gpt-mock-upstream\" }}]\n\
+         [[routing.models]]\nname = \"misconfigured\"\nresponses_state = \"provider\"\ndeployments = [{{ provider = \"mock\", model = \"gpt-mock-upstream\" }}]\n",
+        dir.join("relay.db").display(),
+        auth_section(),
+        other_org_key(),
+        crate::upstream_sections(&mock),
+        mock.base_url,
+    );
+    let relay = RelayProc::start(&dir, "relay", &config).await;
+    let base = relay.http();
+    let billing = client::billing_client(&relay.grpc());
+
+    let (status, first, request_id) =
+        post_id(&base, KEY, json!({"model": "at-provider", "input": "first native turn"})).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(text_of(&first), "ECHO: first native turn [turn 1]");
+    let id = first["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("resp_mock_"), "the provider's own id: {first}");
+    let sent = mock.requests_containing("first native turn");
+    assert_eq!(sent[0].path, "/v1/responses");
+    assert_eq!(sent[0].body["model"], "gpt-mock-upstream");
+    assert!(sent[0].body.get("store").is_none(), "the client's body as it was: {}", sent[0].body);
+    let u = client::recorded_usage(&billing, &request_id).await.usage.unwrap();
+    assert_eq!((u.input_tokens, u.output_tokens), (1003, 6), "the provider's usage");
+    assert_eq!(stored(&base, KEY, &id).await["id"], id.as_str(), "Relay keeps the org's copy");
+
+    // The chain continues at the provider, streamed.
+    let r = client::http()
+        .post(format!("{base}/v1/responses"))
+        .bearer_auth(KEY)
+        .json(&json!({"model": "at-provider", "previous_response_id": id, "input": "second native turn", "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let sse = r.text().await.unwrap();
+    assert!(sse.contains("[turn 2]") && sse.contains("response.completed"), "{sse}");
+    assert_eq!(mock.requests_containing("second native turn")[0].body["previous_response_id"], id.as_str());
+
+    // Another org cannot name it, and it never reaches the provider.
+    let (status, e) = post(
+        &base,
+        OTHER_KEY,
+        json!({"model": "at-provider", "previous_response_id": id, "input": "stolen turn"}),
+    )
+    .await;
+    assert_eq!((status, e["error"]["param"].as_str()), (400, Some("previous_response_id")), "{e}");
+    assert!(mock.requests_containing("stolen turn").is_empty());
+    // A zero-retention key is sent `store: false`; a deployment without the Responses API is a clear 400.
+    let (status, _) =
+        post(&base, ZR_KEY, json!({"model": "at-provider", "input": "private native turn"})).await;
+    assert_eq!(status, 200);
+    assert_eq!(mock.requests_containing("private native turn")[0].body["store"], false);
+    let (status, e) =
+        post(&base, KEY, json!({"model": "misconfigured", "previous_response_id": id, "input": "x"})).await;
+    assert_eq!(status, 400, "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("does not serve the Responses API"), "{e}");
+    relay.stop().await;
+}

@@ -59,6 +59,10 @@ pub struct ProviderConfig {
     /// Demo provider only: pause between streamed words.
     #[serde(default)]
     pub chunk_delay_ms: u64,
+    /// OpenAI kinds: the upstream serves the Responses API (`/responses`) itself. Model groups with
+    /// `responses_state = "provider"` then send Responses requests there as they are, state included.
+    #[serde(default)]
+    pub responses_api: bool,
 }
 
 fn default_connect_timeout() -> u64 {
@@ -100,6 +104,9 @@ impl AdapterConfig {
                         errors.push(format!("{at}: the demo provider takes no base_url or api_key"));
                     }
                 }
+            }
+            if p.responses_api && p.kind != ProviderKind::Openai {
+                errors.push(format!("{at}: responses_api is for OpenAI providers only"));
             }
             if let Some(Err(e)) = p.ca_bundle.as_deref().map(relay_runtime::tls::load_certs) {
                 errors.push(format!("{at}: ca_bundle: {e}"));

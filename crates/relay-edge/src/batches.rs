@@ -3,18 +3,18 @@
 //! its limits and budget, and is billed at batch prices). Batches and their files belong to the key's org;
 //! another org's batch or file ids are 404 whatever they are.
 
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json};
+use axum::response::Response;
 use prost::Message as _;
 use relay_core::pb::state::v1::{BatchRef, FileRef, PutBatchRequest, StoredBatch};
 use relay_core::{ErrorCode, RelayError};
 use serde_json::{Map, Value, json};
 
 use crate::Edge;
-use crate::error::Inbound;
+use crate::listing::answer;
 use crate::request::RequestCtx;
 use crate::state::{new_id, owned};
 
@@ -28,13 +28,6 @@ const WINDOW_MS: i64 = 24 * 3_600_000;
 
 fn bad(param: &str, msg: impl Into<String>) -> RelayError {
     RelayError::invalid_request(msg).with_param(param)
-}
-
-fn answer(r: Result<Value, RelayError>) -> Response {
-    match r {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => Inbound::OpenAiChat.error(e),
-    }
 }
 
 /// One line of a batch input file.
@@ -210,16 +203,8 @@ pub async fn list(
         async {
             let (p, state) = owned(&edge, &ctx, &headers).await?;
             let all = state.list_batches(BatchRef { org_id: p.org_id.clone(), id: String::new() }).await?;
-            let mut batches: Vec<Value> = all.batches.iter().map(object_of).collect();
-            if let Some(after) = &q.after {
-                let at = batches.iter().position(|b| b["id"].as_str() == Some(after.as_str()));
-                batches.drain(..at.map_or(batches.len(), |a| a + 1));
-            }
-            let limit = q.limit.unwrap_or(20).clamp(1, 100);
-            let has_more = batches.len() > limit;
-            batches.truncate(limit);
-            let id_of = |b: Option<&Value>| b.map_or(Value::Null, |b| b["id"].clone());
-            Ok(json!({"object": "list", "data": batches, "first_id": id_of(batches.first()), "last_id": id_of(batches.last()), "has_more": has_more}))
+            let batches: Vec<Value> = all.batches.iter().map(object_of).collect();
+            Ok(crate::listing::page(batches, q.after.as_deref(), q.limit.unwrap_or(20).clamp(1, 100)))
         }
         .await,
     )

@@ -294,17 +294,24 @@ async fn prepare(
     let plain = |e: RelayError| (e, Vec::new());
     let (bytes, env): (Bytes, Envelope) = read_json(edge, body).await.map_err(plain)?;
     let model = required_model(url.model.or_else(|| env.model.clone())).map_err(plain)?;
-    // Responses state: earlier turns and referenced items expanded into the body sent on.
-    let (bytes, state) = match inbound {
-        Inbound::Responses => crate::state::expand(edge, principal, bytes).await.map_err(plain)?,
-        _ => (bytes, None),
-    };
     env.validate(inbound).map_err(plain)?;
     let limit = env.output_limit(inbound).map_err(plain)?;
     let stream = url.stream.or(env.stream).unwrap_or(false);
     rec.request(&model, stream, env.end_user(), &bytes);
     ensure_allowed(principal, &model).map_err(plain)?;
     let route = route(edge, &model, stream).await.map_err(plain)?;
+    // Responses state: Relay's (earlier turns and referenced items expanded into the body sent on), or
+    // the provider's (the ids checked to be the org's, the body sent as it is).
+    let (bytes, state) = match inbound {
+        Inbound::Responses if route.provider_responses_state => {
+            crate::state::provider_owned(edge, principal, bytes).await.map_err(plain)?
+        }
+        Inbound::Responses => crate::state::expand(edge, principal, bytes).await.map_err(plain)?,
+        _ => (bytes, None),
+    };
+    if inbound == Inbound::Responses {
+        rec.request(&model, stream, env.end_user(), &bytes);
+    }
     let candidates = resident(principal, &model, &route.candidates).map_err(plain)?;
     let candidates = billable(principal, &model, &candidates).map_err(plain)?;
     let lease = admission(ctx, principal, bytes.len(), limit, &candidates);

@@ -3,11 +3,11 @@
 //! `conversation` gets its items as context, and its new input and output are appended after the answer
 //! (see `state.rs`). Zero-retention keys cannot create or add to conversations.
 
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json};
+use axum::response::Response;
 use relay_core::pb::auth::v1::Principal;
 use relay_core::pb::state::v1::{
     AppendConversationItemsRequest, Conversation, ConversationItemRef, ConversationRef,
@@ -17,7 +17,7 @@ use relay_core::{ErrorCode, RelayError};
 use serde_json::{Map, Value, json};
 
 use crate::Edge;
-use crate::error::Inbound;
+use crate::listing::answer;
 use crate::request::RequestCtx;
 use crate::state::{ListQuery, new_id, owned, page};
 
@@ -27,13 +27,6 @@ const MAX_METADATA_KEYS: usize = 16;
 
 fn bad(param: &str, msg: impl Into<String>) -> RelayError {
     RelayError::invalid_request(msg).with_param(param)
-}
-
-fn answer(r: Result<Value, RelayError>) -> Response {
-    match r {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => Inbound::OpenAiChat.error(e),
-    }
 }
 
 pub(crate) fn object(c: &Conversation) -> Value {
@@ -130,9 +123,9 @@ async fn body(edge: &Edge, body: Body) -> Result<Map<String, Value>, RelayError>
     }
 }
 
-fn list(items: Vec<Value>, has_more: bool) -> Value {
-    let id_of = |i: Option<&Value>| i.and_then(|i| i.get("id")).cloned().unwrap_or(Value::Null);
-    json!({"object": "list", "first_id": id_of(items.first()), "last_id": id_of(items.last()), "has_more": has_more, "data": items})
+fn list(items: Vec<Value>) -> Value {
+    let n = items.len();
+    crate::listing::page(items, None, n.max(1))
 }
 
 fn bytes_of(items: &[Value]) -> Vec<bytes::Bytes> {
@@ -258,7 +251,7 @@ pub async fn add_items(
                 retention_days: 0,
             };
             state.append_conversation_items(req).await?;
-            Ok(list(items, false))
+            Ok(list(items))
         }
         .await,
     )
@@ -287,8 +280,7 @@ pub async fn list_items(
         async {
             let (p, state) = owned(&edge, &ctx, &headers).await?;
             let items = all_items(state.as_ref(), &p.org_id, &id).await?;
-            let (items, has_more) = page(items, &q);
-            Ok(list(items, has_more))
+            Ok(page(items, &q))
         }
         .await,
     )

@@ -2,17 +2,18 @@
 //! org. A file id is a random name, never a capability: every lookup is by (org, id), so another org's id
 //! is 404 whatever it is, and a list shows the caller's org only. Zero-retention keys cannot upload.
 
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json};
 use relay_core::pb::state::v1::{FileRef, ListFilesRequest, PutFileRequest, StoredFile};
 use relay_core::{ErrorCode, RelayError};
 use serde_json::{Value, json};
 
 use crate::Edge;
 use crate::error::Inbound;
+use crate::listing::answer;
 use crate::multipart;
 use crate::request::RequestCtx;
 use crate::state::owned;
@@ -21,13 +22,6 @@ use crate::state::owned;
 const PURPOSES: [&str; 6] = ["batch", "assistants", "fine-tune", "vision", "user_data", "evals"];
 /// Largest upload (also bounded by the edge's `max_body_bytes`).
 pub const MAX_FILE_BYTES: usize = 100 << 20;
-
-fn answer(r: Result<Value, RelayError>) -> Response {
-    match r {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => Inbound::OpenAiChat.error(e),
-    }
-}
 
 pub(crate) fn object(f: &StoredFile) -> Value {
     json!({"id": f.id, "object": "file", "bytes": f.bytes, "created_at": f.created_at_unix_ms / 1000,
@@ -135,20 +129,13 @@ pub async fn list(
     answer(
         async {
             let (p, state) = owned(&edge, &ctx, &headers).await?;
-            let req = ListFilesRequest { org_id: p.org_id.clone(), purpose: q.purpose.clone().unwrap_or_default() };
+            let req =
+                ListFilesRequest { org_id: p.org_id.clone(), purpose: q.purpose.clone().unwrap_or_default() };
             let mut files: Vec<Value> = state.list_files(req).await?.files.iter().map(object).collect();
             if q.order.as_deref() == Some("asc") {
                 files.reverse();
             }
-            if let Some(after) = &q.after {
-                let at = files.iter().position(|f| f["id"].as_str() == Some(after.as_str()));
-                files.drain(..at.map_or(files.len(), |a| a + 1));
-            }
-            let limit = q.limit.unwrap_or(10_000).clamp(1, 10_000);
-            let has_more = files.len() > limit;
-            files.truncate(limit);
-            let id_of = |f: Option<&Value>| f.map_or(Value::Null, |f| f["id"].clone());
-            Ok(json!({"object": "list", "data": files, "first_id": id_of(files.first()), "last_id": id_of(files.last()), "has_more": has_more}))
+            Ok(crate::listing::page(files, q.after.as_deref(), q.limit.unwrap_or(10_000).clamp(1, 10_000)))
         }
         .await,
     )

@@ -19,6 +19,7 @@ mod failover;
 mod files;
 mod forward;
 mod gemini;
+mod listing;
 mod multipart;
 mod observe;
 pub mod principal;

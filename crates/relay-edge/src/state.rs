@@ -7,10 +7,10 @@
 
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json};
+use axum::response::Response;
 use bytes::Bytes;
 use relay_core::contracts::ResponseStore;
 use relay_core::pb::auth::v1::Principal;
@@ -19,7 +19,7 @@ use relay_core::{ErrorCode, RelayError};
 use serde_json::{Map, Value, json};
 
 use crate::Edge;
-use crate::error::Inbound;
+use crate::listing::answer;
 use crate::request::RequestCtx;
 
 /// Most `item_reference`s one request may carry.
@@ -228,6 +228,97 @@ pub(crate) async fn expand(
     Ok((bytes, pending))
 }
 
+/// A Responses request of a model group that keeps state at the provider: sent on as the client wrote it,
+/// after checking that its `previous_response_id` and `item_reference`s name this org's objects (several
+/// orgs share one provider key, and the provider would answer any of them). A stored answer is also kept
+/// by Relay, owned by the org: that copy is what later requests are checked against and what `GET`
+/// returns. Zero-retention keys are sent `store: false`.
+pub(crate) async fn provider_owned(
+    edge: &Edge,
+    principal: &Principal,
+    bytes: Bytes,
+) -> Result<(Bytes, Option<Pending>), RelayError> {
+    let mut body: Map<String, Value> = serde_json::from_slice(&bytes)
+        .map_err(|_| RelayError::invalid_request("the body must be a JSON object"))?;
+    if body.get("conversation").is_some_and(|c| !c.is_null()) {
+        return Err(bad(
+            "conversation",
+            "this model's Responses state is kept by its provider: use `previous_response_id` rather than a Relay conversation",
+        ));
+    }
+    let store = match body.get("store") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(bad("store", "`store` must be a boolean")),
+    };
+    let previous = match body.get("previous_response_id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+        Some(_) => return Err(bad("previous_response_id", "`previous_response_id` must be a response id")),
+    };
+    let items = items_in(&body)?;
+    let references: Vec<String> = items
+        .iter()
+        .filter(|i| i.get("type").and_then(Value::as_str) == Some("item_reference"))
+        .map(|i| i.get("id").and_then(Value::as_str).unwrap_or_default().to_owned())
+        .collect();
+    if principal.zero_retention {
+        let asked = if previous.is_some() {
+            Some("previous_response_id")
+        } else if !references.is_empty() {
+            Some("input")
+        } else if body.get("store") == Some(&Value::Bool(true)) {
+            Some("store")
+        } else {
+            None
+        };
+        if let Some(param) = asked {
+            return Err(bad(
+                param,
+                "this key is zero-retention: nothing may be stored for it, here or at the provider",
+            ));
+        }
+        // The provider stores by default: not for this key.
+        body.insert("store".into(), Value::Bool(false));
+        let bytes =
+            Bytes::from(serde_json::to_vec(&body).map_err(|_| RelayError::invalid_request("bad body"))?);
+        return Ok((bytes, None));
+    }
+    if references.len() > MAX_REFERENCES {
+        return Err(bad("input", format!("at most {MAX_REFERENCES} item references per request")));
+    }
+    let state = edge.inner.services.state.clone().ok_or_else(|| {
+        bad("model", "this model keeps Responses state at the provider, which needs Relay's store ([state] enabled) to check ownership")
+    })?;
+    let org = principal.org_id.clone();
+    if let Some(prev) = &previous {
+        state.get_response(GetResponseRequest { org_id: org.clone(), id: prev.clone() }).await.map_err(
+            |e| match e.code {
+                ErrorCode::NotFound => {
+                    bad("previous_response_id", format!("Previous response with id '{prev}' not found."))
+                }
+                _ => e,
+            },
+        )?;
+    }
+    if !references.is_empty() {
+        let found = state.get_items(GetItemsRequest { org_id: org, ids: references.clone() }).await?;
+        if let Some(id) = references.iter().find(|id| !found.items.contains_key(*id)) {
+            return Err(bad("input", format!("Item with id '{id}' not found.")));
+        }
+    }
+    let pending = store.then(|| Pending {
+        store: state,
+        principal: principal.clone(),
+        previous: previous.unwrap_or_default(),
+        input: items,
+        keep_response: true,
+        conversation: None,
+        new_items: Vec::new(),
+    });
+    Ok((bytes, pending))
+}
+
 impl Pending {
     /// The response object as the client should see it (marked stored, linked to its predecessor).
     fn mark(&self, response: &mut Value) {
@@ -370,13 +461,6 @@ pub(crate) async fn owned(
     Ok((principal, state))
 }
 
-fn answer(r: Result<Value, RelayError>) -> Response {
-    match r {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => Inbound::OpenAiChat.error(e),
-    }
-}
-
 pub async fn get_response(
     State(edge): State<Edge>,
     Extension(ctx): Extension<RequestCtx>,
@@ -424,29 +508,22 @@ pub async fn list_input_items(
     Path(id): Path<String>,
     Query(q): Query<ListQuery>,
 ) -> Response {
-    answer(async {
-        let (p, state) = owned(&edge, &ctx, &headers).await?;
-        let r = state.get_response(GetResponseRequest { org_id: p.org_id.clone(), id }).await?;
-        let items: Vec<Value> = serde_json::from_slice(&r.input_json).unwrap_or_default();
-        let (items, has_more) = page(items, &q);
-        let id_of = |i: Option<&Value>| i.and_then(|i| i.get("id")).cloned().unwrap_or(Value::Null);
-        Ok(json!({"object": "list", "data": items, "first_id": id_of(items.first()), "last_id": id_of(items.last()), "has_more": has_more}))
-    }
-    .await)
+    answer(
+        async {
+            let (p, state) = owned(&edge, &ctx, &headers).await?;
+            let r = state.get_response(GetResponseRequest { org_id: p.org_id.clone(), id }).await?;
+            let items: Vec<Value> = serde_json::from_slice(&r.input_json).unwrap_or_default();
+            Ok(page(items, &q))
+        }
+        .await,
+    )
 }
 
-/// One page of items listed oldest first: newest first unless `order=asc`, after the item `after`, at
-/// most `limit` (20 by default, 100 at most); and whether more follow.
-pub(crate) fn page(mut items: Vec<Value>, q: &ListQuery) -> (Vec<Value>, bool) {
+/// The list page of items stored oldest first: newest first unless `order=asc`, after the item `after`,
+/// at most `limit` (20 by default, 100 at most).
+pub(crate) fn page(mut items: Vec<Value>, q: &ListQuery) -> Value {
     if q.order.as_deref() != Some("asc") {
         items.reverse();
     }
-    if let Some(after) = &q.after {
-        let at = items.iter().position(|i| i.get("id").and_then(Value::as_str) == Some(after.as_str()));
-        items.drain(..at.map_or(items.len(), |a| a + 1));
-    }
-    let limit = q.limit.unwrap_or(20).clamp(1, 100);
-    let has_more = items.len() > limit;
-    items.truncate(limit);
-    (items, has_more)
+    crate::listing::page(items, q.after.as_deref(), q.limit.unwrap_or(20).clamp(1, 100))
 }

@@ -65,6 +65,19 @@ pub struct ModelConfig {
     /// Never for zero-retention keys. Unset or 0: never cached.
     #[serde(default)]
     pub response_cache_ttl_secs: u32,
+    /// Where the Responses API's state lives for this group: "relay" (the default: Relay's store, so any
+    /// upstream works) or "provider" (OpenAI upstreams with `responses_api = true` keep it themselves;
+    /// Relay checks that the ids a request names belong to its org, and keeps a copy for GET).
+    #[serde(default)]
+    pub responses_state: ResponsesState,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResponsesState {
+    #[default]
+    Relay,
+    Provider,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -36,6 +36,7 @@ struct Model {
     rules: Vec<relay_core::pb::routing::v1::Rule>,
     prompt_affinity: bool,
     response_cache_ttl_secs: u32,
+    provider_responses_state: bool,
 }
 
 pub struct RoutingService {
@@ -131,6 +132,7 @@ impl RoutingService {
                     rules: m.rules.iter().enumerate().map(|(i, r)| r.to_pb(i)).collect(),
                     prompt_affinity: m.prompt_affinity,
                     response_cache_ttl_secs: m.response_cache_ttl_secs,
+                    provider_responses_state: m.responses_state == config::ResponsesState::Provider,
                 },
             );
         }
@@ -234,6 +236,7 @@ impl Router for RoutingService {
             rules: model.rules.clone(),
             prompt_affinity: model.prompt_affinity,
             response_cache_ttl_secs: model.response_cache_ttl_secs,
+            provider_responses_state: model.provider_responses_state,
         })
     }
 
@@ -277,6 +280,7 @@ mod tests {
                     rules: vec![],
                     prompt_affinity: false,
                     response_cache_ttl_secs: 0,
+                    responses_state: Default::default(),
                 },
                 ModelConfig {
                     name: "a".into(),
@@ -291,6 +295,7 @@ mod tests {
                     rules: vec![],
                     prompt_affinity: false,
                     response_cache_ttl_secs: 0,
+                    responses_state: Default::default(),
                 },
             ],
         }

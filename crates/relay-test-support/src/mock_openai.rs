@@ -45,6 +45,8 @@ struct Shared {
     fail_next: Arc<AtomicU64>,
     fail_next_status: Arc<AtomicU64>,
     fail_retry_after: Arc<AtomicU64>,
+    /// Responses the mock stored (`/v1/responses` with `store`), with how many turns their chain has.
+    responses: Arc<Mutex<std::collections::HashMap<String, u64>>>,
 }
 
 pub struct MockOpenAi {
@@ -70,6 +72,7 @@ impl MockOpenAi {
             .route("/v1/audio/speech", post(speech))
             .route("/v1/audio/transcriptions", post(transcriptions))
             .route("/v1/images/generations", post(images))
+            .route("/v1/responses", post(responses))
             .route("/v1/messages", post(anthropic_messages))
             .route("/v1beta/models/{model_action}", post(gemini_generate))
             .with_state(shared.clone());
@@ -389,6 +392,57 @@ async fn moderations(State(shared): State<Shared>, headers: HeaderMap, body: Byt
     axum::Json(json!({"id": "modr-mock", "model": req["model"],
         "results": [{"flagged": flagged, "categories": {"violence": flagged}, "category_scores": {"violence": if flagged { 0.9 } else { 0.01 }}}]}))
     .into_response()
+}
+
+/// The Responses API with provider-side state: `previous_response_id` must name a response the mock
+/// stored, and the answer says which turn of its chain it is (`ECHO: <text> [turn N]`). Whole or streamed.
+async fn responses(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let Ok(req) = serde_json::from_slice::<Value>(&body) else { return error(400, "invalid json") };
+    record(&shared, "/v1/responses", &headers, &req);
+    let turn = match req["previous_response_id"].as_str() {
+        None => 1,
+        Some(prev) => match shared.responses.lock().unwrap().get(prev) {
+            Some(n) => n + 1,
+            None => return error(400, &format!("Previous response with id '{prev}' not found.")),
+        },
+    };
+    let text = match &req["input"] {
+        Value::String(s) => s.clone(),
+        Value::Array(items) => items
+            .iter()
+            .rev()
+            .find(|i| i["role"] == "user")
+            .map(|i| content_text(&i["content"]))
+            .unwrap_or_default(),
+        _ => String::new(),
+    };
+    let n = shared.requests.fetch_add(1, Ordering::SeqCst);
+    let id = format!("resp_mock_{n}");
+    if req["store"] != json!(false) {
+        shared.responses.lock().unwrap().insert(id.clone(), turn);
+    }
+    let reply = format!("{} [turn {turn}]", echo(&text));
+    let usage = json!({"input_tokens": 1000 + text.split_whitespace().count(), "output_tokens": reply.split(' ').count(),
+        "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}});
+    let message = json!({"type": "message", "id": format!("msg_mock_{n}"), "status": "completed", "role": "assistant",
+        "content": [{"type": "output_text", "text": reply, "annotations": []}]});
+    let response = json!({"id": id, "object": "response", "created_at": 1, "status": "completed", "model": req["model"],
+        "output": [message], "previous_response_id": req["previous_response_id"], "usage": usage});
+    if req["stream"] != json!(true) {
+        return axum::Json(response).into_response();
+    }
+    let mut events = vec![
+        json!({"type": "response.created", "response": {"id": id, "object": "response", "status": "in_progress", "model": req["model"], "output": []}}),
+    ];
+    events.extend(reply.split_inclusive(' ').map(
+        |t| json!({"type": "response.output_text.delta", "output_index": 0, "content_index": 0, "delta": t}),
+    ));
+    events.push(json!({"type": "response.completed", "response": response}));
+    let body: String = events
+        .iter()
+        .map(|e| format!("event: {}\ndata: {e}\n\n", e["type"].as_str().unwrap_or("")))
+        .collect();
+    Response::builder().header("content-type", "text/event-stream").body(Body::from(body)).unwrap()
 }
 
 /// Image generation: `n` placeholder images (no usage, as DALL-E answers).

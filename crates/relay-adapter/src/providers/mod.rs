@@ -6,6 +6,7 @@ pub mod demo;
 pub mod gemini;
 pub mod openai;
 mod openai_wire;
+pub mod responses_wire;
 
 use bytes::Bytes;
 use futures_util::{StreamExt, stream};
@@ -63,6 +64,10 @@ pub trait Dialect: Send + Sync + 'static {
     /// The client protocol this upstream speaks natively (forwarded byte for byte).
     fn native(&self) -> Protocol;
     fn chat_url(&self, model: &str, stream: bool) -> String;
+    /// Where this upstream serves the Responses API itself (`None`: Responses requests are converted).
+    fn responses_url(&self, _model: &str) -> Option<String> {
+        None
+    }
     /// Where another OpenAI-shaped endpoint lives on this upstream (`None`: it has none).
     fn forward_url(&self, _model: &str, _operation: &str) -> Option<String> {
         None
@@ -102,6 +107,34 @@ pub struct HttpProvider<D> {
     pub dialect: D,
 }
 
+impl<D: Dialect> HttpProvider<D> {
+    /// A Responses request sent to the upstream's own Responses API (its state included) and its events
+    /// passed through as they are.
+    async fn responses(&self, req: ChatRequest, model: &str, url: String) -> Result<ChatEventStream> {
+        let body = body_for_upstream(&req.body, model)?.into_bytes();
+        let resp = self
+            .http
+            .post(&url, &req.request_id, self.dialect.headers(&req.passthrough_headers), body)
+            .await?;
+        let counting = counting_for(&req, model);
+        let output = Output::Native { drop_usage_only: false, fill_input: false };
+        let head = stream::iter([start(model)]);
+        if req.stream {
+            let units =
+                sse_units(resp, Box::new(responses_wire::StreamDecoder::default()), self.http.name.clone());
+            return Ok(Box::pin(head.chain(stream_answer(units, output, counting))));
+        }
+        let events = match self.http.body(resp).await {
+            Ok(raw) => match responses_wire::whole(&raw) {
+                Ok(deltas) => whole_answer(raw, deltas, output, counting),
+                Err(()) => vec![error(&self.http.invalid_answer())],
+            },
+            Err(e) => vec![error(&e)],
+        };
+        Ok(Box::pin(head.chain(stream::iter(events))))
+    }
+}
+
 #[async_trait::async_trait]
 impl<D: Dialect> Provider for HttpProvider<D> {
     fn system(&self) -> &'static str {
@@ -111,6 +144,19 @@ impl<D: Dialect> Provider for HttpProvider<D> {
     async fn chat(&self, req: ChatRequest) -> Result<ChatEventStream> {
         let model = upstream_model(req.deployment.as_ref());
         let protocol = req.protocol();
+        if protocol == Protocol::OpenaiResponses {
+            match self.dialect.responses_url(&model) {
+                Some(url) => return self.responses(req, &model, url).await,
+                None if responses_wire::asks_provider_state(&req.body) => {
+                    return Err(RelayError::invalid_request(format!(
+                        "this model group keeps Responses state at the provider, but deployment `{}` ({}) does not serve the Responses API (set `responses_api = true` on an OpenAI provider that does)",
+                        req.deployment.as_ref().map_or("", |d| d.id.as_str()),
+                        self.dialect.system()
+                    )));
+                }
+                None => {}
+            }
+        }
         let native = protocol == self.dialect.native();
         let body = if native {
             self.dialect.native_body(&req, &model)?

@@ -25,6 +25,8 @@ pub struct OpenAi {
     base_url: String,
     /// Azure OpenAI: deployment URLs and an `api-version` query.
     azure_api_version: Option<String>,
+    /// The upstream serves the Responses API itself (`/responses`).
+    responses_api: bool,
 }
 
 pub fn provider(cfg: &ProviderConfig) -> anyhow::Result<HttpProvider<OpenAi>> {
@@ -37,7 +39,8 @@ pub fn provider(cfg: &ProviderConfig) -> anyhow::Result<HttpProvider<OpenAi>> {
     // Validation makes base_url required for these kinds.
     let base_url = base_url(cfg, "");
     let azure_api_version = azure.then(|| cfg.api_version.clone().unwrap_or_else(|| "2024-10-21".into()));
-    Ok(HttpProvider { http: Http::new(cfg, auth)?, dialect: OpenAi { base_url, azure_api_version } })
+    let dialect = OpenAi { base_url, azure_api_version, responses_api: cfg.responses_api };
+    Ok(HttpProvider { http: Http::new(cfg, auth)?, dialect })
 }
 
 impl OpenAi {
@@ -57,6 +60,10 @@ impl Dialect for OpenAi {
 
     fn native(&self) -> Protocol {
         Protocol::OpenaiChat
+    }
+
+    fn responses_url(&self, model: &str) -> Option<String> {
+        self.responses_api.then(|| self.url(model, "responses"))
     }
 
     fn forward_url(&self, model: &str, operation: &str) -> Option<String> {
