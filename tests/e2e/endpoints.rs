@@ -76,6 +76,40 @@ async fn completions_moderations_and_speech_are_forwarded_and_billed() {
         "binary answers pass as they are"
     );
 
+    // Streamed legacy completions pass through as the upstream sends them, usage billed (the usage chunk
+    // Relay asked for is dropped again when the client did not).
+    let r = client::http()
+        .post(format!("{base}/v1/completions"))
+        .bearer_auth(KEY)
+        .json(&json!({"model": "mock", "prompt": "stream legacy words", "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let id = r.headers()["x-relay-request-id"].to_str().unwrap().to_owned();
+    let sse = r.text().await.unwrap();
+    let chunks: Vec<Value> = sse
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+    assert_eq!(text, relay_test_support::echo("stream legacy words"));
+    assert!(sse.ends_with("data: [DONE]\n\n") && chunks.iter().all(|c| c.get("usage").is_none()), "{sse}");
+    let sent = mock.requests_containing("stream legacy words");
+    assert_eq!(sent[0].body["stream_options"]["include_usage"], true, "usage asked for, to bill exactly");
+    let u = client::recorded_usage(&billing, &id).await.usage.unwrap();
+    assert_eq!((u.input_tokens, u.output_tokens), client::mock_usage("stream legacy words"));
+    let r = client::http()
+        .post(format!("{base}/v1/completions"))
+        .bearer_auth(KEY)
+        .json(&json!({"model": "demo", "prompt": "x", "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "no completions on the demo upstream");
+
     // Unit prices: images by the image, speech by the character.
     let (status, _, body, id) =
         post(&base, "/v1/images/generations", json!({"model": "unit-priced", "prompt": "two cats", "n": 2}))
@@ -137,7 +171,6 @@ async fn completions_moderations_and_speech_are_forwarded_and_billed() {
     // What cannot be served is a 400 naming the parameter; nothing reaches the upstream.
     let before = mock.requests_containing("never sent").len();
     for (path, body, param) in [
-        ("/v1/completions", json!({"model": "mock", "prompt": "never sent", "stream": true}), "stream"),
         ("/v1/completions", json!({"model": "mock"}), "prompt"),
         ("/v1/moderations", json!({"input": "never sent"}), "model"),
         ("/v1/completions", json!({"model": "demo", "prompt": "never sent"}), "model"),

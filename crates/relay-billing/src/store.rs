@@ -87,6 +87,7 @@ fn protocol_label(p: i32) -> &'static str {
         Protocol::OpenaiResponses => "openai_responses",
         Protocol::OpenaiForwarded => "openai_forwarded",
         Protocol::GeminiGenerate => "gemini_generate",
+        Protocol::OpenaiCompletions => "openai_completions",
         Protocol::Unspecified => "unspecified",
     }
 }

@@ -53,6 +53,9 @@ struct Envelope {
     user: Option<String>,
     #[serde(default)]
     metadata: Option<Value>,
+    /// Legacy completions: the prompt.
+    #[serde(default)]
+    prompt: Option<Shape>,
     /// Gemini: the turns, and the limits inside `generationConfig`.
     #[serde(default)]
     contents: Option<Shape>,
@@ -149,6 +152,9 @@ impl Envelope {
                 Err(RelayError::invalid_request("`input` must be a string or a non-empty array")
                     .with_param("input"))
             }
+            Inbound::Completions if self.prompt.is_none() => {
+                Err(RelayError::invalid_request("you must provide a prompt parameter").with_param("prompt"))
+            }
             Inbound::Gemini if !non_empty_array(&self.contents) => Err(RelayError::invalid_request(
                 "* GenerateContentRequest.contents: contents is not specified",
             )
@@ -167,7 +173,7 @@ impl Envelope {
             Inbound::OpenAiChat if present(&self.max_completion_tokens) => {
                 ("max_completion_tokens", &self.max_completion_tokens)
             }
-            Inbound::OpenAiChat | Inbound::Anthropic | Inbound::Embeddings => {
+            Inbound::OpenAiChat | Inbound::Anthropic | Inbound::Embeddings | Inbound::Completions => {
                 ("max_tokens", &self.max_tokens)
             }
             Inbound::Responses => ("max_output_tokens", &self.max_output_tokens),
@@ -179,7 +185,7 @@ impl Envelope {
         };
         let tokens = crate::dispatch::token_count(param, value.as_ref(), crate::dispatch::MAX_OUTPUT_TOKENS)?;
         let choices = match inbound {
-            Inbound::OpenAiChat => {
+            Inbound::OpenAiChat | Inbound::Completions => {
                 crate::dispatch::token_count("n", self.n.as_ref(), crate::dispatch::MAX_CHOICES)?
                     .unwrap_or(1)
                     .max(1)

@@ -17,6 +17,8 @@ pub enum Inbound {
     Embeddings,
     /// Gemini `generateContent` (the `google-genai` SDKs).
     Gemini,
+    /// Streamed legacy `/v1/completions` (whole ones are forwarded as other endpoints are).
+    Completions,
 }
 
 impl Inbound {
@@ -27,6 +29,7 @@ impl Inbound {
             Self::Responses => Protocol::OpenaiResponses,
             Self::Embeddings => Protocol::OpenaiEmbeddings,
             Self::Gemini => Protocol::GeminiGenerate,
+            Self::Completions => Protocol::OpenaiCompletions,
         }
     }
 
@@ -36,7 +39,7 @@ impl Inbound {
         let body = match self {
             Self::Anthropic => e.anthropic_body(),
             Self::Gemini => e.gemini_body(),
-            Self::OpenAiChat | Self::Responses | Self::Embeddings => e.openai_body(),
+            Self::OpenAiChat | Self::Responses | Self::Embeddings | Self::Completions => e.openai_body(),
         };
         let mut resp = (status, axum::Json(body)).into_response();
         if let Some(secs) = e.retry_after_secs {
@@ -57,7 +60,9 @@ impl Inbound {
                 Bytes::from(format!("event: error\ndata: {body}\n\n"))
             }
             Self::Gemini => Bytes::from(format!("data: {}\r\n\r\n", e.gemini_body())),
-            Self::OpenAiChat | Self::Embeddings => Bytes::from(format!("data: {}\n\n", e.openai_body())),
+            Self::OpenAiChat | Self::Embeddings | Self::Completions => {
+                Bytes::from(format!("data: {}\n\n", e.openai_body()))
+            }
         }
     }
 }

@@ -254,7 +254,30 @@ macro_rules! endpoint_handler {
     };
 }
 
-endpoint_handler!(completions, COMPLETIONS);
+/// `POST /v1/completions`: a streamed completion runs as a stream (the chat pipeline, forwarded as it is
+/// to OpenAI-compatible upstreams); a whole one is forwarded like the other endpoints.
+pub async fn completions(
+    State(edge): State<Edge>,
+    Extension(ctx): Extension<RequestCtx>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    #[derive(serde::Deserialize)]
+    struct Streamed {
+        #[serde(default)]
+        stream: Option<Value>,
+    }
+    let (bytes, s): (axum::body::Bytes, Streamed) = match read_json(&edge, body).await {
+        Ok(x) => x,
+        Err(e) => return OpenAiError(e).into_response(),
+    };
+    let body = Body::from(bytes);
+    if s.stream == Some(Value::Bool(true)) {
+        let url = crate::chat::InUrl::default();
+        return crate::chat::serve(edge, ctx, headers, body, crate::error::Inbound::Completions, url).await;
+    }
+    handle(edge, ctx, headers, body, COMPLETIONS).await
+}
 endpoint_handler!(moderations, MODERATIONS);
 endpoint_handler!(images, IMAGES);
 endpoint_handler!(speech, SPEECH);

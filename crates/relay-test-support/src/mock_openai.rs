@@ -378,6 +378,25 @@ async fn completions(State(shared): State<Shared>, headers: HeaderMap, body: Byt
     let prompt = req["prompt"].as_str().unwrap_or_default().to_owned();
     let reply = echo(&prompt);
     let (p, c) = (1000 + prompt.split_whitespace().count() as u64, reply.split(' ').count() as u64);
+    if req["stream"] == json!(true) {
+        // A chunk per word, the finish, then usage when asked (as OpenAI streams completions).
+        let chunk = |text: &str, finish: Value| {
+            json!({"id": "cmpl-mock", "object": "text_completion", "created": 1, "model": req["model"],
+                "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish}]})
+        };
+        let mut events: Vec<Value> = reply.split_inclusive(' ').map(|t| chunk(t, Value::Null)).collect();
+        events.push(chunk("", json!("stop")));
+        if req["stream_options"]["include_usage"] == json!(true) {
+            events.push(json!({"id": "cmpl-mock", "object": "text_completion", "created": 1, "model": req["model"], "choices": [],
+                "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}}));
+        }
+        let mut body: String = events.iter().map(|e| format!("data: {e}\n\n")).collect();
+        body.push_str("data: [DONE]\n\n");
+        return Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(Body::from(body))
+            .unwrap();
+    }
     axum::Json(json!({"id": "cmpl-mock", "object": "text_completion", "created": 1, "model": req["model"],
         "choices": [{"text": reply, "index": 0, "logprobs": null, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}}))

@@ -63,6 +63,7 @@ fn parse_value(protocol: Protocol, v: &Value) -> Result<Request, RelayError> {
         Protocol::AnthropicMessages => anthropic::parse(obj),
         Protocol::OpenaiResponses => responses::parse(obj),
         Protocol::GeminiGenerate => gemini::parse(obj),
+        Protocol::OpenaiCompletions => completions_prompt(obj),
         Protocol::OpenaiEmbeddings | Protocol::OpenaiForwarded | Protocol::Unspecified => {
             Err(RelayError::internal("this protocol has no chat request form"))
         }
@@ -85,6 +86,24 @@ pub fn encode_whole(protocol: Protocol, ctx: &AnswerCtx, r: &Response) -> Bytes 
         Protocol::GeminiGenerate => gemini::whole(ctx, r),
         _ => openai_chat::whole(ctx, r),
     }
+}
+
+/// A legacy completion (only ever forwarded as it is; parsed for counting): its prompt as one user turn.
+fn completions_prompt(o: &serde_json::Map<String, Value>) -> Result<Request, RelayError> {
+    let prompt = match o.get("prompt") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("\n"),
+        _ => return Err(bad("prompt", "you must provide a prompt parameter")),
+    };
+    Ok(Request {
+        model: opt_str(o.get("model")).unwrap_or_default(),
+        messages: vec![crate::ir::Message {
+            role: crate::ir::Role::User,
+            parts: vec![crate::ir::Part::Text(prompt)],
+        }],
+        max_tokens: opt_u64(o.get("max_tokens"), "max_tokens")?,
+        ..Default::default()
+    })
 }
 
 // === helpers shared by the parsers ===

@@ -98,6 +98,9 @@ impl Provider for Demo {
     }
 
     async fn chat(&self, req: ChatRequest) -> Result<ChatEventStream> {
+        if req.protocol() == relay_core::pb::common::v1::Protocol::OpenaiCompletions {
+            return Err(super::not_forwarded(self.system(), "completions"));
+        }
         let ir = inbound::parse_request(req.protocol(), &req.body)?;
         let plan = plan(&ir);
         let model = upstream_model(req.deployment.as_ref());

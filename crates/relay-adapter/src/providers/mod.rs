@@ -2,6 +2,7 @@
 //! the shared [`HttpProvider`]; the demo provider answers by itself. Also the helpers every provider uses.
 
 pub mod anthropic;
+pub mod completions_wire;
 pub mod demo;
 pub mod gemini;
 pub mod openai;
@@ -107,25 +108,61 @@ pub struct HttpProvider<D> {
     pub dialect: D,
 }
 
+/// An upstream endpoint besides chat that a client's request is forwarded to as it is, and how to read
+/// its answer.
+struct Passthrough {
+    url: String,
+    body: Vec<u8>,
+    decoder: Box<dyn Decoder>,
+    whole: fn(&[u8]) -> std::result::Result<Vec<Delta>, ()>,
+    drop_usage_only: bool,
+}
+
 impl<D: Dialect> HttpProvider<D> {
-    /// A Responses request sent to the upstream's own Responses API (its state included) and its events
-    /// passed through as they are.
+    /// A Responses request sent to the upstream's own Responses API (its state included).
     async fn responses(&self, req: ChatRequest, model: &str, url: String) -> Result<ChatEventStream> {
         let body = body_for_upstream(&req.body, model)?.into_bytes();
-        let resp = self
-            .http
-            .post(&url, &req.request_id, self.dialect.headers(&req.passthrough_headers), body)
-            .await?;
+        let decoder = Box::new(responses_wire::StreamDecoder::default());
+        let p = Passthrough { url, body, decoder, whole: responses_wire::whole, drop_usage_only: false };
+        self.pass_through(req, model, p).await
+    }
+
+    /// A streamed legacy completion, on upstreams that serve `/completions` (usage forced on, and dropped
+    /// again when the client did not ask for it).
+    async fn completions(&self, req: ChatRequest, model: &str) -> Result<ChatEventStream> {
+        let url = self
+            .dialect
+            .forward_url(model, "completions")
+            .ok_or_else(|| not_forwarded(self.dialect.system(), "completions"))?;
+        let mut body = body_for_upstream(&req.body, model)?;
+        if req.stream {
+            crate::body::force_include_usage(&mut body)?;
+        }
+        let decoder = Box::new(completions_wire::StreamDecoder::default());
+        let drop_usage_only = !req.client_wants_usage;
+        let p = Passthrough {
+            url,
+            body: body.into_bytes(),
+            decoder,
+            whole: completions_wire::whole,
+            drop_usage_only,
+        };
+        self.pass_through(req, model, p).await
+    }
+
+    /// Sends the body and passes the answer's events (or whole body) through as they are.
+    async fn pass_through(&self, req: ChatRequest, model: &str, p: Passthrough) -> Result<ChatEventStream> {
+        let headers = self.dialect.headers(&req.passthrough_headers);
+        let resp = self.http.post(&p.url, &req.request_id, headers, p.body).await?;
         let counting = counting_for(&req, model);
-        let output = Output::Native { drop_usage_only: false, fill_input: false };
+        let output = Output::Native { drop_usage_only: p.drop_usage_only, fill_input: false };
         let head = stream::iter([start(model)]);
         if req.stream {
-            let units =
-                sse_units(resp, Box::new(responses_wire::StreamDecoder::default()), self.http.name.clone());
+            let units = sse_units(resp, p.decoder, self.http.name.clone());
             return Ok(Box::pin(head.chain(stream_answer(units, output, counting))));
         }
         let events = match self.http.body(resp).await {
-            Ok(raw) => match responses_wire::whole(&raw) {
+            Ok(raw) => match (p.whole)(&raw) {
                 Ok(deltas) => whole_answer(raw, deltas, output, counting),
                 Err(()) => vec![error(&self.http.invalid_answer())],
             },
@@ -144,6 +181,9 @@ impl<D: Dialect> Provider for HttpProvider<D> {
     async fn chat(&self, req: ChatRequest) -> Result<ChatEventStream> {
         let model = upstream_model(req.deployment.as_ref());
         let protocol = req.protocol();
+        if protocol == Protocol::OpenaiCompletions {
+            return self.completions(req, &model).await;
+        }
         if protocol == Protocol::OpenaiResponses {
             match self.dialect.responses_url(&model) {
                 Some(url) => return self.responses(req, &model, url).await,
