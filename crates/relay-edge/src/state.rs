@@ -70,6 +70,57 @@ fn items_in(body: &Map<String, Value>) -> Result<Vec<Value>, RelayError> {
     }
 }
 
+/// `store` (OpenAI's default: true).
+fn store_flag(body: &Map<String, Value>) -> Result<bool, RelayError> {
+    match body.get("store") {
+        None | Some(Value::Null) => Ok(true),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(bad("store", "`store` must be a boolean")),
+    }
+}
+
+/// `previous_response_id`, when given.
+fn previous_id(v: Option<Value>) -> Result<Option<String>, RelayError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if !s.is_empty() => Ok(Some(s)),
+        Some(_) => Err(bad("previous_response_id", "`previous_response_id` must be a response id")),
+    }
+}
+
+fn is_reference(item: &Value) -> bool {
+    item.get("type").and_then(Value::as_str) == Some("item_reference")
+}
+
+/// The ids of the `item_reference`s among input items.
+fn references(items: &[Value]) -> Vec<String> {
+    items
+        .iter()
+        .filter(|i| is_reference(i))
+        .map(|i| i.get("id").and_then(Value::as_str).unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// The parameter by which a request asks for stored state, if it does (what a zero-retention key may not).
+fn stored_state_asked(
+    body: &Map<String, Value>,
+    previous: bool,
+    conversation: bool,
+    items: &[Value],
+) -> Option<&'static str> {
+    if previous {
+        Some("previous_response_id")
+    } else if conversation {
+        Some("conversation")
+    } else if items.iter().any(is_reference) {
+        Some("input")
+    } else if body.get("store") == Some(&Value::Bool(true)) {
+        Some("store")
+    } else {
+        None
+    }
+}
+
 /// Expands a Responses request from stored state; returns the body to send on, and what to store after.
 pub(crate) async fn expand(
     edge: &Edge,
@@ -78,16 +129,8 @@ pub(crate) async fn expand(
 ) -> Result<(Bytes, Option<Pending>), RelayError> {
     let mut body: Map<String, Value> = serde_json::from_slice(&bytes)
         .map_err(|_| RelayError::invalid_request("the body must be a JSON object"))?;
-    let store = match body.get("store") {
-        None | Some(Value::Null) => true,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(bad("store", "`store` must be a boolean")),
-    };
-    let previous = match body.remove("previous_response_id") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) if !s.is_empty() => Some(s),
-        Some(_) => return Err(bad("previous_response_id", "`previous_response_id` must be a response id")),
-    };
+    let store = store_flag(&body)?;
+    let previous = previous_id(body.remove("previous_response_id"))?;
     let conversation = match body.remove("conversation") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if !s.is_empty() => Some(s),
@@ -107,18 +150,7 @@ pub(crate) async fn expand(
     let mut items = items_in(&body)?;
     if principal.zero_retention {
         // Nothing of this key is kept: asking for stored state is an error, not a silent stateless turn.
-        let asked = if previous.is_some() {
-            Some("previous_response_id")
-        } else if conversation.is_some() {
-            Some("conversation")
-        } else if items.iter().any(|i| i.get("type").and_then(Value::as_str) == Some("item_reference")) {
-            Some("input")
-        } else if body.get("store") == Some(&Value::Bool(true)) {
-            Some("store")
-        } else {
-            None
-        };
-        if let Some(param) = asked {
+        if let Some(param) = stored_state_asked(&body, previous.is_some(), conversation.is_some(), &items) {
             return Err(bad(
                 param,
                 "this key is zero-retention: Relay stores nothing for it, so there is no stored state to use or create; send the whole conversation in `input` with `store: false`",
@@ -126,11 +158,7 @@ pub(crate) async fn expand(
         }
         return Ok((bytes, None));
     }
-    let references: Vec<String> = items
-        .iter()
-        .filter(|i| i.get("type").and_then(Value::as_str) == Some("item_reference"))
-        .map(|i| i.get("id").and_then(Value::as_str).unwrap_or_default().to_owned())
-        .collect();
+    let references = references(&items);
     let Some(state) = edge.inner.services.state.clone() else {
         if previous.is_some() || conversation.is_some() || !references.is_empty() {
             let what = if previous.is_some() {
@@ -158,7 +186,7 @@ pub(crate) async fn expand(
     if !references.is_empty() {
         let found = state.get_items(GetItemsRequest { org_id: org.clone(), ids: references.clone() }).await?;
         for item in &mut items {
-            if item.get("type").and_then(Value::as_str) != Some("item_reference") {
+            if !is_reference(item) {
                 continue;
             }
             let id = item.get("id").and_then(Value::as_str).unwrap_or_default().to_owned();
@@ -246,33 +274,12 @@ pub(crate) async fn provider_owned(
             "this model's Responses state is kept by its provider: use `previous_response_id` rather than a Relay conversation",
         ));
     }
-    let store = match body.get("store") {
-        None | Some(Value::Null) => true,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(bad("store", "`store` must be a boolean")),
-    };
-    let previous = match body.get("previous_response_id") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
-        Some(_) => return Err(bad("previous_response_id", "`previous_response_id` must be a response id")),
-    };
+    let store = store_flag(&body)?;
+    let previous = previous_id(body.get("previous_response_id").cloned())?;
     let items = items_in(&body)?;
-    let references: Vec<String> = items
-        .iter()
-        .filter(|i| i.get("type").and_then(Value::as_str) == Some("item_reference"))
-        .map(|i| i.get("id").and_then(Value::as_str).unwrap_or_default().to_owned())
-        .collect();
+    let references = references(&items);
     if principal.zero_retention {
-        let asked = if previous.is_some() {
-            Some("previous_response_id")
-        } else if !references.is_empty() {
-            Some("input")
-        } else if body.get("store") == Some(&Value::Bool(true)) {
-            Some("store")
-        } else {
-            None
-        };
-        if let Some(param) = asked {
+        if let Some(param) = stored_state_asked(&body, previous.is_some(), false, &items) {
             return Err(bad(
                 param,
                 "this key is zero-retention: nothing may be stored for it, here or at the provider",
