@@ -3,7 +3,8 @@
 //! re-encodes the deltas in the client's protocol. Either way finish reasons and exact usage travel as side
 //! events, and a stream that breaks or ends early ends in a typed error, never in a clean finish.
 //!
-//! Nothing goes unbilled: output tokens are counted as they pass (each chunk carries the running count), and
+//! Nothing goes unbilled: output tokens are counted as they pass (each chunk carries the running count,
+//! its untokenized tail estimated; see [`OutputCount`]), and
 //! an answer that ends without the provider's usage (cut, failed, or a provider that reports none) still
 //! ends with a `Usage` event, its numbers counted by Relay and marked so.
 
@@ -16,7 +17,7 @@ use relay_core::pb::common::v1::{Protocol, TokenUsage, UsageSource};
 use crate::inbound::{self, AnswerCtx, StreamEncoder};
 use crate::ir::{self, Delta, Response};
 use crate::providers::{chunk_counted, error, finish, usage};
-use crate::tokens::Tokenizer;
+use crate::tokens::{OutputCount, Tokenizer};
 
 /// Counts a request's input tokens when first asked.
 type LazyCount = Box<dyn FnOnce(&Tokenizer) -> u64 + Send>;
@@ -57,7 +58,7 @@ impl Counting {
     /// The usage to bill: the provider's numbers where it reported them, Relay's counts where it did not.
     /// `complete`: the upstream finished the answer (its output count, if any, is final); otherwise the
     /// larger of its partial count and what was produced.
-    fn bill(&mut self, provider: TokenUsage, counted_output: u64, complete: bool) -> TokenUsage {
+    fn bill(&mut self, provider: TokenUsage, output: &mut OutputCount, complete: bool) -> TokenUsage {
         let mut u = provider;
         u.input_source = UsageSource::Provider as i32;
         u.output_source = UsageSource::Provider as i32;
@@ -66,9 +67,12 @@ impl Counting {
             u.input_source = self.source() as i32;
         }
         let provider_final = complete && u.output_tokens > 0;
-        if !provider_final && counted_output > u.output_tokens {
-            u.output_tokens = counted_output;
-            u.output_source = self.source() as i32;
+        if !provider_final {
+            let counted_output = output.exact(&self.tokenizer);
+            if counted_output > u.output_tokens {
+                u.output_tokens = counted_output;
+                u.output_source = self.source() as i32;
+            }
         }
         u
     }
@@ -108,7 +112,7 @@ struct Drive {
     over: bool,
     counting: Counting,
     /// Output tokens produced so far (Relay's count).
-    output: u64,
+    output: OutputCount,
 }
 
 /// Turns a stream of upstream units into client-ready events.
@@ -129,7 +133,7 @@ pub fn stream_answer(
         saw_usage: false,
         over: false,
         counting,
-        output: 0,
+        output: OutputCount::default(),
     };
     units
         .scan(state, |st, unit| {
@@ -141,7 +145,7 @@ pub fn stream_answer(
                 Unit::Event { raw, deltas } => {
                     let mut bytes = Vec::new();
                     for d in &deltas {
-                        st.output += st.counting.tokenizer.count_delta(d);
+                        st.output.add(&st.counting.tokenizer, d);
                         match d {
                             Delta::Finish { choice, reason } => out.push(finish(*choice, reason.to_pb())),
                             Delta::Usage(u) => {
@@ -154,7 +158,7 @@ pub fn stream_answer(
                             enc.delta(d, &mut bytes);
                         }
                     }
-                    let n = st.output;
+                    let n = st.output.so_far();
                     match &st.encoder {
                         Some(_) => out.extend(bytes.into_iter().map(|b| chunk_counted(b, n))),
                         None => {
@@ -176,19 +180,19 @@ pub fn stream_answer(
                     if let Some(enc) = st.encoder.as_mut() {
                         let mut bytes = Vec::new();
                         enc.finish(&mut bytes);
-                        let n = st.output;
+                        let n = st.output.so_far();
                         out.extend(bytes.into_iter().map(|b| chunk_counted(b, n)));
                     }
                     if !st.saw_usage {
                         metrics::counter!("relay_upstream_usage_missing_total").increment(1);
                         tracing::warn!("upstream answer reported no usage; billing Relay's count");
                     }
-                    out.push(usage(st.counting.bill(st.usage, st.output, true)));
+                    out.push(usage(st.counting.bill(st.usage, &mut st.output, true)));
                 }
                 Unit::End { complete: false } => {
                     st.over = true;
                     // The provider bills what it produced before the cut: so does Relay.
-                    out.push(usage(st.counting.bill(st.usage, st.output, false)));
+                    out.push(usage(st.counting.bill(st.usage, &mut st.output, false)));
                     out.push(error(&RelayError::new(
                         relay_core::ErrorCode::UpstreamServerError,
                         "the upstream ended the answer early",
@@ -196,7 +200,7 @@ pub fn stream_answer(
                 }
                 Unit::Fail(e) => {
                     st.over = true;
-                    out.push(usage(st.counting.bill(st.usage, st.output, false)));
+                    out.push(usage(st.counting.bill(st.usage, &mut st.output, false)));
                     out.push(error(&e));
                 }
             }
@@ -244,10 +248,10 @@ pub fn whole_answer(
     // Relay counts a whole answer only when the provider reported no output (tokenizing kilobytes of
     // answer for nothing would cost more than the rest of the request).
     let count = !deltas.iter().any(|d| matches!(d, Delta::Usage(u) if u.output_tokens > 0));
-    let mut produced = 0;
+    let mut produced = OutputCount::default();
     for d in deltas {
         if count {
-            produced += counting.tokenizer.count_delta(&d);
+            produced.add(&counting.tokenizer, &d);
         }
         if let Delta::Finish { choice, reason } = &d {
             out.push(finish(*choice, reason.to_pb()));
@@ -258,9 +262,9 @@ pub fn whole_answer(
         Output::Native { .. } => raw,
         Output::Converted { protocol, ctx } => inbound::encode_whole(protocol, &ctx, &resp),
     };
-    let mut events = vec![chunk_counted(body, produced)];
+    let mut events = vec![chunk_counted(body, if count { produced.exact(&counting.tokenizer) } else { 0 })];
     events.extend(out);
-    events.push(usage(counting.bill(resp.usage, produced, true)));
+    events.push(usage(counting.bill(resp.usage, &mut produced, true)));
     events
 }
 
@@ -388,7 +392,9 @@ mod tests {
             .iter()
             .filter_map(|e| if let Event::Chunk(c) = e { Some(c.output_tokens) } else { None })
             .collect();
-        assert_eq!(counts, vec![0, 2, 4], "running output count on every chunk");
+        // The running count on every chunk estimates text not tokenized yet (4 bytes a token: 11 and 20
+        // bytes); what is billed is the exact count.
+        assert_eq!(counts, vec![0, 3, 5], "running output count on every chunk");
         let Some(Event::Usage(u)) = evs.iter().find(|e| matches!(e, Event::Usage(_))) else {
             panic!("{evs:?}")
         };

@@ -80,18 +80,51 @@ impl Tokenizer {
         }
         n
     }
+}
 
-    /// Output tokens one streamed delta adds (text, reasoning, tool names and arguments).
-    pub fn count_delta(&self, d: &Delta) -> u64 {
+/// Untokenized streamed text is counted once it reaches this many bytes (and at the end, when needed).
+const COUNT_EVERY_BYTES: usize = 4096;
+
+/// Relay's running count of a streamed answer's output without a tokenizer call per delta (a few
+/// thousand instructions each, most of a stream's cost): text is gathered and tokenized a few kilobytes at
+/// a time; the tail not tokenized yet counts as one token per 4 bytes until it is. The exact count is
+/// taken only when it is billed, i.e. when the provider reported no output of its own, so most streams
+/// never load a tokenizer at all.
+#[derive(Default)]
+pub struct OutputCount {
+    counted: u64,
+    pending: String,
+}
+
+impl OutputCount {
+    pub fn add(&mut self, t: &Tokenizer, d: &Delta) {
         match d {
-            Delta::Text { text, .. } | Delta::Thinking { text, .. } => self.count(text),
-            Delta::ToolCallStart { name, .. } => self.count(name),
-            Delta::ToolCallArgs { fragment, .. } => self.count(fragment),
-            Delta::RedactedThinking { data, .. } => (data.len() as u64).div_ceil(4),
+            Delta::Text { text, .. } | Delta::Thinking { text, .. } => self.pending.push_str(text),
+            Delta::ToolCallStart { name, .. } => self.pending.push_str(name),
+            Delta::ToolCallArgs { fragment, .. } => self.pending.push_str(fragment),
+            Delta::RedactedThinking { data, .. } => self.counted += (data.len() as u64).div_ceil(4),
             Delta::Meta { .. } | Delta::ThinkingSignature { .. } | Delta::Finish { .. } | Delta::Usage(_) => {
-                0
             }
         }
+        if self.pending.len() >= COUNT_EVERY_BYTES {
+            self.flush(t);
+        }
+    }
+
+    /// The count so far, the untokenized tail estimated.
+    pub fn so_far(&self) -> u64 {
+        self.counted + (self.pending.len() as u64).div_ceil(4)
+    }
+
+    /// The exact count (tokenizes what is pending).
+    pub fn exact(&mut self, t: &Tokenizer) -> u64 {
+        self.flush(t);
+        self.counted
+    }
+
+    fn flush(&mut self, t: &Tokenizer) {
+        self.counted += t.count(&self.pending);
+        self.pending.clear();
     }
 }
 
@@ -119,7 +152,23 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(t.count_request(&ir), REPLY_PRIMER + MESSAGE_FRAMING + 2);
-        assert_eq!(t.count_delta(&Delta::Text { choice: 0, text: "hello world".into() }), 2);
-        assert_eq!(t.count_delta(&Delta::Finish { choice: 0, reason: crate::ir::Finish::Stop }), 0);
+    }
+
+    #[test]
+    fn streamed_output_is_counted_in_chunks_and_exactly_at_the_end() {
+        let t = Tokenizer::for_model("gpt-4o");
+        let mut c = OutputCount::default();
+        c.add(&t, &Delta::Text { choice: 0, text: "hello".into() });
+        c.add(&t, &Delta::Finish { choice: 0, reason: crate::ir::Finish::Stop });
+        c.add(&t, &Delta::Text { choice: 0, text: " world".into() });
+        assert_eq!(c.so_far(), 3, "11 bytes not tokenized yet: one token per 4 bytes");
+        assert_eq!(c.exact(&t), 2);
+        assert_eq!(c.so_far(), 2);
+        // Past the threshold the text is tokenized as it arrives, and the estimate is exact again.
+        let word = "tokens ".repeat(COUNT_EVERY_BYTES / 7 + 1);
+        c.add(&t, &Delta::Text { choice: 0, text: word.clone() });
+        assert_eq!(c.so_far(), 2 + t.count(&word));
+        c.add(&t, &Delta::RedactedThinking { choice: 0, data: "x".repeat(8) });
+        assert_eq!(c.exact(&t), 2 + t.count(&word) + 2);
     }
 }

@@ -89,6 +89,17 @@ pub trait AnswerCache: Send + Sync + 'static {
 pub trait UsageSink: Send + Sync + 'static {
     /// Returns once the event is durably accepted (JetStream ack) or queued in process.
     async fn publish(&self, event: events::UsageEvent) -> Result<()>;
+
+    /// Publishes several events at once; one verdict per event, in order (`true` = accepted as
+    /// [`publish`](Self::publish) would be). The default sends them one at a time; sinks that can
+    /// pipeline (JetStream) or hand over a whole batch (the embedded bus) do better.
+    async fn publish_batch(&self, events: Vec<events::UsageEvent>) -> Vec<bool> {
+        let mut verdicts = Vec::with_capacity(events.len());
+        for event in events {
+            verdicts.push(self.publish(event).await.is_ok());
+        }
+        verdicts
+    }
 }
 
 /// What one request asks of the rate limits and budgets of its scopes (key, team, org).

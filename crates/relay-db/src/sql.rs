@@ -117,7 +117,7 @@ impl Tx {
     pub fn max_params(&self) -> usize {
         match self {
             Self::Postgres(_) => 65_535,
-            Self::Sqlite(_) => 4096,
+            Self::Sqlite(_) => 1024,
         }
     }
 

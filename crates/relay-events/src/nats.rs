@@ -116,6 +116,24 @@ impl UsageSink for NatsSink {
         ack.await.map_err(|_| unavailable("no acknowledgement"))?;
         Ok(())
     }
+
+    /// Every event is sent before any acknowledgement is awaited: one round trip for the batch, not one
+    /// per event.
+    async fn publish_batch(&self, events: Vec<UsageEvent>) -> Vec<bool> {
+        let mut acks = Vec::with_capacity(events.len());
+        for event in &events {
+            let msg =
+                PublishMessage::build().payload(event.encode_to_vec().into()).message_id(&event.request_id);
+            acks.push(self.js.send_publish(self.subject.clone(), msg).await.ok());
+        }
+        futures_util::future::join_all(acks.into_iter().map(|ack| async move {
+            match ack {
+                Some(ack) => ack.await.is_ok(),
+                None => false,
+            }
+        }))
+        .await
+    }
 }
 
 // === impl NatsSource ===

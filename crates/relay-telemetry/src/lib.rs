@@ -205,6 +205,18 @@ pub fn prometheus() -> &'static PrometheusHandle {
                 catalogue::Kind::Histogram => metrics::describe_histogram!(m.name, m.help),
             }
         }
+        // Histogram samples pile up in memory until they are folded into their buckets, which a scrape
+        // does; with nobody scraping (or scraping rarely) that was 8 bytes per observation, unbounded.
+        let upkeep = handle.clone();
+        let _ = std::thread::Builder::new().name("metrics-upkeep".into()).spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_EVERY);
+                upkeep.run_upkeep();
+            }
+        });
         handle
     })
 }
+
+/// How often histogram samples are folded into their buckets when nobody scrapes.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);

@@ -235,7 +235,7 @@ pub async fn run(
             (sink, source)
         }
         None => {
-            let (sink, source) = relay_events::in_process_bus(4096);
+            let (sink, source) = relay_events::in_process_bus(64);
             (Some(Arc::new(sink) as Arc<dyn UsageSink>), Some(UsageSource::InProcess(source)))
         }
     };

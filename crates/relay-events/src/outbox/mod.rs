@@ -36,34 +36,31 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 
 enum Cmd {
     Append(Box<UsageEvent>, oneshot::Sender<bool>),
-    Done(u64),
+    /// These events were delivered.
+    Done(Vec<u64>),
     Stop,
 }
 
 /// Events held in memory at most (1-2 KB each); past this (a backlog, a bus outage) the rest wait on disk
 /// only and are read back when their turn comes, so memory stays bounded however long it lasts.
 const MAX_IN_MEMORY: usize = 2_000;
-/// Events read back from disk at once: each read is a blocking-pool task, and hundreds at once would
+/// Batches read back from disk at once: each read is a blocking-pool task, and hundreds at once would
 /// start hundreds of threads (their stacks and allocator heaps were most of a backlogged relay's memory).
 const DISK_READS: usize = 4;
+/// Most events the relay hands the sink in one call (one channel send embedded, one round trip of
+/// pipelined publishes on JetStream).
+const RELAY_BATCH: usize = 512;
 
 struct Pending {
     seq: u64,
-    body: Body,
+    /// Where its record is on disk (a retry, or an event past [`MAX_IN_MEMORY`], is read back from there).
+    at: Location,
+    /// The event itself, while it is held in memory.
+    event: Option<Box<UsageEvent>>,
 }
 
 /// An event record's place on disk: (segment's first seq, byte offset, record length).
 type Location = (u64, u64, usize);
-
-enum Body {
-    Event(Box<UsageEvent>),
-    /// Where the record is: segment (its first seq), byte offset, record length.
-    OnDisk {
-        segment: u64,
-        offset: u64,
-        len: usize,
-    },
-}
 
 /// The producer side: implements [`UsageSink`], so the edge hands events to it like to any bus.
 #[derive(Clone)]
@@ -111,9 +108,9 @@ impl Outbox {
         if !replayed.is_empty() {
             tracing::info!(events = replayed.len(), dir = %dir.display(), "outbox: replaying undelivered usage events");
         }
-        for (seq, (segment, offset, len)) in replayed {
+        for (seq, at) in replayed {
             lock_map(&state.pending).insert(seq, Instant::now());
-            let _ = ready_tx.send(Pending { seq, body: Body::OnDisk { segment, offset, len } });
+            let _ = ready_tx.send(Pending { seq, at, event: None });
         }
         let writer_state = state.clone();
         let writer = std::thread::Builder::new()
@@ -173,7 +170,8 @@ impl UsageSink for Outbox {
     }
 }
 
-/// Publishes ready events, `max` at a time, retrying each until the sink acknowledges it.
+/// Publishes ready events in batches, at most `max` waiting for their acknowledgement at once; what the
+/// sink did not take is offered again (read back from disk) after a backoff, until it does.
 async fn relay(
     mut ready: mpsc::UnboundedReceiver<Pending>,
     sink: Arc<dyn UsageSink>,
@@ -181,59 +179,51 @@ async fn relay(
     state: Arc<Shared>,
     max: usize,
 ) {
+    let batch_max = RELAY_BATCH.min(max);
     let permits = Arc::new(Semaphore::new(max));
-    let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<(Pending, u32)>();
+    let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<(Vec<Pending>, u32)>();
     let mut tasks = tokio::task::JoinSet::new();
     // Depth and age are reported at least this often, so a stuck outbox shows in its metrics.
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut buf = Vec::with_capacity(batch_max);
     loop {
-        let (item, attempt) = tokio::select! {
+        let (items, attempt) = tokio::select! {
             biased;
             () = state.stop.cancelled() => break,
             Some(r) = retry_rx.recv() => r,
-            Some(p) = ready.recv() => (p, 0),
+            n = ready.recv_many(&mut buf, batch_max) => {
+                if n == 0 {
+                    break;
+                }
+                (std::mem::replace(&mut buf, Vec::with_capacity(batch_max)), 0)
+            }
             _ = tick.tick() => {
                 report(&state);
                 continue;
             }
         };
-        let Ok(permit) = permits.clone().acquire_owned().await else { break };
+        let n = u32::try_from(items.len().min(max)).unwrap_or(u32::MAX);
+        let Ok(permit) = permits.clone().acquire_many_owned(n).await else { break };
         let (sink, cmds, state, retry_tx) = (sink.clone(), cmds.clone(), state.clone(), retry_tx.clone());
         tasks.spawn(async move {
             let _permit = permit;
-            let event = match &item.body {
-                Body::Event(e) => (**e).clone(),
-                Body::OnDisk { segment, offset, len } => match load(&state.dir, *segment, *offset, *len).await {
-                    Some(e) => e,
-                    None => {
-                        // Unreadable after it was written: nothing can deliver it. Counted, never silent.
-                        metrics::counter!("relay_edge_usage_lost_total").increment(1);
-                        tracing::error!(seq = item.seq, "outbox: usage event unreadable on disk; lost");
-                        let _ = cmds.send(Cmd::Done(item.seq));
-                        lock_map(&state.pending).remove(&item.seq);
-                        return;
-                    }
-                },
-            };
-            let ok = matches!(tokio::time::timeout(PUBLISH_TIMEOUT, sink.publish(event.clone())).await, Ok(Ok(())));
-            if ok {
-                if matches!(item.body, Body::Event(_)) {
-                    state.in_memory.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                }
-                metrics::counter!("relay_outbox_published_total").increment(1);
-                let _ = cmds.send(Cmd::Done(item.seq));
-                lock_map(&state.pending).remove(&item.seq);
-                report(&state);
+            let failed = deliver(items, sink.as_ref(), &cmds, &state).await;
+            if failed.is_empty() {
                 return;
             }
-            metrics::counter!("relay_outbox_publish_failures_total").increment(1);
+            metrics::counter!("relay_outbox_publish_failures_total").increment(failed.len() as u64);
             if attempt % 10 == 0 {
-                tracing::warn!(request_id = %event.request_id, attempt, "outbox: usage event not delivered yet; retrying");
+                tracing::warn!(
+                    events = failed.len(),
+                    attempt,
+                    "outbox: usage events not delivered yet; retrying"
+                );
             }
-            // Back off (the bus is likely down); the event stays on disk meanwhile.
-            let delay = crate::retry_delay(Duration::from_millis(200), attempt + 1).min(Duration::from_secs(5));
+            // Back off (the bus is likely down); the events stay on disk meanwhile.
+            let delay =
+                crate::retry_delay(Duration::from_millis(200), attempt + 1).min(Duration::from_secs(5));
             tokio::select! {
-                () = tokio::time::sleep(delay) => { let _ = retry_tx.send((item, attempt + 1)); }
+                () = tokio::time::sleep(delay) => { let _ = retry_tx.send((failed, attempt + 1)); }
                 () = state.stop.cancelled() => {}
             }
         });
@@ -243,23 +233,91 @@ async fn relay(
     while tasks.join_next().await.is_some() {}
 }
 
-/// Reads one event record back from its segment.
-async fn load(dir: &Path, segment: u64, offset: u64, len: usize) -> Option<UsageEvent> {
+/// Publishes one batch; marks what the sink took done and returns the rest (bodies dropped: a retry reads
+/// them back from disk, so a long outage holds no memory).
+async fn deliver(
+    items: Vec<Pending>,
+    sink: &dyn UsageSink,
+    cmds: &std_mpsc::Sender<Cmd>,
+    state: &Shared,
+) -> Vec<Pending> {
+    let held = items.iter().filter(|p| p.event.is_some()).count();
+    let on_disk: Vec<Location> = items.iter().filter(|p| p.event.is_none()).map(|p| p.at).collect();
+    let mut loaded =
+        if on_disk.is_empty() { Vec::new() } else { load(&state.dir, on_disk).await }.into_iter();
+    let (mut events, mut sent, mut done) = (Vec::with_capacity(items.len()), Vec::new(), Vec::new());
+    for p in items {
+        let event = match p.event {
+            Some(e) => Some(*e),
+            None => loaded.next().flatten(),
+        };
+        match event {
+            Some(e) => {
+                events.push(e);
+                sent.push(Pending { seq: p.seq, at: p.at, event: None });
+            }
+            None => {
+                // Unreadable after it was written: nothing can deliver it. Counted, never silent.
+                metrics::counter!("relay_edge_usage_lost_total").increment(1);
+                tracing::error!(seq = p.seq, "outbox: usage event unreadable on disk; lost");
+                done.push(p.seq);
+            }
+        }
+    }
+    state.in_memory.fetch_sub(held, std::sync::atomic::Ordering::Relaxed);
+    let n = events.len();
+    let verdicts = tokio::time::timeout(PUBLISH_TIMEOUT, sink.publish_batch(events))
+        .await
+        .unwrap_or_else(|_| vec![false; n]);
+    let mut failed = Vec::new();
+    let mut verdicts = verdicts.into_iter();
+    let published_before = done.len();
+    for p in sent {
+        if verdicts.next().unwrap_or(false) {
+            done.push(p.seq);
+        } else {
+            failed.push(p);
+        }
+    }
+    metrics::counter!("relay_outbox_published_total").increment((done.len() - published_before) as u64);
+    if !done.is_empty() {
+        {
+            let mut pending = lock_map(&state.pending);
+            for seq in &done {
+                pending.remove(seq);
+            }
+        }
+        let _ = cmds.send(Cmd::Done(done));
+        report(state);
+    }
+    failed
+}
+
+/// Reads event records back from disk, one answer per location in order (`None`: unreadable); each
+/// segment file is opened once per call.
+async fn load(dir: &Path, at: Vec<Location>) -> Vec<Option<UsageEvent>> {
     static READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(DISK_READS);
-    let _turn = READS.acquire().await.ok()?;
-    let path = dir.join(format!("{segment:020}.seg"));
+    let n = at.len();
+    let Ok(_turn) = READS.acquire().await else { return vec![None; n] };
+    let dir = dir.to_owned();
     tokio::task::spawn_blocking(move || {
-        use std::io::{Seek as _, SeekFrom};
-        let mut f = File::open(path).ok()?;
-        f.seek(SeekFrom::Start(offset)).ok()?;
-        let mut buf = vec![0; len];
-        f.read_exact(&mut buf).ok()?;
-        let (kind, _, payload, _) = read_record(&buf)?;
-        (kind == KIND_EVENT).then(|| UsageEvent::decode(payload).ok()).flatten()
+        use std::os::unix::fs::FileExt as _;
+        let mut open: Option<(u64, Option<File>)> = None;
+        at.into_iter()
+            .map(|(segment, offset, len)| {
+                if open.as_ref().is_none_or(|(s, _)| *s != segment) {
+                    open = Some((segment, File::open(dir.join(format!("{segment:020}.seg"))).ok()));
+                }
+                let file = open.as_ref().and_then(|(_, f)| f.as_ref())?;
+                let mut buf = vec![0; len];
+                file.read_exact_at(&mut buf, offset).ok()?;
+                let (kind, _, payload, _) = read_record(&buf)?;
+                (kind == KIND_EVENT).then(|| UsageEvent::decode(payload).ok()).flatten()
+            })
+            .collect()
     })
     .await
-    .ok()
-    .flatten()
+    .unwrap_or_else(|_| vec![None; n])
 }
 
 fn report(state: &Shared) {
@@ -373,7 +431,7 @@ impl Log {
                 }
             }
             let stop = batch.iter().any(|c| matches!(c, Cmd::Stop));
-            let (mut appended, mut done) = (Vec::new(), Vec::new());
+            let (mut appended, mut done) = (Vec::new(), Vec::<u64>::new());
             buf.clear();
             for cmd in batch {
                 match cmd {
@@ -384,9 +442,11 @@ impl Log {
                         encode_record(&mut buf, KIND_EVENT, seq, &ev.encode_to_vec());
                         appended.push((seq, ev, ack, at, buf.len() - at));
                     }
-                    Cmd::Done(seq) => {
-                        encode_record(&mut buf, KIND_DONE, seq, &[]);
-                        done.push(seq);
+                    Cmd::Done(seqs) => {
+                        for seq in seqs {
+                            encode_record(&mut buf, KIND_DONE, seq, &[]);
+                            done.push(seq);
+                        }
                     }
                     Cmd::Stop => {}
                 }
@@ -407,13 +467,12 @@ impl Log {
                     }
                     lock_map(&state.pending).insert(seq, Instant::now());
                     let held = state.in_memory.load(std::sync::atomic::Ordering::Relaxed);
-                    let body = if held < MAX_IN_MEMORY {
+                    let event = (held < MAX_IN_MEMORY).then(|| {
                         state.in_memory.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        Body::Event(ev)
-                    } else {
-                        Body::OnDisk { segment: self.active_first, offset: base + at as u64, len }
-                    };
-                    let _ = ready.send(Pending { seq, body });
+                        ev
+                    });
+                    let _ =
+                        ready.send(Pending { seq, at: (self.active_first, base + at as u64, len), event });
                 }
                 let _ = ack.send(written.is_ok());
             }
