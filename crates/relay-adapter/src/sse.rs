@@ -63,7 +63,11 @@ impl SseParser {
 }
 
 fn parse_event(raw: Bytes) -> SseEvent {
-    let text = String::from_utf8_lossy(&raw);
+    // Valid UTF-8 (nearly always) is checked by the fast path; the lossy decoder only for the rest.
+    let text = match std::str::from_utf8(&raw) {
+        Ok(t) => std::borrow::Cow::Borrowed(t),
+        Err(_) => String::from_utf8_lossy(&raw),
+    };
     let mut event = None;
     let (mut data, mut lines) = (String::new(), 0);
     for line in text.split(['\n', '\r']) {

@@ -32,6 +32,9 @@ struct Row {
     /// Peak resident memory right after the max run (before the streaming probes).
     rss_max_run: f64,
     billing_lag_ms: Option<(f64, f64)>,
+    /// The floor's max run (RPS, CPU µs per request) measured right before this row's, so the ratios
+    /// compare runs minutes apart on a machine whose speed drifts.
+    floor_next_to: Option<(f64, f64)>,
 }
 
 struct Plan {
@@ -81,25 +84,30 @@ pub async fn run(quick: bool, out: Option<String>) -> anyhow::Result<()> {
     let base = floor.url("listening");
     let floor_run = Running { procs: vec![floor], base, key: "k".into(), db: None };
     rows.push(measure("bare reverse proxy (the floor)", &plan, &floor_run).await);
-    stop_all(floor_run.procs).await;
 
     let embedded = start_embedded(&relay, &dir, &mock_url).await?;
-    rows.push(measure("Relay embedded (SQLite, in-process bus)", &plan, &embedded).await);
+    let floor_now = floor_max(&plan, &floor_run).await;
+    rows.push(measure("Relay embedded (SQLite, in-process bus)", &plan, &embedded).await.beside(floor_now));
     stop_all(embedded.procs).await;
 
     let services = ["DATABASE_URL", "NATS_URL", "REDIS_URL"].map(|v| std::env::var(v).ok());
     if let [Some(pg), Some(nats), Some(redis)] = &services {
         let single = start_services(&relay, &dir, &mock_url, pg, nats, redis, false).await?;
-        rows.push(measure("Relay, one process on Postgres + NATS + Redis", &plan, &single).await);
+        let floor_now = floor_max(&plan, &floor_run).await;
+        rows.push(
+            measure("Relay, one process on Postgres + NATS + Redis", &plan, &single).await.beside(floor_now),
+        );
         stop_all(single.procs).await;
         let five = start_services(&relay, &dir, &mock_url, pg, nats, redis, true).await?;
-        rows.push(measure("Relay, five processes over gRPC", &plan, &five).await);
+        let floor_now = floor_max(&plan, &floor_run).await;
+        rows.push(measure("Relay, five processes over gRPC", &plan, &five).await.beside(floor_now));
         stop_all(five.procs).await;
     } else {
         eprintln!(
             "relay-bench: DATABASE_URL, NATS_URL and REDIS_URL unset: skipping the Postgres and five-process modes"
         );
     }
+    stop_all(floor_run.procs).await;
     mock.stop().await;
 
     let table = render(&direct, &rows, &plan);
@@ -144,6 +152,24 @@ async fn stop_all(procs: Vec<Proc>) {
     }
 }
 
+impl Row {
+    fn beside(mut self, floor: (f64, f64)) -> Self {
+        self.floor_next_to = Some(floor);
+        self
+    }
+}
+
+/// The floor's max run again (RPS, CPU µs per request), for the row measured next.
+async fn floor_max(plan: &Plan, floor: &Running) -> (f64, f64) {
+    let t = Target::new(&floor.base, &floor.key);
+    let pid = floor.procs.first().map_or(0, Proc::pid);
+    let before = procs::cpu(pid);
+    let max = load::closed(&t, plan.conns, plan.dur).await;
+    let cpu_us =
+        if max.ok > 0 { (procs::cpu(pid) - before).as_secs_f64() * 1e6 / max.ok as f64 } else { 0.0 };
+    (max.rps(), cpu_us)
+}
+
 async fn measure(name: &str, plan: &Plan, r: &Running) -> Row {
     let t = Target::new(&r.base, &r.key);
     eprintln!("relay-bench: {name}");
@@ -181,6 +207,7 @@ async fn measure(name: &str, plan: &Plan, r: &Running) -> Row {
         rss_peak,
         rss_max_run,
         billing_lag_ms,
+        floor_next_to: None,
     }
 }
 
@@ -328,13 +355,22 @@ pub async fn create_key(admin: &str) -> anyhow::Result<String> {
     key["key"].as_str().map(str::to_owned).context("no key in the answer")
 }
 
+/// A figure and, when the floor was measured next to it, its ratio to the floor's.
+fn beside(v: f64, floor: Option<f64>) -> String {
+    match floor.filter(|f| *f > 0.0) {
+        Some(f) => format!("{v:.0} ({:.2}×)", v / f),
+        None => format!("{v:.0}"),
+    }
+}
+
 fn render(direct: &Row, rows: &[Row], plan: &Plan) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
         "Mock upstream straight: p50 {:.2} / p99 {:.2} ms at {} RPS; stream TTFB p99 c=1 {:.2} ms, c=16 {:.2} ms.\n\
          Max run: {} connections for {:?}; streams: c=1 × {}, c=16 × {} each, 100 events each. \"Added\" = \
-         the target minus the mock straight at the same percentile. CPU covers every process of the target.\n",
+         the target minus the mock straight at the same percentile. CPU covers every process of the target. \
+         (× floor): against the floor's max run measured just before that row's.\n",
         direct.p50,
         direct.p99,
         plan.rate,
@@ -347,7 +383,7 @@ fn render(direct: &Row, rows: &[Row], plan: &Plan) -> String {
     );
     let _ = writeln!(
         t,
-        "| | max RPS | CPU µs/req | added p50 / p99 at {} RPS | added TTFB p99 c=1 / c=16 | added TTFT p99 c=16 | event gap p99 | RSS peak: max run / end | billing lag worst / drain after run | errors |",
+        "| | max RPS (× floor) | CPU µs/req (× floor) | added p50 / p99 at {} RPS | added TTFB p99 c=1 / c=16 | added TTFT p99 c=16 | event gap p99 | RSS peak: max run / end | billing lag worst / drain after run | errors |",
         plan.rate
     );
     let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|---|");
@@ -356,10 +392,10 @@ fn render(direct: &Row, rows: &[Row], plan: &Plan) -> String {
             r.billing_lag_ms.map_or("-".to_owned(), |(worst, drain)| format!("{worst:.0} / {drain:.0} ms"));
         let _ = writeln!(
             t,
-            "| {} | {:.0} | {:.0} | {:.2} / {:.2} ms | {:.2} / {:.2} ms | {:.2} ms | {:.2} ms | {:.0} / {:.0} MB | {} | {} |",
+            "| {} | {} | {} | {:.2} / {:.2} ms | {:.2} / {:.2} ms | {:.2} ms | {:.2} ms | {:.0} / {:.0} MB | {} | {} |",
             r.name,
-            r.max_rps,
-            r.cpu_us,
+            beside(r.max_rps, r.floor_next_to.map(|f| f.0)),
+            beside(r.cpu_us, r.floor_next_to.map(|f| f.1)),
             r.p50 - direct.p50,
             r.p99 - direct.p99,
             r.ttfb_c1 - direct.ttfb_c1,

@@ -183,65 +183,91 @@ impl NatsSource {
             .await?;
         let lag = tokio::spawn(report_lag(consumer.clone()));
         let _lag = AbortOnDrop(lag);
-        let mut batches = consumer.messages().await?.ready_chunks(self.cfg.batch_size.max(1));
-        let base = Duration::from_millis(self.cfg.retry_delay_ms);
+        let batch = self.cfg.batch_size.max(1);
+        let mut batches = consumer
+            .stream()
+            .heartbeat(Duration::from_secs(15))
+            .max_messages_per_batch(batch)
+            .messages()
+            .await?
+            .ready_chunks(batch);
+        // Several batches are recorded at once: under load a transaction mostly waits (round trips to a
+        // database that shares the machine), and one at a time billing fell behind the edge.
+        let mut in_flight = futures_util::stream::FuturesUnordered::new();
         loop {
-            let batch = tokio::select! {
-                m = batches.next() => match m {
-                    Some(b) => b,
+            tokio::select! {
+                biased;
+                Some(done) = in_flight.next(), if !in_flight.is_empty() => done?,
+                m = batches.next(), if in_flight.len() < BATCHES_IN_FLIGHT => match m {
+                    Some(b) => in_flight.push(self.process(handler, b)),
                     None => return Err(anyhow::anyhow!("message stream ended")),
                 },
-                () = stop.cancelled() => return Ok(()),
-            };
-            let mut msgs = Vec::with_capacity(batch.len());
-            for m in batch {
-                msgs.push(m.map_err(|e| anyhow::anyhow!("{e}"))?);
-            }
-            let (mut events, mut attempts, mut kept) = (Vec::new(), Vec::new(), Vec::new());
-            for msg in msgs {
-                let delivered = msg.info().map_or(1, |i| u32::try_from(i.delivered).unwrap_or(u32::MAX));
-                match UsageEvent::decode(msg.payload.clone()) {
-                    Ok(ev) => {
-                        events.push(ev);
-                        attempts.push(delivered);
-                        kept.push(msg);
+                () = stop.cancelled() => {
+                    // What is being recorded finishes (and is acked); the rest is redelivered.
+                    while let Some(done) = in_flight.next().await {
+                        done?;
                     }
-                    Err(e) => {
-                        // Poison: never decodable. Kept as a dead letter, then acknowledged.
-                        metrics::counter!("relay_usage_events_poison_total").increment(1);
-                        let stored = handler
-                            .reject(msg.payload.to_vec(), format!("undecodable usage event: {e}"))
-                            .await;
-                        let kind = if stored {
-                            AckKind::Ack
-                        } else {
-                            AckKind::Nak(Some(retry_delay(base, delivered)))
-                        };
-                        let _ = msg.ack_with(kind).await;
-                    }
-                }
-            }
-            if events.is_empty() {
-                continue;
-            }
-            let span = consumer_span(&events[0]);
-            let verdicts = handler.handle_batch(&events, &attempts).instrument(span.clone()).await;
-            for ((msg, verdict), attempt) in kept.iter().zip(verdicts).zip(&attempts) {
-                let result = match verdict {
-                    // Not acked: it will be redelivered and the idempotent handler ignores it.
-                    Handled::Stored => msg.ack().await,
-                    Handled::Retry(why) => {
-                        tracing::warn!(parent: &span, reason = %why, attempt, "usage event not recorded; will be redelivered");
-                        msg.ack_with(AckKind::Nak(Some(retry_delay(base, *attempt)))).await
-                    }
-                };
-                if let Err(e) = result {
-                    tracing::warn!(parent: &span, error = %e, "ack failed");
+                    return Ok(());
                 }
             }
         }
     }
+
+    /// Records one batch and acknowledges each event (or asks for its redelivery).
+    async fn process<H: UsageHandler>(
+        &self,
+        handler: &H,
+        batch: Vec<std::result::Result<jetstream::Message, pull::MessagesError>>,
+    ) -> anyhow::Result<()> {
+        let base = Duration::from_millis(self.cfg.retry_delay_ms);
+        let mut msgs = Vec::with_capacity(batch.len());
+        for m in batch {
+            msgs.push(m.map_err(|e| anyhow::anyhow!("{e}"))?);
+        }
+        let (mut events, mut attempts, mut kept) = (Vec::new(), Vec::new(), Vec::new());
+        for msg in msgs {
+            let delivered = msg.info().map_or(1, |i| u32::try_from(i.delivered).unwrap_or(u32::MAX));
+            match UsageEvent::decode(msg.payload.clone()) {
+                Ok(ev) => {
+                    events.push(ev);
+                    attempts.push(delivered);
+                    kept.push(msg);
+                }
+                Err(e) => {
+                    // Poison: never decodable. Kept as a dead letter, then acknowledged.
+                    metrics::counter!("relay_usage_events_poison_total").increment(1);
+                    let stored =
+                        handler.reject(msg.payload.to_vec(), format!("undecodable usage event: {e}")).await;
+                    let kind =
+                        if stored { AckKind::Ack } else { AckKind::Nak(Some(retry_delay(base, delivered))) };
+                    let _ = msg.ack_with(kind).await;
+                }
+            }
+        }
+        if events.is_empty() {
+            return Ok(());
+        }
+        let span = consumer_span(&events[0]);
+        let verdicts = handler.handle_batch(&events, &attempts).instrument(span.clone()).await;
+        for ((msg, verdict), attempt) in kept.iter().zip(verdicts).zip(&attempts) {
+            let result = match verdict {
+                // Not acked: it will be redelivered and the idempotent handler ignores it.
+                Handled::Stored => msg.ack().await,
+                Handled::Retry(why) => {
+                    tracing::warn!(parent: &span, reason = %why, attempt, "usage event not recorded; will be redelivered");
+                    msg.ack_with(AckKind::Nak(Some(retry_delay(base, *attempt)))).await
+                }
+            };
+            if let Err(e) = result {
+                tracing::warn!(parent: &span, error = %e, "ack failed");
+            }
+        }
+        Ok(())
+    }
 }
+
+/// Batches being recorded at once by one consumer.
+const BATCHES_IN_FLIGHT: usize = 3;
 
 /// How often the consumer's lag is read from the server.
 const LAG_EVERY: Duration = Duration::from_secs(5);

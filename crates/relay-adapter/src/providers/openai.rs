@@ -267,6 +267,9 @@ pub fn build(ir: &Request, model: &str, stream: bool) -> Value {
 pub struct StreamDecoder {
     /// Tool-call indexes already announced, per choice.
     started: HashMap<u32, Vec<u32>>,
+    /// The answer id and model last reported (every chunk repeats them; a `Meta` delta only when they
+    /// change, not two strings copied per event).
+    meta: Option<(Option<String>, Option<String>)>,
     done: bool,
     finished: bool,
 }
@@ -292,7 +295,11 @@ impl Decoder for StreamDecoder {
             return Err(in_band_error("openai", &v));
         }
         let mut out = Vec::new();
-        if v.id.0.is_some() {
+        let seen = self.meta.as_ref().is_some_and(|(id, model)| {
+            id.as_deref() == v.id.as_str() && (v.model.0.is_none() || model.as_deref() == v.model.as_str())
+        });
+        if v.id.0.is_some() && !seen {
+            self.meta = Some((v.id.owned(), v.model.owned()));
             out.push(Delta::Meta { id: v.id.owned(), model: v.model.owned() });
         }
         for c in v.choices.items().iter().filter_map(|c| c.0.as_ref()) {
