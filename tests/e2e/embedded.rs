@@ -19,6 +19,12 @@ async fn embedded_single_process_serves_and_records_every_request_once() {
         upstream_sections(&mock)
     );
     let relay = RelayProc::start(&dir, "relay", &config).await;
+    // Transparent huge pages are off for the relay (they doubled its resident memory under mimalloc).
+    if let Some(status) = relay.pid().and_then(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+    {
+        let thp = status.lines().find_map(|l| l.strip_prefix("THP_enabled:")).map(str::trim);
+        assert!(matches!(thp, None | Some("0")), "THP_enabled: {thp:?}");
+    }
     let billing = client::billing_client(&relay.grpc());
     let sent = scenario::run(&relay.http(), &billing, &mock).await;
 

@@ -98,3 +98,44 @@ async fn dedupes_acks_redelivers_and_resumes() {
     assert_eq!(*h2.seen.lock().unwrap(), ["d"]);
     js.delete_stream(&cfg.stream).await.unwrap();
 }
+
+#[tokio::test]
+async fn batches_publish_pipelined_and_are_recorded_several_at_once() {
+    let Some(url) = relay_test_support::env_service("NATS_URL") else {
+        return;
+    };
+    let tag = uuid::Uuid::now_v7().simple().to_string();
+    // Small batches: the consumer has several in flight while more arrive.
+    let cfg = NatsConfig {
+        stream: format!("T_{tag}"),
+        subject: format!("t.{tag}"),
+        consumer: format!("c{tag}"),
+        retry_delay_ms: 100,
+        batch_size: 25,
+        ..Default::default()
+    };
+    let js = connect_jetstream(&url, &cfg).await.unwrap();
+    let sink = NatsSink::new(js.clone(), &cfg);
+    let mut events: Vec<UsageEvent> = (0..600).map(|i| event(&format!("e{i}"))).collect();
+    events.push(event("e7")); // a duplicate inside the batch: dropped by the server
+    let verdicts = sink.publish_batch(events).await;
+    assert_eq!(verdicts.len(), 601);
+    assert!(verdicts.iter().all(|v| *v), "every publish acknowledged");
+
+    let h = Flaky::default();
+    h.fail_once.lock().unwrap().extend(["e3".to_owned(), "e333".to_owned(), "e599".to_owned()]);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(
+        UsageSource::Nats(Box::new(NatsSource::new(js.clone(), cfg.clone()))).run(h.clone(), stop.clone()),
+    );
+    wait_for(&h.seen, 600).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.cancel();
+    task.await.unwrap();
+    let mut seen = h.seen.lock().unwrap().clone();
+    seen.sort();
+    let mut want: Vec<String> = (0..600).map(|i| format!("e{i}")).collect();
+    want.sort();
+    assert_eq!(seen, want, "each event recorded exactly once, the failed ones after their redelivery");
+    js.delete_stream(&cfg.stream).await.unwrap();
+}

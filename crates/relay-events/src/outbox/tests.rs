@@ -86,6 +86,56 @@ async fn a_long_outage_keeps_memory_bounded_and_loses_nothing() {
     assert_eq!(got.len(), n as usize, "the ones kept only on disk were read back and delivered");
 }
 
+/// A sink that takes whole batches and refuses every third event the first time it sees it.
+#[derive(Default)]
+struct Picky {
+    refused: Mutex<std::collections::HashSet<String>>,
+    got: Mutex<Vec<String>>,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl UsageSink for Picky {
+    async fn publish(&self, _: UsageEvent) -> Result<()> {
+        panic!("the outbox hands over batches");
+    }
+    async fn publish_batch(&self, events: Vec<UsageEvent>) -> Vec<bool> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut refused = self.refused.lock().unwrap();
+        events
+            .into_iter()
+            .map(|e| {
+                let n: u32 = e.request_id[1..].parse().unwrap();
+                if n.is_multiple_of(3) && refused.insert(e.request_id.clone()) {
+                    return false;
+                }
+                self.got.lock().unwrap().push(e.request_id);
+                true
+            })
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn batches_are_handed_over_whole_and_refused_events_come_back_from_disk() {
+    let d = dir("batches");
+    let sink = Arc::new(Picky::default());
+    let ob = Outbox::open(&d, sink.clone(), 1024, false).unwrap();
+    let n = 3_000;
+    let publishes: Vec<_> = (0..n).map(|i| ob.publish(ev(i))).collect();
+    for p in futures_util::future::join_all(publishes).await {
+        p.unwrap();
+    }
+    assert_eq!(ob.shutdown(Duration::from_secs(30)).await, 0, "everything delivered in the end");
+    let mut got = sink.got.lock().unwrap().clone();
+    got.sort();
+    got.dedup();
+    assert_eq!(got.len(), n as usize);
+    assert_eq!(sink.refused.lock().unwrap().len(), 1_000, "the refused ones were offered again");
+    let calls = sink.calls.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(calls < n as usize / 4, "events travel in batches: {calls} sink calls for {n} events");
+}
+
 #[test]
 fn torn_tails_are_cut_and_intact_records_kept() {
     let mut buf = Vec::new();
