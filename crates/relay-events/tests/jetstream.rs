@@ -50,19 +50,24 @@ async fn wait_for(seen: &Arc<Mutex<Vec<String>>>, n: usize) {
     }
 }
 
+/// `cfg` on a stream, subject and consumer of its own, redelivering after 100 ms.
+fn fresh(cfg: NatsConfig) -> NatsConfig {
+    let tag = uuid::Uuid::now_v7().simple().to_string();
+    NatsConfig {
+        stream: format!("T_{tag}"),
+        subject: format!("t.{tag}"),
+        consumer: format!("c{tag}"),
+        retry_delay_ms: 100,
+        ..cfg
+    }
+}
+
 #[tokio::test]
 async fn dedupes_acks_redelivers_and_resumes() {
     let Some(url) = relay_test_support::env_service("NATS_URL") else {
         return;
     };
-    let tag = uuid::Uuid::now_v7().simple().to_string();
-    let cfg = NatsConfig {
-        stream: format!("T_{tag}"),
-        subject: format!("t.{tag}"),
-        consumer: format!("c{tag}"),
-        retry_delay_ms: 100,
-        ..Default::default()
-    };
+    let cfg = fresh(NatsConfig::default());
     let js = connect_jetstream(&url, &cfg).await.unwrap();
     let sink = NatsSink::new(js.clone(), &cfg);
     sink.publish(event("a")).await.unwrap();
@@ -104,16 +109,8 @@ async fn batches_publish_pipelined_and_are_recorded_several_at_once() {
     let Some(url) = relay_test_support::env_service("NATS_URL") else {
         return;
     };
-    let tag = uuid::Uuid::now_v7().simple().to_string();
     // Small batches: the consumer has several in flight while more arrive.
-    let cfg = NatsConfig {
-        stream: format!("T_{tag}"),
-        subject: format!("t.{tag}"),
-        consumer: format!("c{tag}"),
-        retry_delay_ms: 100,
-        batch_size: 25,
-        ..Default::default()
-    };
+    let cfg = fresh(NatsConfig { batch_size: 25, ..Default::default() });
     let js = connect_jetstream(&url, &cfg).await.unwrap();
     let sink = NatsSink::new(js.clone(), &cfg);
     let mut events: Vec<UsageEvent> = (0..600).map(|i| event(&format!("e{i}"))).collect();
