@@ -8,6 +8,7 @@
 //!
 //! `relay-bench instructions [--requests N] [--baseline FILE] [--tolerance PCT] [--write]`: fails when a
 //! figure exceeds its baseline by more than the tolerance; `--write` records the figures as the baseline.
+//! With `RELAY_BENCH_KEEP=1` the callgrind dumps stay on disk (the directory is printed).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -120,7 +121,12 @@ async fn measure(requests: usize) -> anyhow::Result<Figures> {
     let stream = dumped(pid, &out, requests).await?;
     relay.stop().await;
     mock.stop().await;
-    let _ = std::fs::remove_dir_all(&dir);
+    // `RELAY_BENCH_KEEP=1` keeps the dumps (whole answers first, then streams) for `callgrind_annotate`.
+    if std::env::var_os("RELAY_BENCH_KEEP").is_some() {
+        println!("callgrind dumps kept in {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     Ok(Figures { whole, stream })
 }
 

@@ -39,8 +39,26 @@ async fn main() -> ExitCode {
                 let secs = flag("--secs").and_then(|v| v.parse().ok()).unwrap_or(10);
                 let conns = flag("--conns").and_then(|v| v.parse().ok()).unwrap_or(64);
                 let t = load::Target::new(&base, &key);
-                let r = load::closed(&t, conns, std::time::Duration::from_secs(secs)).await;
-                println!("{:.0} requests/s, {} errors", r.rps(), r.errors);
+                let dur = std::time::Duration::from_secs(secs);
+                // `--rate R`: an open loop at R requests per second, with latency percentiles.
+                match flag("--rate").and_then(|v| v.parse().ok()) {
+                    Some(rate) => {
+                        let r = load::open(&t, rate, dur).await;
+                        let ms = |q| load::pct(&r.latencies, q);
+                        println!(
+                            "{:.0} requests/s, {} errors, p50 {:.2} / p90 {:.2} / p99 {:.2} ms",
+                            r.rps(),
+                            r.errors,
+                            ms(50.0),
+                            ms(90.0),
+                            ms(99.0)
+                        );
+                    }
+                    None => {
+                        let r = load::closed(&t, conns, dur).await;
+                        println!("{:.0} requests/s, {} errors", r.rps(), r.errors);
+                    }
+                }
                 Ok(())
             }
             _ => Err(anyhow::anyhow!("load needs --base URL --key KEY")),
@@ -97,7 +115,7 @@ async fn main() -> ExitCode {
         }
         _ => {
             eprintln!(
-                "usage: relay-bench run [--quick] [--out FILE] | load --base URL --key K [--secs N] [--conns C] | fuzz --base URL --key K [--model M] [--requests N] [--conns C] [--pid P] | flood --base URL --key K [--requests N] [--spread] | instructions [--requests N] [--baseline FILE] [--tolerance PCT] [--write] | long-streams [--streams N] [--chunks N] [--gap-ms MS] | hold embedded|single|five | mock [--chunks N] [--gap-ms MS] | proxy --upstream URL"
+                "usage: relay-bench run [--quick] [--out FILE] | load --base URL --key K [--secs N] [--conns C | --rate RPS] | fuzz --base URL --key K [--model M] [--requests N] [--conns C] [--pid P] | flood --base URL --key K [--requests N] [--spread] | instructions [--requests N] [--baseline FILE] [--tolerance PCT] [--write] | long-streams [--streams N] [--chunks N] [--gap-ms MS] | hold embedded|single|five | mock [--chunks N] [--gap-ms MS] | proxy --upstream URL"
             );
             return ExitCode::from(64);
         }
