@@ -54,6 +54,10 @@ impl Http {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(256)
             .tcp_nodelay(true)
+            // Never follow: a redirect would carry provider credentials that are not `Authorization`
+            // (`x-api-key`, `api-key`, `x-goog-api-key`) to whatever host it names, and turn a POST into
+            // a GET. A 3xx is reported as the upstream's error like any other non-2xx answer.
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(Self {
             name: cfg.name.clone(),

@@ -51,6 +51,8 @@ async fn upstream() -> (Upstream, String) {
                 .status(status)
                 .header("content-type", kind)
                 .header("retry-after", "7")
+                // Only read when the status is a redirect (which the adapter must not follow).
+                .header("location", "/redirected")
                 .body(axum::body::Body::from(text))
                 .unwrap()
         }
@@ -350,6 +352,32 @@ async fn truncated_and_failing_streams_end_in_errors() {
     *up.reply.lock().unwrap() = (200, mid.into());
     let ans = call(&a, request(Protocol::OpenaiChat, "anthropic", client.clone(), true)).await;
     assert_eq!(ans.errors.len(), 1);
+}
+
+#[tokio::test]
+async fn upstream_redirects_are_not_followed() {
+    // Following would send the provider's key (`x-api-key`, `api-key`, `x-goog-api-key` survive a
+    // cross-host redirect) wherever the Location points, and turn the POST into a GET.
+    let (up, base) = upstream().await;
+    let a = adapter(&base);
+    let client = std::fs::read(dir().join("requests/openai.json")).unwrap();
+    for status in [301, 302, 307, 308] {
+        *up.reply.lock().unwrap() = (status, "{}".into());
+        for upstream_kind in UPSTREAMS {
+            up.seen.lock().unwrap().clear();
+            let Err(e) =
+                a.chat(request(Protocol::OpenaiChat, upstream_kind, client.clone().into(), false)).await
+            else {
+                panic!("{upstream_kind} {status}: no error")
+            };
+            assert_eq!(format!("{:?}", e.code), "UpstreamServerError", "{upstream_kind} {status}");
+            assert_eq!((e.upstream_status, e.http_status()), (Some(status), 502));
+            assert!(e.code.is_retryable(), "another deployment may answer");
+            let seen = up.seen.lock().unwrap();
+            assert_eq!(seen.len(), 1, "{upstream_kind} {status}: the redirect was followed");
+            assert!(!seen[0].0.starts_with("/redirected"));
+        }
+    }
 }
 
 #[tokio::test]
