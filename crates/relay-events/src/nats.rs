@@ -34,6 +34,10 @@ pub struct NatsConfig {
     pub batch_size: usize,
     /// How long a delivered event may stay unacknowledged (a consumer that died) before redelivery.
     pub ack_wait_secs: u64,
+    /// How long the consumer gathers events after the first of a batch before recording it (unless the
+    /// batch fills first): a few milliseconds of billing lag buy transactions of many events instead of
+    /// one or two, which is most of billing's and Postgres' work per event at moderate load.
+    pub gather_ms: u64,
 }
 
 impl Default for NatsConfig {
@@ -47,6 +51,7 @@ impl Default for NatsConfig {
             retry_delay_ms: 1000,
             batch_size: 1024,
             ack_wait_secs: 30,
+            gather_ms: 5,
         }
     }
 }
@@ -184,13 +189,14 @@ impl NatsSource {
         let lag = tokio::spawn(report_lag(consumer.clone()));
         let _lag = AbortOnDrop(lag);
         let batch = self.cfg.batch_size.max(1);
-        let mut batches = consumer
+        let messages = consumer
             .stream()
             .heartbeat(Duration::from_secs(15))
             .max_messages_per_batch(batch)
             .messages()
-            .await?
-            .ready_chunks(batch);
+            .await?;
+        let mut batches =
+            std::pin::pin!(gathered(messages.fuse(), batch, Duration::from_millis(self.cfg.gather_ms)));
         // Several batches are recorded at once: under load a transaction mostly waits (round trips to a
         // database that shares the machine), and one at a time billing fell behind the edge.
         let mut in_flight = futures_util::stream::FuturesUnordered::new();
@@ -264,6 +270,32 @@ impl NatsSource {
         }
         Ok(())
     }
+}
+
+/// Batches of at most `max` messages: each starts with the next message and takes what arrives within
+/// `window` after it (what is already there is taken without waiting).
+fn gathered<S, T>(messages: S, max: usize, window: Duration) -> impl futures_util::Stream<Item = Vec<T>>
+where
+    S: futures_util::Stream<Item = T> + Unpin,
+{
+    futures_util::stream::unfold(messages, move |mut messages| async move {
+        let first = messages.next().await?;
+        let mut batch = vec![first];
+        let until = tokio::time::Instant::now() + window;
+        while batch.len() < max {
+            let next = match futures_util::FutureExt::now_or_never(messages.next()) {
+                Some(ready) => ready,
+                None => match tokio::time::timeout_at(until, messages.next()).await {
+                    Ok(arrived) => arrived,
+                    Err(_) => break,
+                },
+            };
+            // The end of the messages is seen again (and reported) at the next batch.
+            let Some(m) = next else { break };
+            batch.push(m);
+        }
+        Some((batch, messages))
+    })
 }
 
 /// Batches being recorded at once by one consumer.

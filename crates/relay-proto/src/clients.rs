@@ -1,119 +1,24 @@
-//! gRPC clients implementing the contract traits. Channels are created once, connect lazily, reconnect by
-//! themselves and multiplex every call over HTTP/2, so a client is cheap to clone and share.
-
-use std::time::Duration;
+//! gRPC clients implementing the contract traits, over [`GrpcChannel`]: created once, connecting lazily,
+//! reconnecting by themselves and multiplexing every call over HTTP/2, so a client is cheap to clone and share.
 
 use futures_util::StreamExt;
-use relay_core::RelayError;
 use relay_core::contracts::{Adapter, Authenticator, Billing, ChatEventStream, Result, Router};
 use relay_core::pb::{adapter::v1 as adapter, auth::v1 as auth, billing::v1 as billing};
 use relay_core::pb::{events::v1 as events, routing::v1 as routing};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::channel::Change;
-use tonic::transport::{Channel, Endpoint};
+
+use crate::channel::GrpcChannel;
 
 use crate::credentials::Outbound;
 use crate::generated;
 use crate::status::from_status;
 
 /// A channel whose calls carry the trace context and the service token.
-pub type TracedChannel = InterceptedService<Channel, Outbound>;
+pub type TracedChannel = InterceptedService<GrpcChannel, Outbound>;
 
-fn endpoint(url: &str) -> Result<Endpoint> {
-    Ok(Endpoint::from_shared(url.to_owned())
-        .map_err(|_| RelayError::internal(format!("invalid gRPC address `{url}`")))?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(3))
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_while_idle(true))
-}
-
-/// `host:port` of an `http://host:port` address.
-fn authority(url: &str) -> Result<String> {
-    let uri: http::Uri =
-        url.parse().map_err(|_| RelayError::internal(format!("invalid gRPC address `{url}`")))?;
-    let host = uri.host().ok_or_else(|| RelayError::internal(format!("no host in `{url}`")))?;
-    Ok(format!("{}:{}", host.trim_start_matches('[').trim_end_matches(']'), uri.port_u16().unwrap_or(80)))
-}
-
-/// How often service addresses are resolved again (pods come and go behind a headless Service).
-const RESOLVE_EVERY: Duration = Duration::from_secs(5);
-
-/// A channel to `url`, presenting `token` on every call. `url` is one address (`http://host:port`) or
-/// several separated by commas. Calls are spread over every address the names resolve to (a headless
-/// Service gives one per pod), picking the less loaded of two (power of two choices), and the names are
-/// resolved again every few seconds, so pods that come are used and pods that go are dropped. A single
-/// IP address is one plain connection.
+/// A channel to `url` (see [`GrpcChannel::new`]), presenting `token` on every call.
 pub fn channel(url: &str, token: Option<&relay_core::Secret>) -> Result<TracedChannel> {
-    let outbound = Outbound::new(token)?;
-    let urls: Vec<String> =
-        url.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned).collect();
-    let [first, ..] = urls.as_slice() else {
-        return Err(RelayError::internal("empty gRPC address"));
-    };
-    let single_ip = urls.len() == 1 && authority(first)?.parse::<std::net::SocketAddr>().is_ok();
-    let runtime = tokio::runtime::Handle::try_current();
-    if single_ip || runtime.is_err() {
-        return Ok(InterceptedService::new(endpoint(first)?.connect_lazy(), outbound));
-    }
-    let names: Vec<String> = urls.iter().map(|u| authority(u)).collect::<Result<_>>()?;
-    // Resolved once here (start-up), so the first calls have somewhere to go.
-    let known: std::collections::BTreeSet<std::net::SocketAddr> = names
-        .iter()
-        .filter_map(|n| std::net::ToSocketAddrs::to_socket_addrs(n.as_str()).ok())
-        .flatten()
-        .collect();
-    if known.is_empty() && urls.len() == 1 {
-        tracing::warn!(address = %first, "gRPC address does not resolve yet; connecting lazily");
-        return Ok(InterceptedService::new(endpoint(first)?.connect_lazy(), outbound));
-    }
-    let (ch, tx) = Channel::balance_channel::<std::net::SocketAddr>(1024);
-    for addr in &known {
-        let _ = tx.try_send(Change::Insert(*addr, endpoint(&format!("http://{addr}"))?));
-    }
-    if let Ok(rt) = runtime {
-        rt.spawn(follow(names, known, tx));
-    }
-    Ok(InterceptedService::new(ch, outbound))
-}
-
-/// Keeps a balanced channel's endpoints equal to what `names` resolve to, until the channel is dropped.
-/// An empty or failed resolution changes nothing (a DNS hiccup must not empty the channel).
-async fn follow(
-    names: Vec<String>,
-    mut known: std::collections::BTreeSet<std::net::SocketAddr>,
-    tx: tokio::sync::mpsc::Sender<Change<std::net::SocketAddr, Endpoint>>,
-) {
-    loop {
-        tokio::time::sleep(RESOLVE_EVERY).await;
-        if tx.is_closed() {
-            return;
-        }
-        let mut now = std::collections::BTreeSet::new();
-        for n in &names {
-            if let Ok(addrs) = tokio::net::lookup_host(n.as_str()).await {
-                now.extend(addrs);
-            }
-        }
-        if now.is_empty() {
-            continue;
-        }
-        for gone in known.difference(&now) {
-            if tx.send(Change::Remove(*gone)).await.is_err() {
-                return;
-            }
-        }
-        for new in now.difference(&known) {
-            let Ok(e) = endpoint(&format!("http://{new}")) else { continue };
-            if tx.send(Change::Insert(*new, e)).await.is_err() {
-                return;
-            }
-        }
-        if now != known {
-            tracing::info!(addresses = now.len(), "gRPC endpoints changed");
-        }
-        known = now;
-    }
+    Ok(InterceptedService::new(GrpcChannel::new(url)?, Outbound::new(token)?))
 }
 
 // === impl GrpcAuth ===

@@ -1,10 +1,12 @@
 //! relay-proto: the gRPC transport of the Relay contracts.
 //!
 //! For each contract trait in `relay_core::contracts` this crate has a tonic server that wraps any local
-//! implementation, and a client that implements the same trait over a channel. It also carries typed errors
+//! implementation, and a client that implements the same trait over a [`channel::GrpcChannel`] (HTTP/2 over
+//! `h2`, one connection per server address). It also carries typed errors
 //! across gRPC ([`status`]) and W3C trace context in metadata ([`trace`]). Messages are `relay_core::pb` types;
 //! nothing here knows what a service does.
 
+pub mod channel;
 pub mod clients;
 pub mod credentials;
 pub mod metered;
